@@ -1,0 +1,122 @@
+"""The command line: ``grpo-ray validate SPEC`` and ``grpo-ray sweep SPEC``.
+
+User errors (bad spec, bad data, missing model, unsupported export) print one line naming
+the file, line and field and exit with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from grpo_ray.spec import SpecError, dump_spec, load_spec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+err = Console(stderr=True)
+out = Console()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean 'the user must change something', each with a self-contained message."""
+    from grpo_ray.data import DataError
+    from grpo_ray.models import ModelError
+    from grpo_ray.rewards import RewardError
+    from grpo_ray.sweep import SweepError
+    from grpo_ray.trial.base import BackendError
+
+    errors: list[type[BaseException]] = [SpecError, DataError, ModelError, RewardError, BackendError, SweepError]
+    try:
+        from grpo_ray.export import ExportError
+
+        errors.append(ExportError)
+    except ImportError:  # pragma: no cover - export extras missing
+        pass
+    return tuple(errors)
+
+
+def _fail(e: BaseException) -> None:
+    err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def validate(spec: Path = typer.Argument(..., help="The sweep spec (YAML).")) -> None:
+    """Print the resolved spec (defaults filled in), or what is wrong with it."""
+    try:
+        resolved = load_spec(spec)
+    except SpecError as e:
+        _fail(e)
+    out.print(dump_spec(resolved), highlight=False, markup=False, end="")
+
+
+class _Display:
+    """Rich progress for a sweep: a bar of finished trials and one line per report."""
+
+    def __init__(self, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+        )
+        self.task = self.progress.add_task("trials", total=total)
+
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        tid = data["trial_id"]
+        if kind == "start":
+            cfg = ", ".join(f"{k}={_fmt(v)}" for k, v in data["config"].items())
+            self.progress.console.print(f"[cyan]{tid}[/] started: {cfg}")
+        elif kind == "result":
+            r = data["result"]
+            self.progress.console.print(
+                f"[cyan]{tid}[/] step {r.get('step')}: reward {_fmt(r.get('reward'))}, "
+                f"format {_fmt(r.get('format_rate'))}, eval acc {_fmt(r.get('eval_accuracy'))}, "
+                f"len {_fmt(r.get('completion_length'))}"
+            )
+        elif kind in ("complete", "error"):
+            self.progress.advance(self.task)
+            if kind == "error":
+                self.progress.console.print(f"[red]{tid} failed[/] (log: {data.get('error')})")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+@app.command()
+def sweep(
+    spec: Path = typer.Argument(..., help="The sweep spec (YAML)."),
+    storage: Optional[str] = typer.Option(None, help="Results root: a directory or URI (overrides spec.storage)."),
+    resume: bool = typer.Option(False, help="Resume an interrupted sweep of the same name from its storage."),
+) -> None:
+    """Run the sweep (Ray Tune + Optuna), pick the best trial and export it."""
+    try:
+        resolved = load_spec(spec)
+    except SpecError as e:
+        _fail(e)
+    from grpo_ray.sweep import run_sweep
+
+    display = _Display(resolved.search.num_samples)
+    try:
+        with display.progress:
+            outcome = run_sweep(
+                resolved, storage, resume=resume, on_event=display.on_event,
+                progress=lambda msg: display.progress.console.print(f"[magenta]export:[/] {msg}"),
+            )
+    except _user_errors() as e:
+        _fail(e)
+    best = outcome.best_json or {}
+    out.print(f"[bold green]best trial[/] {best.get('trial_id')}: " + json.dumps(best.get("metrics", {}).get("eval_accuracy")))
+    out.print(f"results: {outcome.run_dir}/best/ (best.json, lora/, merged16/, *.gguf)", highlight=False)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

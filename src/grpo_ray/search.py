@@ -1,0 +1,147 @@
+"""The search: Ray Tune's Tuner with OptunaSearch on the spec's objectives.
+
+Ray is started locally unless a cluster is reachable (``RAY_ADDRESS``, or a head node
+started by ``ray up`` / ``ray start`` on this machine). Trials run :func:`tune_trainable`
+with the resources of ``spec.resources``. A sweep interrupted (Ctrl-C, lost head node)
+resumes from its storage with ``--resume``: finished trials are kept, unfinished ones rerun.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from grpo_ray import storage
+from grpo_ray.select import TrialRecord
+from grpo_ray.spec import Choice, IntRange, LogUniform, SweepSpec, Uniform
+
+ProgressFn = Callable[[str, dict[str, Any]], None]
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    """The Tune search space: one flat key per dotted spec path."""
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for path, dom in spec.search.space.items():
+        if isinstance(dom, Choice):
+            space[path] = tune.choice(dom.choice)
+        elif isinstance(dom, Uniform):
+            space[path] = tune.uniform(*dom.uniform)
+        elif isinstance(dom, LogUniform):
+            space[path] = tune.loguniform(*dom.loguniform)
+        elif isinstance(dom, IntRange):
+            space[path] = tune.randint(dom.int_[0], dom.int_[1] + 1)  # Tune's upper bound is exclusive
+    return space
+
+
+def make_searcher(spec: SweepSpec):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = spec.search
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=s.seed, multivariate=True),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=s.seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=s.seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=s.seed),
+    }
+    metrics = [o.metric for o in s.objectives]
+    modes = [o.mode for o in s.objectives]
+    if len(metrics) == 1:
+        return OptunaSearch(metric=metrics[0], mode=modes[0], sampler=samplers[s.sampler]())
+    return OptunaSearch(metric=metrics, mode=modes, sampler=samplers[s.sampler]())
+
+
+def init_ray() -> None:
+    """Connect to the cluster if one is there, else start Ray on this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(
+        address=address or None,
+        include_dashboard=False,
+        log_to_driver=os.environ.get("GRPO_RAY_TRIAL_LOGS", "0") == "1",
+        configure_logging=False,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "0"}},
+    )
+
+
+class _Progress:
+    """A Tune callback forwarding trial events to the CLI's progress display."""
+
+    def __new__(cls, on_event: ProgressFn):
+        from ray.tune import Callback
+
+        class ProgressCallback(Callback):
+            def on_trial_start(self, iteration, trials, trial, **info):
+                on_event("start", {"trial_id": trial.trial_id, "config": dict(trial.config)})
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                on_event("result", {"trial_id": trial.trial_id, "result": dict(result)})
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                on_event("complete", {"trial_id": trial.trial_id})
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                on_event("error", {"trial_id": trial.trial_id, "error": str(trial.error_file or "")})
+
+        return ProgressCallback()
+
+
+def experiment_path(spec: SweepSpec, storage_root: str) -> str:
+    return storage.join(storage_root, spec.name)
+
+
+def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
+               on_event: ProgressFn | None = None) -> list[TrialRecord]:
+    """Run (or resume) the sweep; return every trial's final record."""
+    from ray import tune
+
+    from grpo_ray.trial.run import tune_trainable
+
+    init_ray()
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trainable, spec=spec),
+        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+    )
+    path = experiment_path(spec, storage_root)
+    callbacks = [_Progress(on_event)] if on_event else []
+    if resume and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space(spec))
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(spec),
+            tune_config=tune.TuneConfig(
+                search_alg=make_searcher(spec),
+                num_samples=spec.search.num_samples,
+                max_concurrent_trials=spec.search.max_concurrent_trials,
+                reuse_actors=False,
+            ),
+            run_config=tune.RunConfig(
+                name=spec.name,
+                storage_path=storage_root,
+                verbose=0,
+                callbacks=callbacks,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=1),
+            ),
+        )
+    grid = tuner.fit()
+    records = []
+    for r in grid:
+        trial_id = (r.metrics or {}).get("trial_id") or os.path.basename(r.path)
+        records.append(
+            TrialRecord(
+                trial_id=str(trial_id),
+                config={k: v for k, v in (r.config or {}).items()},
+                metrics={k: v for k, v in (r.metrics or {}).items() if not isinstance(v, dict)},
+                checkpoint=r.checkpoint.path if r.checkpoint else None,
+                error=str(r.error) if r.error else None,
+                extra={"path": r.path, "checkpoint_obj": r.checkpoint},
+            )
+        )
+    return records

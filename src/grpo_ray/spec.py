@@ -1,0 +1,423 @@
+"""The sweep spec: the YAML a user writes, validated with pydantic. The single source of truth.
+
+Every field is declared here with its default (the defaults follow Unsloth's GRPO tutorial)
+and a description. Unknown keys are errors. ``load_spec`` turns YAML syntax errors and
+validation errors into a :class:`SpecError` that names the file, the line and the field.
+
+A trial's configuration is the spec with the sampled search-space values applied at their
+dotted paths (``lora.rank``, ``grpo.temperature``, ``rewards.check_answer.weight``), validated
+again, so a trial can never run a configuration the spec would have refused.
+
+This module must not import torch, ray or trl: ``grpo-ray validate`` answers in well under a second.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from grpo_ray import template
+
+
+class SpecError(ValueError):
+    """A user error in a spec: carries the file, line and field so the CLI can print one line."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None, field: str | None = None):
+        self.file, self.line, self.field = file, line, field
+        where = file or "<spec>"
+        if line is not None:
+            where += f":{line}"
+        prefix = f"{where}: " + (f"{field}: " if field else "")
+        super().__init__(prefix + message)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- model & format
+class ModelSpec(_Strict):
+    source: str = Field(
+        "unsloth/Qwen3-1.7B-Base",
+        description="Hub name, local HF directory, a .gguf file, or 'builtin:tiny-qwen3'.",
+    )
+    max_seq_length: int = Field(2048, gt=0, description="Longest prompt + completion, in tokens.")
+    gpu_memory_utilization: float = Field(0.7, gt=0, le=1, description="vLLM's share of the GPU (unsloth backend).")
+    load_in_4bit: bool = Field(False, description="QLoRA base weights (unsloth backend).")
+    add_bos: Literal["auto", "always", "never"] = Field(
+        "auto", description="Put BOS in front of every prompt; auto = when the tokenizer has one (Gemma needs it)."
+    )
+
+
+class FormatSpec(_Strict):
+    system_prompt: str = template.DEFAULT_SYSTEM_PROMPT
+    reasoning_start: str = template.REASONING_START
+    reasoning_end: str = template.REASONING_END
+    solution_start: str = template.SOLUTION_START
+    solution_end: str = template.SOLUTION_END
+
+    def to_format(self) -> template.Format:
+        return template.Format(**self.model_dump())
+
+
+# --------------------------------------------------------------------------- data
+class Columns(_Strict):
+    question: str = Field("question", description="Column holding the problem text.")
+    answer: str = Field("answer", description="Column holding the reference answer.")
+    reasoning: str | None = Field(None, description="Column with worked reasoning (SFT only).")
+
+
+class DatasetSpec(_Strict):
+    source: str = Field(description="Hub dataset name, a local .jsonl/.parquet/.csv file, or 'builtin:math_mini'.")
+    subset: str | None = Field(None, description="Hub config name (e.g. 'en').")
+    split: str = "train"
+    columns: Columns = Columns()
+    numeric_only: bool = Field(True, description="Keep rows whose answer parses as a number.")
+    limit: int | None = Field(None, gt=0, description="Use at most this many rows (after filtering).")
+
+
+class EvalSpec(_Strict):
+    source: DatasetSpec | None = Field(None, description="A separate eval set; default: held out from the GRPO set.")
+    size: int = Field(100, gt=0, description="Held-out problems scored after each report window.")
+    max_new_tokens: int = Field(256, gt=0)
+
+
+class DataSpec(_Strict):
+    sft: DatasetSpec | None = DatasetSpec(
+        source="unsloth/OpenMathReasoning-mini",
+        split="cot",
+        columns=Columns(question="problem", answer="expected_answer", reasoning="generated_solution"),
+        limit=None,
+    )
+    grpo: DatasetSpec = DatasetSpec(
+        source="open-r1/DAPO-Math-17k-Processed", subset="en", columns=Columns(question="prompt", answer="solution")
+    )
+    eval: EvalSpec = EvalSpec()
+    seed: int = Field(3407, description="Shuffle and held-out split seed (same for every trial).")
+
+
+# --------------------------------------------------------------------------- training
+class RewardSpec(_Strict):
+    name: str = Field(description="A builtin reward or an import path 'package.module:function'.")
+    weight: float = 1.0
+
+
+def _default_rewards() -> list[RewardSpec]:
+    names = ["match_format_exactly", "match_format_approximately", "check_answer", "check_numbers"]
+    return [RewardSpec(name=n) for n in names]
+
+
+class LoraSpec(_Strict):
+    rank: int = Field(32, gt=0)
+    alpha: int | None = Field(None, gt=0, description="Default: 2 x rank, as the tutorial.")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class SftSpec(_Strict):
+    enabled: bool = True
+    max_steps: int = Field(60, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_length: int | None = Field(None, gt=0, description="Default: the model's max_seq_length.")
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.001, ge=0)
+
+
+class GrpoSpec(_Strict):
+    max_steps: int = Field(100, gt=0)
+    learning_rate: float = Field(5e-6, gt=0)
+    num_generations: int = Field(4, ge=2, description="Completions per prompt (the GRPO group).")
+    batch_size: int = Field(1, gt=0, description="Prompts per step per device.")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_prompt_length: int = Field(512, gt=0, description="Longer prompts are dropped from the GRPO set.")
+    max_completion_length: int = Field(1024, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    min_p: float = Field(0.1, ge=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, description="-1 disables top-k, as the tutorial.")
+    beta: float = Field(0.0, ge=0, description="KL coefficient.")
+    weight_decay: float = Field(0.001, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    lr_scheduler_type: str = "linear"
+    optim: str = Field("adamw_torch", description="'adamw_8bit' on GPU, as the tutorial.")
+    seed: int = 3407
+    report_every: int = Field(5, gt=0, description="Steps between reports to Tune (and eval runs).")
+
+
+# --------------------------------------------------------------------------- search
+class Choice(_Strict):
+    choice: list[Any] = Field(min_length=1)
+
+
+class Uniform(_Strict):
+    uniform: tuple[float, float]
+
+
+class LogUniform(_Strict):
+    loguniform: tuple[float, float]
+
+
+class IntRange(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # The YAML key is `int`; the attribute can't be, or it would shadow the type in this class.
+    int_: tuple[int, int] = Field(alias="int", description="Inclusive integer range [low, high].")
+
+
+Domain = Union[Choice, Uniform, LogUniform, IntRange]
+
+
+class Objective(_Strict):
+    metric: Literal["reward", "eval_accuracy", "format_rate", "reward_weighted"]
+    mode: Literal["max", "min"] = "max"
+
+
+class SearchSpec(_Strict):
+    sampler: Literal["tpe", "nsga2", "random", "gp"] = "tpe"
+    objectives: list[Objective] = Field(
+        default_factory=lambda: [Objective(metric="reward"), Objective(metric="eval_accuracy")], min_length=1
+    )
+    num_samples: int = Field(40, gt=0)
+    max_concurrent_trials: int = Field(4, gt=0)
+    seed: int = 3407
+    space: dict[str, Domain] = Field(default_factory=dict, description="Dotted spec path -> domain.")
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _one_domain_key(cls, v: Any) -> Any:
+        kinds = ("choice", "uniform", "loguniform", "int")
+        for path, dom in (v or {}).items():
+            if not (isinstance(dom, dict) and len(dom) == 1 and next(iter(dom)) in kinds):
+                raise ValueError(
+                    f"{path}: expected one of {{choice: [..]}}, {{uniform: [low, high]}}, "
+                    f"{{loguniform: [low, high]}}, {{int: [low, high]}}; got {dom!r}"
+                )
+        return v
+
+
+class ResourcesSpec(_Strict):
+    gpu: float = Field(1.0, ge=0, description="GPUs per trial; a fraction packs trials onto one GPU.")
+    cpu: float = Field(4.0, gt=0)
+
+
+class ExportSpec(_Strict):
+    enabled: bool = True
+    merged16: bool = True
+    gguf: list[Literal["f16", "bf16", "f32", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]] = ["q8_0"]
+    check: bool = Field(True, description="Load the GGUF back with llama.cpp and compare with the HF model.")
+
+
+class SweepSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; results go to <storage>/<name>.")
+    model: ModelSpec = ModelSpec()
+    format: FormatSpec = FormatSpec()
+    data: DataSpec = DataSpec()
+    rewards: list[RewardSpec] = Field(default_factory=_default_rewards, min_length=1)
+    lora: LoraSpec = LoraSpec()
+    sft: SftSpec = SftSpec()
+    grpo: GrpoSpec = GrpoSpec()
+    search: SearchSpec = SearchSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    backend: Literal["auto", "unsloth", "hf"] = "auto"
+    storage: str = Field("./runs", description="Local directory or URI (s3://, gs://) for results.")
+    export: ExportSpec = ExportSpec()
+
+    @field_validator("rewards")
+    @classmethod
+    def _unique_rewards(cls, v: list[RewardSpec]) -> list[RewardSpec]:
+        names = [r.name for r in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"reward listed twice: {', '.join(dupes)}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> "SweepSpec":
+        if self.grpo.max_prompt_length + self.grpo.max_completion_length > self.model.max_seq_length:
+            raise ValueError(
+                "grpo.max_prompt_length + grpo.max_completion_length "
+                f"({self.grpo.max_prompt_length} + {self.grpo.max_completion_length}) exceeds "
+                f"model.max_seq_length ({self.model.max_seq_length}): lower one or raise max_seq_length"
+            )
+        return self
+
+    # --- derived values the trial needs
+    def max_lora_rank(self) -> int:
+        """The largest rank any trial can sample (vLLM reserves LoRA slots for it)."""
+        dom = self.search.space.get("lora.rank")
+        if isinstance(dom, Choice):
+            return max(int(x) for x in dom.choice)
+        if isinstance(dom, IntRange):
+            return dom.int_[1]
+        return self.lora.rank
+
+    def reward_weights(self) -> dict[str, float]:
+        return {r.name: r.weight for r in self.rewards}
+
+
+def check_space(spec: SweepSpec) -> None:
+    """Every search path names a real spec field and every sampled value validates there."""
+    for path, domain in spec.search.space.items():
+        field = f"search.space.{path}"
+        try:
+            _check_domain(domain)
+            apply_overrides(spec, {path: _sample_value(domain)}, revalidate=False)
+        except (ValueError, SpecError) as e:
+            msg = e.args[0] if not isinstance(e, SpecError) else str(e).split(": ", 1)[-1]
+            raise SpecError(msg, field=field) from None
+
+
+def _check_domain(d: Domain) -> None:
+    if isinstance(d, (Uniform, LogUniform, IntRange)):
+        lo, hi = next(iter(d.model_dump().values()))
+        if not lo < hi:
+            raise ValueError(f"expected low < high, got [{lo}, {hi}]")
+        if isinstance(d, LogUniform) and lo <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {lo}")
+
+
+def _sample_value(d: Domain) -> Any:
+    """A representative value of a domain, used to check the path and type at load time."""
+    if isinstance(d, Choice):
+        return d.choice[0]
+    if isinstance(d, Uniform):
+        return (d.uniform[0] + d.uniform[1]) / 2
+    if isinstance(d, LogUniform):
+        return math.sqrt(d.loguniform[0] * d.loguniform[1])
+    return d.int_[0]
+
+
+def split_reward_path(path: str) -> tuple[str, str] | None:
+    """``rewards.<name>.weight`` -> (name, 'weight'); reward names may contain dots and colons."""
+    if path.startswith("rewards.") and path.count(".") >= 2:
+        name, _, attr = path[len("rewards."):].rpartition(".")
+        return name, attr
+    return None
+
+
+def apply_overrides(spec: SweepSpec, overrides: dict[str, Any], revalidate: bool = True) -> SweepSpec:
+    """Return a copy of ``spec`` with ``{dotted.path: value}`` applied (a trial's config)."""
+    data = spec.model_dump(mode="python")
+    for path, value in overrides.items():
+        reward = split_reward_path(path)
+        if reward is not None:
+            name, attr = reward
+            matches = [r for r in data["rewards"] if r["name"] == name]
+            if not matches or attr not in matches[0]:
+                known = ", ".join(f"rewards.{r['name']}.weight" for r in data["rewards"])
+                raise SpecError(f"no such reward field (known: {known})", field=path)
+            matches[0][attr] = value
+            continue
+        node = data
+        keys = path.split(".")
+        for i, key in enumerate(keys):
+            if not isinstance(node, dict) or key not in node:
+                raise SpecError(f"no such field '{'.'.join(keys[: i + 1])}'", field=path)
+            if i == len(keys) - 1:
+                node[key] = value
+            else:
+                node = node[key]
+    try:
+        return SweepSpec.model_validate(data) if revalidate else _validate_no_space(data)
+    except ValidationError as e:
+        raise _from_validation(e, None, None) from None
+
+
+def _validate_no_space(data: dict[str, Any]) -> SweepSpec:
+    data = copy.deepcopy(data)
+    data["search"]["space"] = {}  # avoid recursion through _check_space
+    return SweepSpec.model_validate(data)
+
+
+# --------------------------------------------------------------------------- loading
+class _LineLoader(yaml.SafeLoader):
+    """A YAML loader that remembers the line of every mapping key, for error messages."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str, Any]:
+    mapping = loader.construct_mapping(node, deep=True)
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    mapping_lines.setdefault(id(loader), {})[id(mapping)] = lines
+    return mapping
+
+
+mapping_lines: dict[int, dict[int, dict[str, int]]] = {}
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _line_of(doc: Any, loc: tuple[Any, ...], lines: dict[int, dict[str, int]]) -> int | None:
+    """Walk ``loc`` into the parsed document; the line of the deepest key that exists."""
+    line, node = None, doc
+    for key in loc:
+        if isinstance(node, dict) and key in node:
+            line = lines.get(id(node), {}).get(key, line)
+            node = node[key]
+        elif isinstance(node, list) and isinstance(key, int) and key < len(node):
+            node = node[key]
+        else:
+            break
+    return line
+
+
+def _from_validation(e: ValidationError, file: str | None, doc: Any, lines: dict | None = None) -> SpecError:
+    err = e.errors()[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p[:1].isupper()))  # drop union tags
+    field = ".".join(str(p) for p in loc) or None
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; see `grpo-ray validate --help` for the fields)"
+    elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
+        msg += f" (got {err['input']!r})"
+    more = len(e.errors()) - 1
+    if more > 0:
+        msg += f" (and {more} more error{'s' if more > 1 else ''})"
+    line = _line_of(doc, loc, lines or {}) if doc is not None else None
+    return SpecError(msg, file=file, line=line, field=field)
+
+
+def parse_spec(text: str, file: str = "<spec>") -> SweepSpec:
+    """Parse and validate spec YAML text; raise :class:`SpecError` on any user error."""
+    loader = _LineLoader(text)
+    try:
+        doc = loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        raise SpecError(f"invalid YAML: {e.problem or e}", file=file, line=line) from None
+    finally:
+        lines = mapping_lines.pop(id(loader), {})
+        loader.dispose()
+    if not isinstance(doc, dict):
+        raise SpecError("expected a mapping of spec fields at the top level", file=file, line=1)
+    try:
+        spec = SweepSpec.model_validate(doc)
+    except ValidationError as e:
+        raise _from_validation(e, file, doc, lines) from None
+    try:
+        check_space(spec)
+    except SpecError as e:
+        path = e.field.split(".", 2)[2]
+        line = lines.get(id(doc["search"]["space"]), {}).get(path)
+        raise SpecError(str(e).split(": ", 1)[-1].split(": ", 1)[-1], file=file, line=line, field=e.field) from None
+    return spec
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read a spec file. Relative local data/model paths stay relative to the current directory."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError(f"cannot read spec file: {e.strerror}", file=str(path)) from None
+    return parse_spec(text, file=str(path))
+
+
+def dump_spec(spec: SweepSpec) -> str:
+    """The resolved spec (defaults filled in) as YAML."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, width=100)

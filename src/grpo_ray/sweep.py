@@ -1,0 +1,124 @@
+"""The path of one sweep: search -> pick the best trial -> export it -> best.json.
+
+Results land under ``<storage>/<run name>/``: Ray Tune's trial directories, ``trials.json``
+(every trial's config and final metrics) and ``best/`` (the exported winner and
+``best.json``, written last so its presence means the export finished).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from grpo_ray import storage
+from grpo_ray.select import TrialRecord, pareto_front, pick_best
+from grpo_ray.spec import SweepSpec, apply_overrides, dump_spec
+
+
+class SweepError(RuntimeError):
+    """The sweep ran but produced nothing to export (every trial failed)."""
+
+
+@dataclass
+class SweepOutcome:
+    run_dir: str
+    best: TrialRecord | None
+    best_json: dict[str, Any] | None
+    trials: list[TrialRecord]
+    seconds: float
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    return v
+
+
+def _record_json(t: TrialRecord) -> dict[str, Any]:
+    return {
+        "trial_id": t.trial_id,
+        "config": t.config,
+        "metrics": {k: _clean(v) for k, v in t.metrics.items() if isinstance(v, (int, float, str, bool))},
+        "error": t.error,
+    }
+
+
+def export_trial(spec: SweepSpec, best: TrialRecord, dest: str, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Export ``best``'s adapter (merged 16-bit + GGUF) to ``dest`` (local dir or URI)."""
+    from transformers import AutoTokenizer
+
+    from grpo_ray.export import export_model
+    from grpo_ray.models import resolve_model
+
+    trial_spec = apply_overrides(spec, best.config)
+    with tempfile.TemporaryDirectory(prefix="grpo-ray-export-") as tmp:
+        adapter = Path(tmp, "adapter")
+        ckpt = best.extra.get("checkpoint_obj")
+        if ckpt is not None:
+            ckpt.to_directory(str(adapter))
+        else:
+            shutil.copytree(best.checkpoint, adapter)
+        template = AutoTokenizer.from_pretrained(str(adapter)).chat_template
+        out = Path(tmp, "best")
+        result = export_model(
+            Path(resolve_model(trial_spec.model.source)),
+            adapter,
+            out,
+            gguf_types=list(spec.export.gguf),
+            chat_template=template,
+            system_prompt=trial_spec.format.system_prompt,
+            check=spec.export.check,
+            progress=progress,
+        )
+        progress(f"copying export to {dest}")
+        storage.copy_dir(str(out), dest)
+        summary = json.loads((out / "export.json").read_text()) if (out / "export.json").exists() else {}
+    return summary or {"result": str(result)}
+
+
+def finish(spec: SweepSpec, storage_root: str, trials: list[TrialRecord], seconds: float,
+           progress: Callable[[str], None]) -> SweepOutcome:
+    """Select the winner, export it and write trials.json and best.json."""
+    run_dir = storage.join(storage_root, spec.name)
+    storage.write_text(storage.join(run_dir, "trials.json"), json.dumps([_record_json(t) for t in trials], indent=2))
+    storage.write_text(storage.join(run_dir, "spec.resolved.yaml"), dump_spec(spec))
+    objectives = [(o.metric, o.mode) for o in spec.search.objectives]
+    best = pick_best(trials, objectives)
+    if best is None:
+        raise SweepError(f"no trial finished with all objectives reported; see {run_dir} for trial logs")
+    best_dir = storage.join(run_dir, "best")
+    info: dict[str, Any] = {
+        "run": spec.name,
+        "trial_id": best.trial_id,
+        "hyperparameters": best.config,
+        "metrics": {k: _clean(v) for k, v in best.metrics.items() if isinstance(v, (int, float, str, bool))},
+        "rule": "Pareto front of " + ", ".join(f"{m} ({mode})" for m, mode in objectives)
+        + "; then highest eval_accuracy, then the objectives in order, then lowest trial id",
+        "pareto_front": [t.trial_id for t in pareto_front(trials, objectives)],
+        "trials": {"total": len(trials), "errored": sum(1 for t in trials if t.error)},
+        "sweep_seconds": round(seconds, 1),
+    }
+    if spec.export.enabled:
+        t0 = time.time()
+        info["export"] = export_trial(spec, best, best_dir, progress)
+        info["export_seconds"] = round(time.time() - t0, 1)
+    storage.write_text(storage.join(best_dir, "best.json"), json.dumps(info, indent=2, default=str))
+    return SweepOutcome(run_dir=run_dir, best=best, best_json=info, trials=trials, seconds=seconds)
+
+
+def run_sweep(spec: SweepSpec, storage_root: str | None = None, resume: bool = False,
+              on_event: Callable[[str, dict[str, Any]], None] | None = None,
+              progress: Callable[[str], None] = lambda s: None) -> SweepOutcome:
+    """The main job: search, select, export."""
+    from grpo_ray.search import run_search
+
+    root = storage.normalize(storage_root or spec.storage)
+    t0 = time.time()
+    trials = run_search(spec, root, resume=resume, on_event=on_event)
+    return finish(spec, root, trials, time.time() - t0, progress)

@@ -1,0 +1,70 @@
+"""The small interface every trial backend implements, and the choice between backends.
+
+A backend owns the model: loading it with a LoRA adapter of the trial's rank, the SFT
+warm-up, GRPO, greedy generation for evaluation, and saving the adapter. The trial
+(:mod:`grpo_ray.trial.run`) owns the order of those steps and the reporting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from grpo_ray.spec import SweepSpec
+
+# Called by the backend after each GRPO optimizer step with (step, TRL's logged metrics).
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+class Backend(Protocol):
+    name: str
+    tokenizer: Any
+
+    def load(self, model_dir: str, spec: SweepSpec) -> None: ...
+
+    def sft(self, messages: list[list[dict[str, str]]], spec: SweepSpec) -> dict[str, float]: ...
+
+    def grpo(
+        self,
+        rows: list[dict[str, Any]],
+        reward_funcs: list[Callable[..., list[float]]],
+        reward_weights: list[float],
+        spec: SweepSpec,
+        on_step: StepCallback,
+    ) -> None: ...
+
+    def generate(self, prompts: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]: ...
+
+    def save_adapter(self, out_dir: Path) -> None: ...
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot run here (missing packages, no GPU): says what to install or set."""
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def choose_backend(requested: str) -> str:
+    """``auto`` -> ``unsloth`` when CUDA is present, else ``hf``."""
+    if requested != "auto":
+        return requested
+    return "unsloth" if cuda_available() else "hf"
+
+
+def make_backend(requested: str) -> Backend:
+    name = choose_backend(requested)
+    if name == "unsloth":
+        if not cuda_available():
+            raise BackendError("backend 'unsloth' needs a CUDA GPU; use backend: hf (or auto) on CPU")
+        from grpo_ray.trial.unsloth import UnslothBackend  # imports unsloth before trl/transformers
+
+        return UnslothBackend()
+    from grpo_ray.trial.hf import HFBackend
+
+    return HFBackend()

@@ -1,0 +1,102 @@
+"""What both backends share: tokenizer set-up, the TRL config arguments, the step reporter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainerCallback
+
+from grpo_ray import template
+from grpo_ray.spec import SweepSpec
+from grpo_ray.trial.base import StepCallback
+
+
+def lora_alpha(spec: SweepSpec) -> int:
+    return spec.lora.alpha or 2 * spec.lora.rank  # the tutorial's alpha = 2 x rank
+
+
+def needs_bos(tokenizer: Any, spec: SweepSpec) -> bool:
+    """Whether the chat template must print BOS.
+
+    TRL tokenizes templated text without special tokens, so a model that needs BOS (Gemma
+    produces garbage without it) only gets it if the template writes it.
+    """
+    if spec.model.add_bos == "always":
+        return True
+    if spec.model.add_bos == "never":
+        return False
+    return tokenizer.bos_token is not None
+
+
+def prepare_tokenizer(tokenizer: Any, spec: SweepSpec) -> Any:
+    """Install the spec's chat template and a pad token distinct from EOS where possible."""
+    tokenizer.chat_template = template.chat_template(spec.format.to_format(), bos_token=needs_bos(tokenizer, spec))
+    if tokenizer.pad_token is None:
+        # Padding with EOS would mask the EOS the model must learn to emit; unk is harmless.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def _common_args(spec: SweepSpec) -> dict[str, Any]:
+    import torch
+
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return {
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        "bf16": bf16,
+        "seed": spec.grpo.seed,
+        "dataloader_num_workers": 0,
+    }
+
+
+def sft_config_kwargs(spec: SweepSpec) -> dict[str, Any]:
+    s = spec.sft
+    return _common_args(spec) | {
+        "max_steps": s.max_steps,
+        "learning_rate": s.learning_rate,
+        "per_device_train_batch_size": s.batch_size,
+        "gradient_accumulation_steps": s.gradient_accumulation_steps,
+        "warmup_steps": s.warmup_steps,
+        "weight_decay": s.weight_decay,
+        "max_length": s.max_length or spec.model.max_seq_length,
+        "optim": spec.grpo.optim,
+        "lr_scheduler_type": "linear",
+    }
+
+
+def grpo_config_kwargs(spec: SweepSpec, reward_weights: list[float]) -> dict[str, Any]:
+    g = spec.grpo
+    return _common_args(spec) | {
+        "max_steps": g.max_steps,
+        "learning_rate": g.learning_rate,
+        "num_generations": g.num_generations,
+        # One GRPO group per prompt: the batch must hold whole groups.
+        "per_device_train_batch_size": g.batch_size * g.num_generations,
+        "gradient_accumulation_steps": g.gradient_accumulation_steps,
+        "max_completion_length": g.max_completion_length,
+        "temperature": g.temperature,
+        "top_p": g.top_p,
+        "top_k": g.top_k,
+        "min_p": g.min_p or None,
+        "beta": g.beta,
+        "weight_decay": g.weight_decay,
+        "warmup_steps": g.warmup_ratio,  # transformers 5: a float below 1 is a ratio of max_steps
+        "lr_scheduler_type": g.lr_scheduler_type,
+        "optim": g.optim,
+        "reward_weights": reward_weights,
+        "log_completions": False,
+    }
+
+
+class StepReporter(TrainerCallback):
+    """Hands TRL's per-step logs (reward, rewards/<name>/mean, completion length...) to the trial."""
+
+    def __init__(self, on_step: StepCallback) -> None:
+        self.on_step = on_step
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+        if logs and "reward" in logs:
+            self.on_step(int(state.global_step), dict(logs))

@@ -1,0 +1,113 @@
+"""The ``hf`` backend: transformers + PEFT LoRA + TRL, on CPU or any GPU. No Unsloth, no vLLM.
+
+It is the reference path (and the only one on a machine without CUDA): slow generation,
+but every step is plain TRL, so what runs here is what the tests prove.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from grpo_ray.spec import SweepSpec
+from grpo_ray.trial.base import StepCallback
+from grpo_ray.trial.common import (
+    StepReporter,
+    grpo_config_kwargs,
+    lora_alpha,
+    prepare_tokenizer,
+    sft_config_kwargs,
+)
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._workdir = Path(tempfile.mkdtemp(prefix="grpo-ray-hf-"))
+
+    def load(self, model_dir: str, spec: SweepSpec) -> None:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from grpo_ray.trial import cpu_logprob
+
+        cpu_logprob.install()  # TRL's SFT and GRPO losses both need it where Triton is missing
+        self.tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir), spec)
+        dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        if torch.cuda.is_available():
+            base = base.to("cuda")
+        lora = LoraConfig(
+            r=spec.lora.rank,
+            lora_alpha=lora_alpha(spec),
+            lora_dropout=spec.lora.dropout,
+            target_modules=spec.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        self.model = get_peft_model(base, lora)
+
+    def sft(self, messages: list[list[dict[str, str]]], spec: SweepSpec) -> dict[str, float]:
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(output_dir=str(self._workdir / "sft"), **sft_config_kwargs(spec))
+        trainer = SFTTrainer(
+            model=self.model,
+            args=args,
+            train_dataset=Dataset.from_dict({"messages": messages}),
+            processing_class=self.tokenizer,
+        )
+        out = trainer.train()
+        return {"sft_loss": float(out.training_loss)}
+
+    def grpo(
+        self,
+        rows: list[dict[str, Any]],
+        reward_funcs: list[Callable[..., list[float]]],
+        reward_weights: list[float],
+        spec: SweepSpec,
+        on_step: StepCallback,
+    ) -> None:
+        from datasets import Dataset
+        from trl import GRPOConfig, GRPOTrainer
+
+        kwargs = grpo_config_kwargs(spec, reward_weights)
+        kwargs["top_k"] = max(spec.grpo.top_k, 0)  # transformers: 0 disables top-k (vLLM uses -1)
+        args = GRPOConfig(output_dir=str(self._workdir / "grpo"), **kwargs)
+        trainer = GRPOTrainer(
+            model=self.model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=self.tokenizer,
+            callbacks=[StepReporter(on_step)],
+        )
+        trainer.train()
+
+    def generate(self, prompts: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+        import torch
+
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        out: list[str] = []
+        self.model.eval()
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(self.model.device)
+            with torch.no_grad():
+                gen = self.model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+                )
+            out.extend(tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+        self.model.train()
+        return out
+
+    def save_adapter(self, out_dir: Path) -> None:
+        self.model.save_pretrained(str(out_dir))
+        self.tokenizer.save_pretrained(str(out_dir))

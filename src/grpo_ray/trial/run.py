@@ -1,0 +1,164 @@
+"""One trial, top to bottom: the Ray Tune trainable.
+
+    config (sampled by Optuna) -> the trial's spec -> data -> model + LoRA
+    -> SFT format warm-up -> held-out eval -> GRPO, reporting to Tune every few steps
+       (rewards, format rate, completion length, held-out accuracy, LoRA checkpoint)
+
+The objective ``reward`` is the sum of each reward's mean weighted by the *spec's* weights,
+not the trial's sampled ones: when the search varies reward weights, the weighted total a
+trial optimizes (``reward_weighted``) is not comparable across trials, this one is.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from grpo_ray import template
+from grpo_ray.data import Datasets, load_datasets
+from grpo_ray.spec import SweepSpec, apply_overrides
+
+FORMAT_RATE = "format_rate"  # an extra zero-weight reward so TRL logs the format rate per step
+
+
+def _format_rate_reward(fmt: template.Format, eos_token: str | None):
+    from grpo_ray.rewards import make_rewards
+
+    exact = make_rewards(fmt, eos_token)["match_format_exactly"]
+
+    def format_rate(prompts: Any = None, completions: Any = None, **kwargs: Any) -> list[float]:
+        return [1.0 if s > 0 else 0.0 for s in exact(prompts=prompts, completions=completions, **kwargs)]
+
+    return format_rate
+
+
+def _mean(values: list[float]) -> float:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+class WindowReporter:
+    """Collects per-step GRPO logs; every ``report_every`` steps evaluates and reports to Tune."""
+
+    def __init__(self, spec: SweepSpec, base_weights: dict[str, float], names: list[str], report) -> None:
+        self.spec, self.base_weights, self.names, self.report = spec, base_weights, names, report
+        self.window: list[dict[str, float]] = []
+        self.last_reported = 0
+
+    def on_step(self, step: int, logs: dict[str, float]) -> None:
+        self.window.append(logs)
+        if step % self.spec.grpo.report_every == 0 or step >= self.spec.grpo.max_steps:
+            self.flush(step)
+
+    def metrics(self) -> dict[str, float]:
+        w = self.window
+        per = {n: _mean([x.get(f"rewards/{n}/mean", float("nan")) for x in w]) for n in self.names}
+        out = {f"rewards/{n}/mean": v for n, v in per.items()}
+        out["reward"] = sum(self.base_weights.get(n, 1.0) * v for n, v in per.items())
+        out["reward_weighted"] = _mean([x.get("reward", float("nan")) for x in w])
+        out["format_rate"] = _mean([x.get(f"rewards/{FORMAT_RATE}/mean", float("nan")) for x in w])
+        out["completion_length"] = _mean([x.get("completions/mean_length", float("nan")) for x in w])
+        return out
+
+    def flush(self, step: int) -> None:
+        if not self.window or step == self.last_reported:
+            return
+        metrics = self.metrics()
+        self.window, self.last_reported = [], step
+        self.report(step, metrics)
+
+
+def grpo_rows(data: Datasets, tokenizer: Any, spec: SweepSpec) -> list[dict[str, Any]]:
+    """GRPO prompts with their answers; prompts longer than max_prompt_length are dropped (as the seed)."""
+    fmt = spec.format.to_format()
+    rows = []
+    for e in data.grpo:
+        prompt = template.prompt_messages(e.question, fmt)
+        ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        if len(ids) <= spec.grpo.max_prompt_length:
+            rows.append({"prompt": prompt, "answer": e.answer})
+    if not rows:
+        raise ValueError(
+            f"no GRPO prompt fits grpo.max_prompt_length={spec.grpo.max_prompt_length} tokens; raise it"
+        )
+    return rows
+
+
+def run_trial(config: dict[str, Any], spec: SweepSpec, report=None) -> dict[str, float]:
+    """Run one trial of ``spec`` with the sampled ``config`` ({dotted path: value}).
+
+    ``report(metrics, checkpoint_dir)`` defaults to Ray Tune's ``tune.report``; tests and the
+    benchmark can pass their own. Returns the last metrics reported.
+    """
+    trial_spec = apply_overrides(spec, config)
+    from grpo_ray.trial.base import make_backend
+
+    backend = make_backend(trial_spec.backend)  # first: unsloth must be imported before trl
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, int(trial_spec.resources.cpu)))
+    from grpo_ray.evaluate import evaluate
+    from grpo_ray.models import resolve_model
+    from grpo_ray.rewards import resolve_rewards
+
+    report = report or _tune_report
+    t0 = time.time()
+    data = load_datasets(trial_spec.data)
+    backend.load(resolve_model(trial_spec.model.source), trial_spec)
+    fmt = trial_spec.format.to_format()
+    eos = backend.tokenizer.eos_token
+    names = [r.name for r in trial_spec.rewards]
+    funcs = resolve_rewards(names, fmt, eos)
+    func_names = [f.__name__ for f in funcs]
+    funcs.append(_format_rate_reward(fmt, eos))
+    weights = [r.weight for r in trial_spec.rewards] + [0.0]
+    base_weights = {f.__name__: w for f, w in zip(funcs, spec.reward_weights().values())}
+
+    fixed: dict[str, float] = {"eval_size": float(len(data.eval))}
+    if trial_spec.sft.enabled and data.sft:
+        t_sft = time.time()
+        msgs = [template.sft_messages(e.question, e.reasoning or "", e.answer, fmt) for e in data.sft]
+        fixed |= backend.sft(msgs, trial_spec)
+        fixed["sft_seconds"] = time.time() - t_sft
+    ev = evaluate(backend, data.eval, fmt, trial_spec.data.eval.max_new_tokens)
+    fixed |= {"sft_eval_accuracy": ev.accuracy, "sft_format_rate": ev.format_rate}
+
+    last: dict[str, float] = {}
+
+    def report_window(step: int, metrics: dict[str, float]) -> None:
+        ev = evaluate(backend, data.eval, fmt, trial_spec.data.eval.max_new_tokens)
+        metrics |= fixed | {
+            "step": step,
+            "eval_accuracy": ev.accuracy,
+            "eval_format_rate": ev.format_rate,
+            "elapsed_s": time.time() - t0,
+        }
+        with tempfile.TemporaryDirectory(prefix="grpo-ray-ckpt-") as d:
+            backend.save_adapter(Path(d))
+            report(metrics, d)
+        last.clear()
+        last.update(metrics)
+
+    reporter = WindowReporter(trial_spec, base_weights, func_names, report_window)
+    backend.grpo(grpo_rows(data, backend.tokenizer, trial_spec), funcs, weights, trial_spec, reporter.on_step)
+    reporter.flush(trial_spec.grpo.max_steps)
+    return dict(last)
+
+
+def _tune_report(metrics: dict[str, float], checkpoint_dir: str) -> None:
+    from ray import tune
+
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+
+
+def tune_trainable(config: dict[str, Any], spec: SweepSpec) -> None:
+    """The function Ray Tune runs (wrapped with ``tune.with_parameters(..., spec=spec)``)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run_trial(config, spec)
