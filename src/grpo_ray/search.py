@@ -59,6 +59,8 @@ def init_ray() -> None:
 
     if ray.is_initialized():
         return
+    # Checkpointing every report window is intended; Tune's "snapshot too often" warning is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     address = os.environ.get("RAY_ADDRESS")
     ray.init(
         address=address or None,
@@ -67,28 +69,6 @@ def init_ray() -> None:
         configure_logging=False,
         runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "0"}},
     )
-
-
-class _Progress:
-    """A Tune callback forwarding trial events to the CLI's progress display."""
-
-    def __new__(cls, on_event: ProgressFn):
-        from ray.tune import Callback
-
-        class ProgressCallback(Callback):
-            def on_trial_start(self, iteration, trials, trial, **info):
-                on_event("start", {"trial_id": trial.trial_id, "config": dict(trial.config)})
-
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                on_event("result", {"trial_id": trial.trial_id, "result": dict(result)})
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                on_event("complete", {"trial_id": trial.trial_id})
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                on_event("error", {"trial_id": trial.trial_id, "error": str(trial.error_file or "")})
-
-        return ProgressCallback()
 
 
 def experiment_path(spec: SweepSpec, storage_root: str) -> str:
@@ -108,7 +88,9 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
     path = experiment_path(spec, storage_root)
-    callbacks = [_Progress(on_event)] if on_event else []
+    from grpo_ray.tune_progress import ProgressCallback
+
+    callbacks = [ProgressCallback(on_event)] if on_event else []
     if resume and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space(spec))
     else:

@@ -1,0 +1,38 @@
+"""A Ray Tune callback that forwards trial events to the CLI's progress display.
+
+Tune pickles its run config (callbacks included) into the experiment directory for
+``--resume``; the listener (a rich display holding locks) stays out of the pickled state,
+and the class lives at module level so it pickles by reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ray.tune import Callback
+
+ProgressFn = Callable[[str, dict[str, Any]], None]
+
+
+class ProgressCallback(Callback):
+    def __init__(self, on_event: ProgressFn | None) -> None:
+        self.on_event = on_event
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"on_event": None}
+
+    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, data)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._emit("start", {"trial_id": trial.trial_id, "config": dict(trial.config)})
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._emit("result", {"trial_id": trial.trial_id, "result": dict(result)})
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._emit("complete", {"trial_id": trial.trial_id})
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._emit("error", {"trial_id": trial.trial_id, "error": str(getattr(trial, "error_file", "") or "")})
