@@ -85,6 +85,7 @@ class EvalSpec(_Strict):
     source: DatasetSpec | None = Field(None, description="A separate eval set; default: held out from the GRPO set.")
     size: int = Field(100, gt=0, description="Held-out problems scored after each report window.")
     max_new_tokens: int = Field(256, gt=0)
+    before_sft: bool = Field(False, description="Also score the base model before the SFT warm-up.")
 
 
 class DataSpec(_Strict):
@@ -127,7 +128,7 @@ class SftSpec(_Strict):
     gradient_accumulation_steps: int = Field(1, gt=0)
     max_length: int | None = Field(None, gt=0, description="Default: the model's max_seq_length.")
     warmup_steps: int = Field(5, ge=0)
-    weight_decay: float = Field(0.001, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
 
 
 class GrpoSpec(_Strict):
@@ -143,7 +144,7 @@ class GrpoSpec(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(-1, description="-1 disables top-k, as the tutorial.")
     beta: float = Field(0.0, ge=0, description="KL coefficient.")
-    weight_decay: float = Field(0.001, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     lr_scheduler_type: str = "linear"
     optim: str = Field("adamw_torch", description="'adamw_8bit' on GPU, as the tutorial.")

@@ -122,6 +122,9 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, report=None) -> dict[str,
     base_weights = {f.__name__: w for f, w in zip(funcs, spec.reward_weights().values())}
 
     fixed: dict[str, float] = {"eval_size": float(len(data.eval))}
+    if trial_spec.data.eval.before_sft:
+        ev = evaluate(backend, data.eval, fmt, trial_spec.data.eval.max_new_tokens)
+        fixed |= {"base_eval_accuracy": ev.accuracy, "base_format_rate": ev.format_rate}
     if trial_spec.sft.enabled and data.sft:
         t_sft = time.time()
         msgs = [template.sft_messages(e.question, e.reasoning or "", e.answer, fmt) for e in data.sft]

@@ -1,0 +1,248 @@
+"""GPU trial benchmark (issue #3), run on the lent H100 through the device tool.
+
+    learn: one trial of bench/gemma_learn.yaml on google/gemma-3-270m (base) from the GGUF:
+           format rate and held-out accuracy before SFT, after SFT and after GRPO, the mean
+           reward per report window, timings and peak GPU memory.
+    speed: the steady-state GRPO step of our trial vs a bare Unsloth + vLLM GRPOTrainer script
+           on a randomly initialised Qwen3-1.7B-shaped model (1 prompt x 8 generations x 256
+           tokens per step, LoRA r=32), each in its own process, start-up recorded separately.
+
+Usage (device, after ../shared/device/stage.sh --model):
+    python bench/trial_gpu.py learn --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --out $OUT/learn.json
+    python bench/trial_gpu.py speed --out $OUT/speed.json
+Results are committed under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _device() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version()}
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=20)
+        info["gpu"] = q.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        info["gpu"] = "unknown"
+    return info
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=REPO).stdout
+        return sha + ("+dirty" if dirty.strip() else "") if sha else "unknown"
+    except OSError:
+        return os.environ.get("GRPO_RAY_COMMIT", "unknown")
+
+
+def _gpu_used_mib() -> float | None:
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=20)
+        return float(q.stdout.strip().splitlines()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+# ----------------------------------------------------------------------------------- learn
+def learn(args: argparse.Namespace) -> dict:
+    from grpo_ray.spec import apply_overrides, load_spec
+    from grpo_ray.trial.run import run_trial
+
+    spec = load_spec(REPO / "bench" / "gemma_learn.yaml")
+    spec = apply_overrides(spec, {"model.source": args.gguf} | json.loads(args.overrides))
+    windows: list[dict] = []
+    peak = {"mib": 0.0}
+
+    def report(metrics: dict, ckpt_dir: str) -> None:
+        used = _gpu_used_mib()
+        if used:
+            peak["mib"] = max(peak["mib"], used)
+        windows.append({k: metrics[k] for k in metrics if isinstance(metrics[k], (int, float))})
+        print("REPORT", json.dumps(windows[-1]), flush=True)
+
+    t0 = time.time()
+    final = run_trial({}, spec, report=report)
+    import torch
+
+    first, last = windows[0], windows[-1]
+    return {
+        "bench": "trial_gpu.learn",
+        "config": spec.model_dump(mode="json", include={"model", "data", "lora", "sft", "grpo", "rewards"}),
+        "numbers": {
+            "before_sft": {"format_rate": final.get("base_format_rate"), "accuracy": final.get("base_eval_accuracy")},
+            "after_sft": {"format_rate": final["sft_format_rate"], "accuracy": final["sft_eval_accuracy"]},
+            "after_grpo": {"format_rate": final["eval_format_rate"], "accuracy": final["eval_accuracy"]},
+            "reward_first_window": first["reward"],
+            "reward_last_window": last["reward"],
+            "reward_by_window": [w["reward"] for w in windows],
+            "eval_accuracy_by_window": [w["eval_accuracy"] for w in windows],
+            "format_rate_by_window": [w["format_rate"] for w in windows],
+            "eval_size": final["eval_size"],
+            "sft_seconds": final.get("sft_seconds"),
+            "trial_seconds": time.time() - t0,
+            "peak_gpu_used_mib_nvidia_smi": peak["mib"],
+            "torch_max_memory_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------- speed
+QWEN3_1_7B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=4096,
+                  rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6)
+
+
+def make_random_qwen3(out: Path) -> Path:
+    """A randomly initialised Qwen3-1.7B-shaped model with a word-level tokenizer of the same vocab."""
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    vocab = {f"w{i}": i for i in range(QWEN3_1_7B["vocab_size"] - 2)}
+    vocab["<|endoftext|>"] = len(vocab)
+    vocab["<|pad|>"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    config = Qwen3Config(**QWEN3_1_7B, eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|pad|>"])
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+SPEED = dict(steps=12, num_generations=8, max_completion_length=256, rank=32, gpu_memory_utilization=0.5)
+
+
+def speed_child(which: str, model_dir: str, out: str) -> None:
+    """One process: ours (run_trial) or bare (the tutorial's GRPOTrainer script)."""
+    t0 = time.time()
+    step_times: list[float] = []
+    if which == "ours":
+        from grpo_ray.spec import apply_overrides, load_spec
+        from grpo_ray.trial.run import run_trial
+
+        spec = load_spec(REPO / "bench" / "speed_qwen3.yaml")
+        spec = apply_overrides(spec, {"model.source": model_dir})
+        import grpo_ray.trial.common as common
+
+        orig = common.StepReporter.on_log
+
+        def on_log(self, args, state, control, logs=None, **kw):  # timestamp every optimizer step
+            if logs and "reward" in logs:
+                step_times.append(time.time())
+            return orig(self, args, state, control, logs=logs, **kw)
+
+        common.StepReporter.on_log = on_log
+        run_trial({}, spec, report=lambda m, d: None)
+        init_s = None
+    else:
+        import unsloth  # noqa: F401
+        from unsloth import FastLanguageModel
+        from vllm import SamplingParams
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        from trl import GRPOConfig, GRPOTrainer
+
+        model, tok = FastLanguageModel.from_pretrained(
+            model_name=model_dir, max_seq_length=1024, load_in_4bit=False, fast_inference=True,
+            max_lora_rank=SPEED["rank"], gpu_memory_utilization=SPEED["gpu_memory_utilization"])
+        model = FastLanguageModel.get_peft_model(
+            model, r=SPEED["rank"], lora_alpha=2 * SPEED["rank"], use_gradient_checkpointing="unsloth",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            random_state=3407)
+        init_s = time.time() - t0
+
+        class Tick(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                step_times.append(time.time())
+
+        def reward(prompts, completions, **kw):
+            return [float(len(str(c))) / 1000 for c in completions]
+
+        prompt = " ".join(f"w{i}" for i in range(10, 60))
+        ds = Dataset.from_list([{"prompt": prompt}] * 64)
+        args = GRPOConfig(
+            vllm_sampling_params=SamplingParams(min_p=0.1, top_p=1.0, top_k=-1, seed=3407, ignore_eos=True),
+            temperature=1.0, learning_rate=5e-6, optim="adamw_8bit", logging_steps=1,
+            per_device_train_batch_size=SPEED["num_generations"], num_generations=SPEED["num_generations"],
+            max_completion_length=SPEED["max_completion_length"], max_steps=SPEED["steps"], report_to="none",
+            output_dir="/tmp/bare_out", save_strategy="no", bf16=True)
+        GRPOTrainer(model=model, processing_class=tok, reward_funcs=[reward], args=args, train_dataset=ds,
+                    callbacks=[Tick()]).train()
+    total = time.time() - t0
+    deltas = [b - a for a, b in zip(step_times, step_times[1:])]
+    steady = deltas[len(deltas) // 3:]  # skip compilation / warm-up steps
+    Path(out).write_text(json.dumps({
+        "which": which, "total_s": total, "init_s": init_s,
+        "first_step_end_s": (step_times[0] - t0) if step_times else None,
+        "step_s": deltas, "steady_step_s": sum(steady) / len(steady) if steady else None,
+    }))
+
+
+def speed(args: argparse.Namespace) -> dict:
+    model_dir = str(make_random_qwen3(Path(args.model_dir)))
+    results = {}
+    for which in args.order.split(","):
+        out = f"/tmp/speed_{which}.json"
+        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        subprocess.run([sys.executable, __file__, "speed-child", which, model_dir, out], check=True, env=env,
+                       timeout=args.child_timeout)
+        results[which] = json.loads(Path(out).read_text())
+        print(which, json.dumps(results[which]), flush=True)
+    ratio = None
+    if "ours" in results and "bare" in results and results["bare"]["steady_step_s"]:
+        ratio = results["ours"]["steady_step_s"] / results["bare"]["steady_step_s"]
+    return {"bench": "trial_gpu.speed", "config": SPEED | {"model": "random Qwen3-1.7B shape", "order": args.order},
+            "numbers": results | {"ours_over_bare_steady_step": ratio}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("learn")
+    a.add_argument("--gguf", required=True)
+    a.add_argument("--overrides", default="{}", help="JSON {dotted.path: value} applied to gemma_learn.yaml")
+    a.add_argument("--out", required=True)
+    b = sub.add_parser("speed")
+    b.add_argument("--model-dir", default="/tmp/qwen3-1.7b-random")
+    b.add_argument("--order", default="bare,ours")
+    b.add_argument("--child-timeout", type=int, default=900)
+    b.add_argument("--out", required=True)
+    c = sub.add_parser("speed-child")
+    c.add_argument("which")
+    c.add_argument("model_dir")
+    c.add_argument("out")
+    args = ap.parse_args()
+    if args.cmd == "speed-child":
+        speed_child(args.which, args.model_dir, args.out)
+        return
+    t0 = time.time()
+    result = learn(args) if args.cmd == "learn" else speed(args)
+    result |= {"device": _device(), "commit": _commit(), "wall_s": time.time() - t0,
+               "command": " ".join(sys.argv)}
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["numbers"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The ``unsloth`` backend: Unsloth's FastLanguageModel with vLLM generation (the seed's fast path).
+
+One model object serves SFT, GRPO and evaluation: Unsloth loads the base weights once,
+shares them with an in-process vLLM engine (``fast_inference=True``) sized for the largest
+LoRA rank the sweep can sample, and TRL's GRPOTrainer (patched by Unsloth) generates through
+that engine. Evaluation generates greedily through ``fast_generate`` with the trial's LoRA.
+
+Unsloth must be imported before trl, transformers and peft in the process, so this module
+imports it first and :func:`grpo_ray.trial.base.make_backend` imports this module before
+anything else touches those packages.
+"""
+
+from __future__ import annotations
+
+import unsloth  # noqa: F401  (must come first: it patches transformers, trl and peft)
+
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from grpo_ray.spec import SweepSpec
+from grpo_ray.trial.base import StepCallback
+from grpo_ray.trial.common import (
+    StepReporter,
+    grpo_config_kwargs,
+    lora_alpha,
+    prepare_tokenizer,
+    sft_config_kwargs,
+)
+
+
+class TrialDoesNotFitError(RuntimeError):
+    """A CUDA out-of-memory, translated into the spec settings that would make the trial fit."""
+
+
+def _fit_hint(spec: SweepSpec) -> str:
+    return (
+        "the trial ran out of GPU memory: lower model.gpu_memory_utilization "
+        f"(now {spec.model.gpu_memory_utilization}; vLLM keeps that share for itself), "
+        f"grpo.max_completion_length ({spec.grpo.max_completion_length}), grpo.num_generations "
+        f"({spec.grpo.num_generations}), the largest lora.rank in the search space "
+        f"({spec.max_lora_rank()}) or model.max_seq_length ({spec.model.max_seq_length}); "
+        "or set model.load_in_4bit: true"
+    )
+
+
+class UnslothBackend:
+    name = "unsloth"
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._workdir = Path(tempfile.mkdtemp(prefix="grpo-ray-unsloth-"))
+        self._spec: SweepSpec | None = None
+
+    def _guard(self, fn: Callable[[], Any]) -> Any:
+        import torch
+
+        try:
+            return fn()
+        except torch.OutOfMemoryError as e:
+            raise TrialDoesNotFitError(_fit_hint(self._spec)) from e
+        except (RuntimeError, ValueError) as e:
+            text = str(e)
+            if "out of memory" in text.lower() or "KV cache" in text or "gpu_memory_utilization" in text:
+                raise TrialDoesNotFitError(_fit_hint(self._spec) + f" [{text.splitlines()[0][:200]}]") from e
+            raise
+
+    def load(self, model_dir: str, spec: SweepSpec) -> None:
+        from unsloth import FastLanguageModel
+
+        self._spec = spec
+
+        def _load() -> None:
+            self.model, tokenizer = FastLanguageModel.from_pretrained(
+                model_name=model_dir,
+                max_seq_length=spec.model.max_seq_length,
+                load_in_4bit=spec.model.load_in_4bit,
+                fast_inference=True,
+                max_lora_rank=spec.max_lora_rank(),
+                gpu_memory_utilization=spec.model.gpu_memory_utilization,
+            )
+            self.model = FastLanguageModel.get_peft_model(
+                self.model,
+                r=spec.lora.rank,
+                target_modules=spec.lora.target_modules,
+                lora_alpha=lora_alpha(spec),
+                lora_dropout=spec.lora.dropout,
+                use_gradient_checkpointing="unsloth",
+                random_state=spec.grpo.seed,
+            )
+            self.tokenizer = prepare_tokenizer(tokenizer, spec)
+
+        self._guard(_load)
+
+    def sft(self, messages: list[list[dict[str, str]]], spec: SweepSpec) -> dict[str, float]:
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        texts = [self.tokenizer.apply_chat_template(m, tokenize=False) for m in messages]
+        args = SFTConfig(output_dir=str(self._workdir / "sft"), dataset_text_field="text", **sft_config_kwargs(spec))
+        trainer = SFTTrainer(
+            model=self.model,
+            processing_class=self.tokenizer,
+            train_dataset=Dataset.from_dict({"text": texts}),
+            args=args,
+        )
+        out = self._guard(trainer.train)
+        return {"sft_loss": float(out.training_loss)}
+
+    def _sampling_params(self, spec: SweepSpec, **overrides: Any) -> Any:
+        from vllm import SamplingParams
+
+        g = spec.grpo
+        params = dict(
+            min_p=g.min_p, top_p=g.top_p, top_k=g.top_k, seed=g.seed,
+            stop=[self.tokenizer.eos_token], include_stop_str_in_output=True,
+        )
+        return SamplingParams(**(params | overrides))
+
+    def grpo(
+        self,
+        rows: list[dict[str, Any]],
+        reward_funcs: list[Callable[..., list[float]]],
+        reward_weights: list[float],
+        spec: SweepSpec,
+        on_step: StepCallback,
+    ) -> None:
+        from datasets import Dataset
+        from trl import GRPOConfig, GRPOTrainer
+
+        args = GRPOConfig(
+            output_dir=str(self._workdir / "grpo"),
+            vllm_sampling_params=self._sampling_params(spec),
+            **grpo_config_kwargs(spec, reward_weights),
+        )
+        trainer = GRPOTrainer(
+            model=self.model,
+            processing_class=self.tokenizer,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            callbacks=[StepReporter(on_step)],
+        )
+        self._guard(trainer.train)
+
+    def generate(self, prompts: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]:
+        # Token ids, not text: vLLM would add BOS again to a template that already prints it.
+        ids = [
+            self.tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True) for p in prompts
+        ]
+        ids = [list(x["input_ids"]) if hasattr(x, "keys") else list(x) for x in ids]
+        lora_dir = self._workdir / "eval_lora"
+        self.model.save_lora(str(lora_dir))
+        params = self._sampling_params(self._spec, temperature=0.0, max_tokens=max_new_tokens, min_p=0.0)
+        outputs = self.model.fast_generate(
+            [{"prompt_token_ids": x} for x in ids],
+            sampling_params=params,
+            lora_request=self.model.load_lora(str(lora_dir)),
+            use_tqdm=False,
+        )
+        return [o.outputs[0].text for o in outputs]
+
+    def save_adapter(self, out_dir: Path) -> None:
+        self.model.save_pretrained(str(out_dir))
+        self.tokenizer.save_pretrained(str(out_dir))

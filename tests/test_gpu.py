@@ -1,0 +1,45 @@
+"""GPU tests (marked `gpu`): the unsloth backend on the real gemma-3-270m GGUF.
+
+Skipped without CUDA. On the device (see ../shared/device/README.md):
+    python3 -m pytest tests -m gpu -x
+The model comes from $GRPO_RAY_GEMMA_GGUF or /tmp/models/gemma-3-270m-q4_k_m.gguf (stage.sh --model).
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from grpo_ray.spec import apply_overrides, load_spec
+from conftest import REPO
+
+pytestmark = pytest.mark.gpu
+GGUF = Path(os.environ.get("GRPO_RAY_GEMMA_GGUF", "/tmp/models/gemma-3-270m-q4_k_m.gguf"))
+
+
+@pytest.fixture(scope="module")
+def gemma_gguf():
+    if not GGUF.exists():
+        pytest.skip(f"{GGUF} not staged")
+    return str(GGUF)
+
+
+def test_auto_backend_is_unsloth_on_cuda():
+    from grpo_ray.trial.base import choose_backend
+
+    assert choose_backend("auto") == "unsloth"
+
+
+def test_unsloth_trial_reports_and_checkpoints(gemma_gguf, tmp_path):
+    from grpo_ray.trial.run import run_trial
+
+    spec = load_spec(REPO / "bench" / "gemma_learn.yaml")
+    spec = apply_overrides(spec, {
+        "model.source": gemma_gguf, "sft.max_steps": 10, "grpo.max_steps": 4, "grpo.report_every": 2,
+        "data.eval.size": 16, "data.eval.before_sft": False, "grpo.num_generations": 4,
+    })
+    reports = []
+    final = run_trial({"lora.rank": 16}, spec, report=lambda m, d: reports.append((m, sorted(os.listdir(d)))))
+    assert [m["step"] for m, _ in reports] == [2, 4]
+    assert "adapter_model.safetensors" in reports[-1][1]
+    assert 0 <= final["eval_accuracy"] <= 1 and final["completion_length"] > 0

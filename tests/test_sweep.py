@@ -1,0 +1,67 @@
+"""The main job end to end: `grpo-ray sweep sweeps/smoke.yaml` on a real local Ray cluster.
+
+Real Optuna study, real TRL training steps in every trial, real export; the GGUF is read
+back with `gguf` and loaded and run by llama.cpp.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    r = subprocess.run(
+        [sys.executable, "-m", "grpo_ray.cli", "sweep", "sweeps/smoke.yaml", "--storage", str(storage)],
+        capture_output=True, text=True, cwd=REPO, timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return storage / "smoke", r
+
+
+def test_sweep_runs_every_trial_and_shows_progress(smoke_run):
+    run_dir, r = smoke_run
+    trials = json.loads((run_dir / "trials.json").read_text())
+    assert len(trials) == 3 and all(t["error"] is None for t in trials)
+    configs = [t["config"] for t in trials]
+    assert len({json.dumps(c, sort_keys=True) for c in configs}) == 3  # Optuna sampled three configs
+    for t in trials:
+        assert t["config"]["lora.rank"] in (4, 8) and 0.7 <= t["config"]["grpo.temperature"] <= 1.2
+        assert t["metrics"]["step"] == 4 and t["metrics"]["eval_size"] == 16
+    assert "trials" in r.stderr and "3/3" in r.stderr and "step 4" in r.stderr
+
+
+def test_best_json_names_the_pareto_winner(smoke_run):
+    run_dir, _ = smoke_run
+    best = json.loads((run_dir / "best" / "best.json").read_text())
+    trials = {t["trial_id"]: t for t in json.loads((run_dir / "trials.json").read_text())}
+    assert best["trial_id"] in trials and best["trial_id"] in best["pareto_front"]
+    assert best["hyperparameters"] == trials[best["trial_id"]]["config"]
+    front_acc = [trials[t]["metrics"]["eval_accuracy"] for t in best["pareto_front"]]
+    assert best["metrics"]["eval_accuracy"] == max(front_acc)
+    assert {"reward", "eval_accuracy", "format_rate"} <= set(best["metrics"])
+
+
+def test_export_has_adapter_merged_model_and_gguf_llama_cpp_runs(smoke_run):
+    run_dir, _ = smoke_run
+    best = run_dir / "best"
+    assert (best / "lora" / "adapter_model.safetensors").exists()
+    assert list((best / "merged16").glob("*.safetensors"))
+    ggufs = sorted(best.glob("*.gguf"))
+    assert {p.name.rsplit("-", 1)[-1] for p in ggufs} == {"f16.gguf", "q8_0.gguf"}
+    import gguf
+
+    reader = gguf.GGUFReader(str(ggufs[0]))
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "qwen3"
+    assert len(reader.tensors) > 0
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(ggufs[-1]), n_ctx=256, verbose=False)
+    out = llm("What is 2 + 2?<think>", max_tokens=8, temperature=0.0)
+    assert out["usage"]["completion_tokens"] >= 1
+    assert (best / "Modelfile").read_text().startswith("FROM ")
