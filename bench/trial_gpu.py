@@ -39,6 +39,8 @@ def _device() -> dict:
 
 
 def _commit() -> str:
+    if os.environ.get("GRPO_RAY_COMMIT"):  # the device's copy of the tree has no .git
+        return os.environ["GRPO_RAY_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=REPO).stdout

@@ -28,7 +28,7 @@ def score(completions: list[str], examples: list[Example], fmt: template.Format,
     formatted = exact(prompts=[None] * len(completions), completions=completions)
     correct = 0
     for completion, ex in zip(completions, examples):
-        guess = extract_solution(completion, fmt)
+        guess = extract_solution(completion, fmt, eos_token)
         ref = parse_number(ex.answer)
         correct += int(guess is not None and ref is not None and parse_number(guess) == ref)
     n = len(examples)
