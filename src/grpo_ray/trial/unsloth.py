@@ -98,6 +98,11 @@ class UnslothBackend:
         from trl import SFTConfig, SFTTrainer
 
         texts = [self.tokenizer.apply_chat_template(m, tokenize=False) for m in messages]
+        # SFTTrainer tokenizes plain text *with* special tokens: where the tokenizer adds BOS
+        # itself (Gemma), a template that also prints it would give every example two.
+        bos = self.tokenizer.bos_token
+        if bos and self.tokenizer("x")["input_ids"][:1] == [self.tokenizer.bos_token_id]:
+            texts = [t.removeprefix(bos) for t in texts]
         args = SFTConfig(output_dir=str(self._workdir / "sft"), dataset_text_field="text", **sft_config_kwargs(spec))
         trainer = SFTTrainer(
             model=self.model,
