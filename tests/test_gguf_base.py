@@ -423,7 +423,8 @@ def test_next_token_distributions_match_llama_cpp(
             theirs = torch.tensor(np.asarray(llm.scores[len(ids) - 1]), dtype=torch.float32)
             lp_ref, lp = torch.log_softmax(theirs, -1), torch.log_softmax(ours, -1)
             kl = float((lp_ref.exp() * (lp_ref - lp)).sum())
-            print(f"\n{prompt[:40]!r}: KL(llama.cpp || HF) = {kl:.4f}, top-1 {hf_tokenizer.decode([int(ours.argmax())])!r}")
+            top = hf_tokenizer.decode([int(ours.argmax())])
+            print(f"\n{prompt[:40]!r}: KL(llama.cpp || HF) = {kl:.4f}, top-1 {top!r}")
             assert kl < 0.02, (prompt, kl)
             assert int(ours.argmax()) == int(theirs.argmax()), prompt
     finally:
