@@ -112,6 +112,20 @@ def finish(spec: SweepSpec, storage_root: str, trials: list[TrialRecord], second
     return SweepOutcome(run_dir=run_dir, best=best, best_json=info, trials=trials, seconds=seconds)
 
 
+def preflight(spec: SweepSpec) -> None:
+    """Catch user errors before any trial starts: data files, columns, rewards, model path.
+
+    Inside a trial these would only surface as N identical trial failures after start-up.
+    """
+    from grpo_ray.data import load_datasets
+    from grpo_ray.models import check_model_source
+    from grpo_ray.rewards import resolve_rewards
+
+    check_model_source(spec.model.source)
+    resolve_rewards([r.name for r in spec.rewards], spec.format.to_format(), None)
+    load_datasets(spec.data)
+
+
 def run_sweep(spec: SweepSpec, storage_root: str | None = None, resume: bool = False,
               on_event: Callable[[str, dict[str, Any]], None] | None = None,
               progress: Callable[[str], None] = lambda s: None) -> SweepOutcome:
@@ -119,6 +133,7 @@ def run_sweep(spec: SweepSpec, storage_root: str | None = None, resume: bool = F
     from grpo_ray.search import run_search
 
     root = storage.normalize(storage_root or spec.storage)
+    preflight(spec)
     t0 = time.time()
     trials = run_search(spec, root, resume=resume, on_event=on_event)
     return finish(spec, root, trials, time.time() - t0, progress)
