@@ -75,6 +75,7 @@ def export_trial(spec: SweepSpec, best: TrialRecord, dest: str, progress: Callab
             system_prompt=trial_spec.format.system_prompt,
             check=spec.export.check,
             progress=progress,
+            name=spec.name,
         )
         progress(f"copying export to {dest}")
         storage.copy_dir(str(out), dest)
