@@ -1,0 +1,42 @@
+"""A sweep whose driver dies mid-way resumes with --resume: finished trials are kept, not rerun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO
+
+
+def _cmd(storage, *extra):
+    return [sys.executable, "-m", "grpo_ray.cli", "sweep", "sweeps/smoke.yaml", "--storage", str(storage), *extra]
+
+
+def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
+    proc = subprocess.Popen(_cmd(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    run = tmp_path / "smoke"
+    deadline = time.time() + 300
+    finished: list = []
+    while time.time() < deadline and not finished:
+        finished = [p.parent for p in run.glob("tune_trainable_*/checkpoint_000001")]  # 2nd report = last step
+        time.sleep(0.5)
+    assert finished, "no trial finished in time"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
+    proc.wait()
+    assert not (run / "best" / "best.json").exists()
+    first = finished[0]
+    reports_before = (first / "result.json").read_text().count("\n")
+    before = {p.name for p in run.glob("tune_trainable_*")}
+
+    r = subprocess.run(_cmd(tmp_path, "--resume"), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trials = json.loads((run / "trials.json").read_text())
+    assert len(trials) == 3 and all(t["error"] is None and t["metrics"]["step"] == 4 for t in trials)
+    after = {p.name for p in run.glob("tune_trainable_*")}
+    assert before <= after and len(after) == 3  # the same trial directories, none started twice
+    # The finished trial was not trained again: no report was added to its results.
+    assert (first / "result.json").read_text().count("\n") == reports_before == 2
+    assert (run / "best" / "best.json").exists()
