@@ -24,6 +24,8 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
         finished = [p.parent for p in run.glob("tune_trainable_*/checkpoint_000001")]  # 2nd report = last step
         time.sleep(0.5)
     assert finished, "no trial finished in time"
+    while time.time() < deadline and (finished[0] / "result.json").read_text().count("\n") < 2:
+        time.sleep(0.2)  # the checkpoint can land a moment before the result line
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
     proc.wait()
     assert not (run / "best" / "best.json").exists()
