@@ -143,6 +143,8 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, report=None) -> dict[str,
             "eval_format_rate": ev.format_rate,
             "elapsed_s": time.time() - t0,
         }
+        if torch.cuda.is_available():  # vLLM's KV cache lives in torch's allocator too (Unsloth)
+            metrics["gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         with tempfile.TemporaryDirectory(prefix="grpo-ray-ckpt-") as d:
             backend.save_adapter(Path(d))
             report(metrics, d)
