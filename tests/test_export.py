@@ -13,6 +13,7 @@ gguf = pytest.importorskip("gguf")
 
 from grpo_ray import export, template  # noqa: E402
 from grpo_ray.export import ExportError, export_model  # noqa: E402
+from grpo_ray.gguf_base import read_gguf_metadata  # noqa: E402
 from grpo_ray.tiny import build_tiny_model, build_tokenizer  # noqa: E402
 
 try:
@@ -164,23 +165,22 @@ def test_fast_reader_agrees_with_gguf_reader(exported):
     result, _ = exported
     for t in ("f16", "q8_0"):
         path = result.ggufs[t]
-        info = export.read_gguf_info(path)
+        meta = read_gguf_metadata(path)
         r = gguf.GGUFReader(path)
         keys = [k for k in r.fields if not k.startswith("GGUF.")]
-        assert keys == list(info.kv)
+        assert keys == list(meta.kv)
         for k in keys:
             f = r.fields[k]
-            val, vtype, sub = info.kv[k]
+            entry = meta.kv[k]
+            val, vtype, sub = entry.value, entry.type, entry.sub_type  # strings come decoded
             assert vtype == f.types[0], k
             if vtype == gguf.GGUFValueType.ARRAY:
                 assert sub == f.types[-1], k
-                if sub == gguf.GGUFValueType.STRING:
-                    val = [v.decode("utf-8") for v in val]
-            elif vtype == gguf.GGUFValueType.STRING:
-                val = val.decode("utf-8")
             assert val == f.contents(), k
-        assert [(n, qt) for n, _, qt, _ in info.tensors] == [(x.name, x.tensor_type) for x in r.tensors]
-        assert [d for _, d, _, _ in info.tensors] == [tuple(int(v) for v in x.shape) for x in r.tensors]
+        assert [(n, qt) for n, _, qt, _ in meta.tensors] == [(x.name, x.tensor_type) for x in r.tensors]
+        assert [d for _, d, _, _ in meta.tensors] == [tuple(int(v) for v in x.shape) for x in r.tensors]
+        assert [meta.data_offset + t.offset for t in meta.tensors] == [int(x.data_offset) for x in r.tensors]
+        assert meta.file_size == path.stat().st_size
         assert "gguf.GGUFReader" in result.checks["read_back"][t]["reader"]
 
 

@@ -84,6 +84,25 @@ def test_read_gguf_metadata_matches_gguf_reader(tmp_path: Path) -> None:
     assert meta.tensor_count == len(reader.tensors)
     assert meta.data_offset == reader.data_offset
     assert meta.get("t.u64") == 2**40 and meta.kv["t.u64"].type == GGUFValueType.UINT64
+    assert [(t.name, t.dims, t.type, meta.data_offset + t.offset) for t in meta.tensors] == [
+        (t.name, tuple(int(d) for d in t.shape), t.tensor_type, int(t.data_offset)) for t in reader.tensors
+    ]
+    assert [t.nbytes for t in meta.tensors] == [int(t.n_bytes) for t in reader.tensors]
+    assert meta.file_size == path.stat().st_size
+
+
+def test_read_gguf_metadata_rejects_a_broken_layout(tmp_path: Path) -> None:
+    path = tmp_path / "small.gguf"
+    _write_small_gguf(path)
+    meta = read_gguf_metadata(path)
+    end = meta.data_offset + meta.tensors[-1].offset + meta.tensors[-1].nbytes
+    data = path.read_bytes()
+    path.write_bytes(data[: end - 1])  # the last tensor now ends past the end of the file
+    with pytest.raises(ValueError, match="tensor b.bias lies outside the file"):
+        read_gguf_metadata(path)
+    path.write_bytes(data[:4] + (4).to_bytes(4, "little") + data[8:])
+    with pytest.raises(ValueError, match="unsupported GGUF version 4"):
+        read_gguf_metadata(path)
 
 
 def test_replace_gguf_kv_keeps_tensors_and_is_exact(tmp_path: Path) -> None:

@@ -66,3 +66,22 @@ def test_export_has_adapter_merged_model_and_gguf_llama_cpp_runs(smoke_run):
     assert out["usage"]["completion_tokens"] >= 1
     modelfile = (best / "Modelfile").read_text().splitlines()
     assert f"FROM ./{ggufs[-1].name}" in modelfile  # Ollama gets the quantized file
+
+
+def test_export_and_pull_commands(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    trials = json.loads((run_dir / "trials.json").read_text())
+    other = next(t["trial_id"] for t in trials
+                 if t["trial_id"] != json.loads((run_dir / "best" / "best.json").read_text())["trial_id"])
+    cli = [sys.executable, "-m", "grpo_ray.cli"]
+    r = subprocess.run([*cli, "export", str(run_dir), "--trial", other], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((run_dir / "best" / "best.json").read_text())["trial_id"] == other
+    r = subprocess.run([*cli, "export", str(run_dir), "--trial", "nope"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "no trial 'nope'" in r.stderr and "Traceback" not in r.stderr
+    dest = tmp_path / "pulled"
+    r = subprocess.run([*cli, "pull", str(run_dir), str(dest)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (dest / "best.json").exists() and list(dest.glob("*.gguf"))
+    r = subprocess.run([*cli, "pull", str(tmp_path / "none"), str(dest)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "no best.json" in r.stderr

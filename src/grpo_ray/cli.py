@@ -114,6 +114,37 @@ def sweep(
     out.print(f"results: {outcome.run_dir}/best/ (best.json, lora/, merged16/, *.gguf)", highlight=False)
 
 
+@app.command()
+def export(
+    run: str = typer.Argument(..., help="A finished sweep's directory or URI: <storage>/<name>."),
+    trial: Optional[str] = typer.Option(None, help="Export this trial id instead of the best one."),
+) -> None:
+    """(Re-)export a finished sweep's best trial, or another trial, into <run>/best."""
+    from grpo_ray import storage as st
+    from grpo_ray.sweep import export_run
+
+    try:
+        info = export_run(st.normalize(run), trial, progress=lambda msg: err.print(f"[magenta]export:[/] {msg}"))
+    except _user_errors() as e:
+        _fail(e)
+    out.print(f"exported trial {info['trial_id']} to {st.join(st.normalize(run), 'best')}", highlight=False)
+
+
+@app.command()
+def pull(
+    run: str = typer.Argument(..., help="A sweep's directory or URI: <storage>/<name>."),
+    dest: Path = typer.Argument(..., help="Local directory to copy the exported best trial into."),
+) -> None:
+    """Copy <run>/best (best.json, GGUF, merged model, adapter) to a local directory."""
+    from grpo_ray import storage as st
+
+    src = st.join(st.normalize(run), "best")
+    if not st.exists(st.join(src, "best.json")):
+        _fail(FileNotFoundError(f"{src}: no best.json (the sweep or its export has not finished)"))
+    st.copy_dir(src, str(dest.resolve()))
+    out.print(f"pulled {src} -> {dest}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -31,9 +31,21 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
+
+from grpo_ray.gguf_base import (
+    SOURCE_FILE,
+    TOKENIZER_SIDECAR,
+    read_gguf_metadata,
+    read_tokenizer_kv,
+    tokenizer_flags,
+    write_tokenizer_kv,
+)
+
+if TYPE_CHECKING:
+    from gguf import GGUFValue
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +65,6 @@ LLAMA_CPP_TYPES = (
     "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs",
 )
 SUPPORTED_GGUF_TYPES = NATIVE_TYPES + LLAMA_CPP_TYPES
-SIDECAR_TOKENIZER = "tokenizer.gguf"
-SOURCE_INFO = "grpo_ray_source.json"
 
 
 class ExportError(RuntimeError):
@@ -184,101 +194,13 @@ def _tail(text: str, n: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-n:])
 
 
-# --------------------------------------------------------------------------------------------
-# a fast GGUF metadata reader: gguf.GGUFReader builds one numpy view per array element, about
-# 30 s for Gemma's 262,144-token vocabulary; this parses the same header in well under a second
-
-
-@dataclass
-class GGUFInfo:
-    kv: dict[str, tuple[Any, Any, Any]]  # key -> (value, GGUFValueType, array sub-type or None)
-    tensors: list[tuple[str, tuple[int, ...], Any, int]]  # (name, ggml dims, GGMLQuantizationType, offset)
-    data_offset: int
-    alignment: int
-    file_size: int
-
-    def value(self, key: str, default: Any = None) -> Any:
-        v = self.kv.get(key)
-        if v is None:
-            return default
-        return v[0].decode("utf-8") if isinstance(v[0], bytes) else v[0]
-
-
-def read_gguf_info(path: Path) -> GGUFInfo:
-    """Header, KV pairs (strings as raw bytes) and tensor infos of a GGUF file; validates the layout."""
-    import mmap
-    import struct
-
-    import gguf
-
-    VT = gguf.GGUFValueType
-    scalar = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I",
-              VT.INT32: "<i", VT.FLOAT32: "<f", VT.BOOL: "<?", VT.UINT64: "<Q", VT.INT64: "<q",
-              VT.FLOAT64: "<d"}
-    npdt = {VT.UINT8: "<u1", VT.INT8: "<i1", VT.UINT16: "<u2", VT.INT16: "<i2", VT.UINT32: "<u4",
-            VT.INT32: "<i4", VT.FLOAT32: "<f4", VT.BOOL: "<u1", VT.UINT64: "<u8", VT.INT64: "<i8",
-            VT.FLOAT64: "<f8"}
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ExportError(f"{path.name} is not a GGUF file")
-        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        if version not in (2, 3):
-            raise ExportError(f"{path.name}: unsupported GGUF version {version}")
-        pos = 24
-
-        def string(pos: int) -> tuple[bytes, int]:
-            (n,) = struct.unpack_from("<Q", buf, pos)
-            return bytes(buf[pos + 8: pos + 8 + n]), pos + 8 + n
-
-        def value(pos: int, vt) -> tuple[Any, Any, int]:
-            if vt == VT.STRING:
-                v, pos = string(pos)
-                return v, None, pos
-            if vt in scalar:
-                fmt = scalar[vt]
-                return struct.unpack_from(fmt, buf, pos)[0], None, pos + struct.calcsize(fmt)
-            if vt == VT.ARRAY:
-                sub, n = struct.unpack_from("<IQ", buf, pos)
-                sub = VT(sub)
-                pos += 12
-                if sub == VT.STRING:
-                    out = []
-                    for _ in range(n):
-                        v, pos = string(pos)
-                        out.append(v)
-                    return out, sub, pos
-                if sub in npdt:
-                    arr = np.frombuffer(buf, dtype=npdt[sub], count=n, offset=pos)
-                    vals = arr.astype(bool).tolist() if sub == VT.BOOL else arr.tolist()
-                    return vals, sub, pos + arr.nbytes
-                raise ExportError(f"{path.name}: nested GGUF arrays are not supported")
-            raise ExportError(f"{path.name}: bad GGUF value type {vt}")
-
-        kv: dict[str, tuple[Any, Any, Any]] = {}
-        for _ in range(n_kv):
-            key, pos = string(pos)
-            (vt,) = struct.unpack_from("<I", buf, pos)
-            vt = VT(vt)
-            v, sub, pos = value(pos + 4, vt)
-            kv[key.decode("utf-8")] = (v, vt, sub)
-        tensors = []
-        for _ in range(n_tensors):
-            name, pos = string(pos)
-            (nd,) = struct.unpack_from("<I", buf, pos)
-            dims = struct.unpack_from(f"<{nd}Q", buf, pos + 4)
-            ttype, off = struct.unpack_from("<IQ", buf, pos + 4 + 8 * nd)
-            pos += 4 + 8 * nd + 12
-            tensors.append((name.decode("utf-8"), tuple(int(d) for d in dims), gguf.GGMLQuantizationType(ttype), off))
-    alignment = int(kv.get("general.alignment", (32,))[0])
-    data_offset = -(-pos // alignment) * alignment
-    for name, dims, qt, off in tensors:
-        block, tsize = gguf.GGML_QUANT_SIZES[qt]
-        nbytes = int(np.prod(dims)) // block * tsize
-        if off % alignment or data_offset + off + nbytes > size:
-            raise ExportError(f"{path.name}: tensor {name} lies outside the file or is misaligned")
-    return GGUFInfo(kv=kv, tensors=tensors, data_offset=data_offset, alignment=alignment, file_size=size)
+@contextlib.contextmanager
+def _gguf_errors() -> Iterator[None]:
+    """Report a malformed GGUF (``ValueError`` from :mod:`grpo_ray.gguf_base`'s reader) as an ExportError."""
+    try:
+        yield
+    except ValueError as e:
+        raise ExportError(str(e)) from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,9 +364,10 @@ class GGUFSource:
 
         # tokenizer
         self.chat_template = chat_template
-        sidecar = self.model_dir / SIDECAR_TOKENIZER
-        if sidecar.is_file():
-            self._load_sidecar_tokenizer(sidecar)
+        with _gguf_errors():
+            sidecar_kv = read_tokenizer_kv(self.model_dir)
+        if sidecar_kv is not None:
+            self._use_sidecar_tokenizer(sidecar_kv)
         else:
             self._load_hf_tokenizer()
         if self.n_vocab > self.embed_rows:
@@ -454,26 +377,21 @@ class GGUFSource:
         self.plan_base = self._plan()
 
     # ---- tokenizer ----
-    def _load_sidecar_tokenizer(self, path: Path) -> None:
+    def _use_sidecar_tokenizer(self, kv: dict[str, GGUFValue]) -> None:
+        """Take the tokenizer verbatim from the ``tokenizer.gguf`` sidecar's ``kv`` (see gguf_base)."""
         import gguf
 
-        info = read_gguf_info(path)
-        kvs: list[tuple[str, Any, Any, Any]] = []
-        for key, (val, vtype, sub) in info.kv.items():
-            if not key.startswith("tokenizer."):
-                continue
-            if key.startswith(gguf.Keys.Tokenizer.CHAT_TEMPLATE):  # ours replaces it (see below)
-                continue
-            kvs.append((key, val, vtype, sub))
-        if gguf.Keys.Tokenizer.LIST not in info.kv:
-            raise ExportError(f"{path} has no {gguf.Keys.Tokenizer.LIST}")
-        self.n_vocab = len(info.kv[gguf.Keys.Tokenizer.LIST][0])
-        self.tokenizer_kvs = kvs
+        if gguf.Keys.Tokenizer.LIST not in kv:
+            raise ExportError(f"{self.model_dir / TOKENIZER_SIDECAR} has no {gguf.Keys.Tokenizer.LIST}")
+        self.n_vocab = len(kv[gguf.Keys.Tokenizer.LIST].value)
+        # every tokenizer.* field but the chat template(s): ours replaces them (see _add_kv)
+        self.tokenizer_kvs = {k: v for k, v in kv.items() if not k.startswith(gguf.Keys.Tokenizer.CHAT_TEMPLATE)}
         self.special_vocab = None
-        self.tokenizer_source = SIDECAR_TOKENIZER
-        self.tokenizer_model = info.value(gguf.Keys.Tokenizer.MODEL, "?")
+        self.tokenizer_source = TOKENIZER_SIDECAR
+        model = kv.get(gguf.Keys.Tokenizer.MODEL)
+        self.tokenizer_model = model.value if model is not None else "?"
         if self.chat_template is None:
-            self.chat_template = self._hf_chat_template() or info.value(gguf.Keys.Tokenizer.CHAT_TEMPLATE)
+            self.chat_template = self._hf_chat_template() or tokenizer_flags(kv).chat_template
 
     def _hf_chat_template(self) -> str | None:
         try:
@@ -491,7 +409,7 @@ class GGUFSource:
         tj_path = self.model_dir / "tokenizer.json"
         if not tj_path.is_file():
             raise ExportError(
-                f"{self.model_dir} has neither {SIDECAR_TOKENIZER} nor tokenizer.json; cannot write the GGUF tokenizer"
+                f"{self.model_dir} has neither {TOKENIZER_SIDECAR} nor tokenizer.json; cannot write the GGUF tokenizer"
             )
         tj = _read_json(tj_path)
         model_type = (tj.get("model") or {}).get("type")
@@ -500,7 +418,7 @@ class GGUFSource:
             raise ExportError(
                 f"tokenizer.json of {self.model_dir} is {model_type!r} without byte-level pre-tokenization; only "
                 f"byte-level BPE is converted from tokenizer.json (SentencePiece models such as Gemma need the "
-                f"{SIDECAR_TOKENIZER} sidecar that grpo_ray.gguf_base writes)"
+                f"{TOKENIZER_SIDECAR} sidecar that grpo_ray.gguf_base writes)"
             )
         tok = AutoTokenizer.from_pretrained(self.model_dir)
         vocab: dict[str, int] = tok.get_vocab()
@@ -531,13 +449,13 @@ class GGUFSource:
             tokens.append(token)
         self.n_vocab = len(tokens)
         self.tokenizer_pre = _detect_pre(tj, self.arch)
-        self.tokenizer_kvs = [
-            (gguf.Keys.Tokenizer.MODEL, "gpt2", gguf.GGUFValueType.STRING, None),
-            (gguf.Keys.Tokenizer.PRE, self.tokenizer_pre, gguf.GGUFValueType.STRING, None),
-            (gguf.Keys.Tokenizer.LIST, tokens, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING),
-            (gguf.Keys.Tokenizer.TOKEN_TYPE, [int(t) for t in toktypes], gguf.GGUFValueType.ARRAY,
-             gguf.GGUFValueType.INT32),
-        ]
+        VT = gguf.GGUFValueType
+        self.tokenizer_kvs = {
+            gguf.Keys.Tokenizer.MODEL: gguf.GGUFValue("gpt2", VT.STRING),
+            gguf.Keys.Tokenizer.PRE: gguf.GGUFValue(self.tokenizer_pre, VT.STRING),
+            gguf.Keys.Tokenizer.LIST: gguf.GGUFValue(tokens, VT.ARRAY, VT.STRING),
+            gguf.Keys.Tokenizer.TOKEN_TYPE: gguf.GGUFValue([int(t) for t in toktypes], VT.ARRAY, VT.INT32),
+        }
         sv = gguf.SpecialVocab(self.model_dir, load_merges=True, n_vocab=len(tokens))
         if not sv.merges:
             raise ExportError(f"no BPE merges found in {tj_path}")
@@ -556,6 +474,13 @@ class GGUFSource:
         self.tokenizer_model = "gpt2"
         if self.chat_template is None and isinstance(tok.chat_template, str):
             self.chat_template = tok.chat_template
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether llama.cpp adds BOS for the GGUFs written from this source."""
+        if self.special_vocab is not None:
+            return bool(self.special_vocab.add_special_token.get("bos"))
+        return tokenizer_flags(self.tokenizer_kvs).add_bos
 
     # ---- tensors ----
     def _plan(self) -> list[_TensorPlan]:
@@ -718,8 +643,7 @@ class GGUFSource:
                     if is_swa != default:
                         w.add_sliding_window_pattern(is_swa)
         # tokenizer
-        for key, val, vtype, sub in self.tokenizer_kvs:
-            w.add_key_value(key, val, vtype, sub_type=sub)
+        write_tokenizer_kv(w, self.tokenizer_kvs)
         if self.special_vocab is not None:
             self.special_vocab.add_to_gguf(w, quiet=True)
         if self.chat_template:
@@ -798,39 +722,41 @@ def read_back(path: Path, expected_tensors: list[str], arch: str, *, gguf_reader
               ) -> dict[str, Any]:
     """Read ``path`` back and verify its tensors, layout and required KV fields.
 
-    The file is parsed by :func:`read_gguf_info`; when its vocabulary is small (the reference
-    reader needs ~30 s for a 262k vocabulary) ``gguf.GGUFReader`` parses it too and must agree.
+    The file is parsed by :func:`grpo_ray.gguf_base.read_gguf_metadata`, which also checks the
+    layout; when its vocabulary is small (the reference reader needs ~30 s for a 262k
+    vocabulary) ``gguf.GGUFReader`` parses it too and must agree.
     """
     import gguf
 
-    info = read_gguf_info(path)
-    names = [t[0] for t in info.tensors]
+    with _gguf_errors():
+        meta = read_gguf_metadata(path)
+    names = [t.name for t in meta.tensors]
     if sorted(names) != sorted(expected_tensors):
         missing = sorted(set(expected_tensors) - set(names))
         extra = sorted(set(names) - set(expected_tensors))
         raise ExportError(f"{path.name}: tensors differ from those written; missing {missing}, extra {extra}")
-    got_arch = info.value("general.architecture")
+    got_arch = meta.get("general.architecture")
     if got_arch != arch:
         raise ExportError(f"{path.name}: general.architecture is {got_arch!r}, expected {arch!r}")
     required = ["general.file_type", "tokenizer.ggml.model", "tokenizer.ggml.tokens"] + [
         f"{arch}.{k}" for k in _REQUIRED_ARCH_KV
     ]
-    missing_kv = [k for k in required if k not in info.kv]
+    missing_kv = [k for k in required if k not in meta.kv]
     if missing_kv:
         raise ExportError(f"{path.name}: missing KV fields {missing_kv}")
-    n_tok = len(info.kv["tokenizer.ggml.tokens"][0])
-    emb = next(t for t in info.tensors if t[0] == "token_embd.weight")
-    if emb[1][-1] != n_tok:  # ggml order: (n_embd, n_vocab)
-        raise ExportError(f"{path.name}: token_embd has {emb[1][-1]} rows for {n_tok} tokens")
-    out = {"n_tensors": len(names), "n_kv": len(info.kv), "n_tokens": n_tok,
-           "tensor_types": sorted({t[2].name for t in info.tensors}), "reader": "read_gguf_info"}
+    n_tok = len(meta.get("tokenizer.ggml.tokens"))
+    emb = next(t for t in meta.tensors if t.name == "token_embd.weight")
+    if emb.dims[-1] != n_tok:  # ggml order: (n_embd, n_vocab)
+        raise ExportError(f"{path.name}: token_embd has {emb.dims[-1]} rows for {n_tok} tokens")
+    out = {"n_tensors": len(names), "n_kv": len(meta.kv), "n_tokens": n_tok,
+           "tensor_types": sorted({t.type.name for t in meta.tensors}), "reader": "read_gguf_metadata"}
     if n_tok <= gguf_reader_max_tokens:
         r = gguf.GGUFReader(path)
         r_tensors = [(t.name, t.tensor_type, int(t.data_offset)) for t in r.tensors]
-        ours = [(n, qt, info.data_offset + off) for n, _, qt, off in info.tensors]
+        ours = [(t.name, t.type, meta.data_offset + t.offset) for t in meta.tensors]
         r_keys = [k for k in r.fields if not k.startswith("GGUF.")]
-        if r_tensors != ours or r_keys != list(info.kv):
-            raise ExportError(f"{path.name}: gguf.GGUFReader and read_gguf_info disagree")
+        if r_tensors != ours or r_keys != list(meta.kv):
+            raise ExportError(f"{path.name}: gguf.GGUFReader and read_gguf_metadata disagree")
         out["reader"] += "+gguf.GGUFReader"
     return out
 
@@ -1091,9 +1017,9 @@ def _merge(base_model_dir: Path, adapter_dir: Path, merged_dir: Path, hf_arch: s
     if chat_template is not None:
         tok.chat_template = chat_template
     tok.save_pretrained(merged_dir)
-    sidecar = base_model_dir / SIDECAR_TOKENIZER
+    sidecar = base_model_dir / TOKENIZER_SIDECAR
     if sidecar.is_file():
-        shutil.copy2(sidecar, merged_dir / SIDECAR_TOKENIZER)
+        shutil.copy2(sidecar, merged_dir / TOKENIZER_SIDECAR)
     del merged, peft_model, model
     return ("bfloat16" if dtype == torch.bfloat16 else "float16"), tok
 
@@ -1200,10 +1126,9 @@ def export_model(
             quantize_gguf(ref_path, ggufs[t], t)
 
         say("writing Modelfile")
-        add_bos = bool(src.special_vocab.add_special_token.get("bos")) if src.special_vocab else _sidecar_add_bos(src)
         mf_type = _modelfile_choice(list(ggufs))
         mf_info = _write_modelfile(tmp / "Modelfile", f"{name}-{mf_type}.gguf", tok, src.chat_template,
-                                   system_prompt, add_bos)
+                                   system_prompt, src.add_bos)
 
         checks: dict[str, Any] = {"modelfile": mf_info}
         if check:
@@ -1256,7 +1181,7 @@ def export_model(
             hf_architecture=hf_arch, merged_dtype=merged_dtype, tokenizer_source=src.tokenizer_source,
             sizes=sizes, checks=checks,
         )
-        src_info = base_model_dir / SOURCE_INFO
+        src_info = base_model_dir / SOURCE_FILE
         extra = {"base_source": _read_json(src_info)} if src_info.is_file() else {}
         result.seconds = time.time() - t0
         (tmp / "export.json").write_text(json.dumps({**result.to_dict(), **extra}, indent=2, default=str))
@@ -1273,10 +1198,3 @@ def export_model(
         raise
     say("done")
     return result
-
-
-def _sidecar_add_bos(src: GGUFSource) -> bool:
-    for key, val, *_ in src.tokenizer_kvs:
-        if key == "tokenizer.ggml.add_bos_token":
-            return bool(val)
-    return False

@@ -64,6 +64,20 @@ def exists(location: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def remove_file(location: str) -> None:
+    """Delete a file if it exists."""
+    fs, path = _fs(location)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def list_dir(location: str) -> list[str]:
+    """Names of the entries directly under ``location`` (empty if it does not exist)."""
+    fs, path = _fs(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos)
+
+
 def copy_dir(src: str, dst: str) -> None:
     """Copy a directory tree between any two locations (local or URI)."""
     sfs, spath = _fs(src)

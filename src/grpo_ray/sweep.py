@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -62,8 +61,10 @@ def export_trial(spec: SweepSpec, best: TrialRecord, dest: str, progress: Callab
         ckpt = best.extra.get("checkpoint_obj")
         if ckpt is not None:
             ckpt.to_directory(str(adapter))
+        elif best.checkpoint:
+            storage.copy_dir(best.checkpoint, str(adapter))
         else:
-            shutil.copytree(best.checkpoint, adapter)
+            raise SweepError(f"trial {best.trial_id} has no checkpoint to export")
         template = AutoTokenizer.from_pretrained(str(adapter)).chat_template
         out = Path(tmp, "best")
         result = export_model(
@@ -93,6 +94,16 @@ def finish(spec: SweepSpec, storage_root: str, trials: list[TrialRecord], second
     best = pick_best(trials, objectives)
     if best is None:
         raise SweepError(f"no trial finished with all objectives reported; see {run_dir} for trial logs")
+    info = export_best(spec, run_dir, trials, best, progress)
+    info["sweep_seconds"] = round(seconds, 1)
+    storage.write_text(storage.join(run_dir, "best", "best.json"), json.dumps(info, indent=2, default=str))
+    return SweepOutcome(run_dir=run_dir, best=best, best_json=info, trials=trials, seconds=seconds)
+
+
+def export_best(spec: SweepSpec, run_dir: str, trials: list[TrialRecord], best: TrialRecord,
+                progress: Callable[[str], None]) -> dict[str, Any]:
+    """Export ``best`` into ``<run_dir>/best`` and return the content of best.json."""
+    objectives = [(o.metric, o.mode) for o in spec.search.objectives]
     best_dir = storage.join(run_dir, "best")
     info: dict[str, Any] = {
         "run": spec.name,
@@ -103,14 +114,57 @@ def finish(spec: SweepSpec, storage_root: str, trials: list[TrialRecord], second
         + "; then highest eval_accuracy, then the objectives in order, then lowest trial id",
         "pareto_front": [t.trial_id for t in pareto_front(trials, objectives)],
         "trials": {"total": len(trials), "errored": sum(1 for t in trials if t.error)},
-        "sweep_seconds": round(seconds, 1),
     }
     if spec.export.enabled:
         t0 = time.time()
         info["export"] = export_trial(spec, best, best_dir, progress)
         info["export_seconds"] = round(time.time() - t0, 1)
-    storage.write_text(storage.join(best_dir, "best.json"), json.dumps(info, indent=2, default=str))
-    return SweepOutcome(run_dir=run_dir, best=best, best_json=info, trials=trials, seconds=seconds)
+    return info
+
+
+def load_trials(run_dir: str) -> list[TrialRecord]:
+    """The trials of a finished sweep, from trials.json, with each one's last LoRA checkpoint."""
+    try:
+        rows = json.loads(storage.read_text(storage.join(run_dir, "trials.json")))
+    except (OSError, FileNotFoundError) as e:
+        raise SweepError(f"{run_dir}: no trials.json (is this a finished sweep's directory?): {e}") from None
+    entries = storage.list_dir(run_dir)
+    records = []
+    for r in rows:
+        trial_dirs = [e for e in entries if e.startswith(f"tune_trainable_{r['trial_id']}_")]
+        ckpt = None
+        if trial_dirs:
+            trial_dir = storage.join(run_dir, trial_dirs[0])
+            ckpts = [c for c in storage.list_dir(trial_dir) if c.startswith("checkpoint_")]
+            ckpt = storage.join(trial_dir, ckpts[-1]) if ckpts else None
+        records.append(TrialRecord(trial_id=r["trial_id"], config=r["config"], metrics=r["metrics"],
+                                   checkpoint=ckpt, error=r.get("error")))
+    return records
+
+
+def export_run(run_dir: str, trial_id: str | None = None,
+               progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Re-export a finished sweep: its best trial by the same rule, or ``trial_id``."""
+    from grpo_ray.spec import parse_spec
+
+    spec_file = storage.join(run_dir, "spec.resolved.yaml")
+    spec = parse_spec(storage.read_text(spec_file), file=spec_file)
+    trials = load_trials(run_dir)
+    if trial_id is None:
+        best = pick_best(trials, [(o.metric, o.mode) for o in spec.search.objectives])
+        if best is None:
+            raise SweepError(f"{run_dir}: no trial finished with all objectives reported")
+    else:
+        matches = [t for t in trials if t.trial_id == trial_id]
+        if not matches:
+            raise SweepError(f"{run_dir}: no trial {trial_id!r} (trials: {', '.join(t.trial_id for t in trials)})")
+        best = matches[0]
+    spec = spec.model_copy(update={"export": spec.export.model_copy(update={"enabled": True})})
+    # best.json means "this export finished": it must not describe files being replaced.
+    storage.remove_file(storage.join(run_dir, "best", "best.json"))
+    info = export_best(spec, run_dir, trials, best, progress)
+    storage.write_text(storage.join(run_dir, "best", "best.json"), json.dumps(info, indent=2, default=str))
+    return info
 
 
 def preflight(spec: SweepSpec) -> None:
