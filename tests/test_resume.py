@@ -10,6 +10,21 @@ import time
 from conftest import REPO
 
 
+def _recorded_finished(run) -> set[str]:
+    """Trial ids that Tune's last experiment snapshot records as finished."""
+    done = set()
+    for f in run.glob("experiment_state-*.json"):
+        try:
+            state = json.loads(f.read_text())
+        except (json.JSONDecodeError, OSError):  # caught mid-write
+            continue
+        for entry in state["trial_data"]:
+            trial = json.loads(entry[0])
+            if trial["status"] == "TERMINATED":
+                done.add(trial["trial_id"])
+    return done
+
+
 def _cmd(storage, *extra):
     return [sys.executable, "-m", "grpo_ray.cli", "sweep", "sweeps/smoke.yaml", "--storage", str(storage), *extra]
 
@@ -21,11 +36,11 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     deadline = time.time() + 300
     finished: list = []
     while time.time() < deadline and not finished:
-        finished = [p.parent for p in run.glob("tune_trainable_*/checkpoint_000001")]  # 2nd report = last step
-        time.sleep(0.5)
+        # "Finished" means recorded so in Tune's experiment snapshot, which is what resume reads.
+        done = _recorded_finished(run)
+        finished = [p for p in run.glob("tune_trainable_*") if p.name.split("_")[2] in done]
+        time.sleep(0.2)
     assert finished, "no trial finished in time"
-    while time.time() < deadline and (finished[0] / "result.json").read_text().count("\n") < 2:
-        time.sleep(0.2)  # the checkpoint can land a moment before the result line
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
     proc.wait()
     assert not (run / "best" / "best.json").exists()
