@@ -69,3 +69,34 @@ def test_checkpoints_hold_a_trained_lora_adapter(trial_run):
     # No weight decay here, so only a GRPO gradient can move the adapter between reports.
     assert any(not (a[k] == b[k]).all() for k in a), "GRPO steps did not change the adapter"
     assert "<SOLUTION>" in (last / "chat_template.jinja").read_text()
+
+
+def test_out_of_memory_names_the_settings_to_lower():
+    import torch
+
+    from grpo_ray.trial.common import TrialDoesNotFitError, guard_memory
+
+    spec = load_spec(REPO / "sweeps" / "rewards.yaml")
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(TrialDoesNotFitError) as exc:
+        guard_memory(oom, spec)
+    msg = str(exc.value)
+    for setting in ["model.gpu_memory_utilization (now 0.7", "grpo.max_completion_length (1536)",
+                    "grpo.num_generations", "lora.rank in the search space (64)", "model.load_in_4bit"]:
+        assert setting in msg
+
+    def vllm_refuses():
+        raise ValueError("No available memory for the cache blocks. Try increasing `gpu_memory_utilization`")
+
+    with pytest.raises(TrialDoesNotFitError, match="KV|gpu_memory_utilization"):
+        guard_memory(vllm_refuses, spec)
+
+    def other():
+        raise ValueError("unrelated")
+
+    with pytest.raises(ValueError, match="unrelated"):
+        guard_memory(other, spec)
+    assert guard_memory(lambda: 3, spec) == 3

@@ -2,13 +2,47 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from transformers import TrainerCallback
 
 from grpo_ray import template
 from grpo_ray.spec import SweepSpec
 from grpo_ray.trial.base import StepCallback
+
+
+T = TypeVar("T")
+
+
+class TrialDoesNotFitError(RuntimeError):
+    """A GPU out-of-memory, translated into the spec settings that would make the trial fit."""
+
+
+def fit_hint(spec: SweepSpec) -> str:
+    return (
+        "the trial ran out of GPU memory: lower model.gpu_memory_utilization "
+        f"(now {spec.model.gpu_memory_utilization}; vLLM keeps that share of the GPU for itself), "
+        f"grpo.max_completion_length ({spec.grpo.max_completion_length}), grpo.num_generations "
+        f"({spec.grpo.num_generations}), the largest lora.rank in the search space "
+        f"({spec.max_lora_rank()}) or model.max_seq_length ({spec.model.max_seq_length}); "
+        "or set model.load_in_4bit: true"
+    )
+
+
+def guard_memory(fn: Callable[[], T], spec: SweepSpec) -> T:
+    """Run ``fn``; a CUDA or vLLM out-of-memory becomes :class:`TrialDoesNotFitError`."""
+    import torch
+
+    try:
+        return fn()
+    except torch.OutOfMemoryError as e:
+        raise TrialDoesNotFitError(fit_hint(spec)) from e
+    except (RuntimeError, ValueError) as e:
+        text = str(e)
+        # vLLM refuses at start-up when its share of the GPU cannot hold the KV cache.
+        if "out of memory" in text.lower() or "KV cache" in text or "gpu_memory_utilization" in text:
+            raise TrialDoesNotFitError(f"{fit_hint(spec)} [{text.splitlines()[0][:200] if text else ''}]") from e
+        raise
 
 
 def lora_alpha(spec: SweepSpec) -> int:

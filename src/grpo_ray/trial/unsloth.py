@@ -22,26 +22,12 @@ from grpo_ray.spec import SweepSpec
 from grpo_ray.trial.base import StepCallback
 from grpo_ray.trial.common import (
     StepReporter,
+    guard_memory,
     grpo_config_kwargs,
     lora_alpha,
     prepare_tokenizer,
     sft_config_kwargs,
 )
-
-
-class TrialDoesNotFitError(RuntimeError):
-    """A CUDA out-of-memory, translated into the spec settings that would make the trial fit."""
-
-
-def _fit_hint(spec: SweepSpec) -> str:
-    return (
-        "the trial ran out of GPU memory: lower model.gpu_memory_utilization "
-        f"(now {spec.model.gpu_memory_utilization}; vLLM keeps that share for itself), "
-        f"grpo.max_completion_length ({spec.grpo.max_completion_length}), grpo.num_generations "
-        f"({spec.grpo.num_generations}), the largest lora.rank in the search space "
-        f"({spec.max_lora_rank()}) or model.max_seq_length ({spec.model.max_seq_length}); "
-        "or set model.load_in_4bit: true"
-    )
 
 
 class UnslothBackend:
@@ -52,19 +38,6 @@ class UnslothBackend:
         self.tokenizer: Any = None
         self._workdir = Path(tempfile.mkdtemp(prefix="grpo-ray-unsloth-"))
         self._spec: SweepSpec | None = None
-
-    def _guard(self, fn: Callable[[], Any]) -> Any:
-        import torch
-
-        try:
-            return fn()
-        except torch.OutOfMemoryError as e:
-            raise TrialDoesNotFitError(_fit_hint(self._spec)) from e
-        except (RuntimeError, ValueError) as e:
-            text = str(e)
-            if "out of memory" in text.lower() or "KV cache" in text or "gpu_memory_utilization" in text:
-                raise TrialDoesNotFitError(_fit_hint(self._spec) + f" [{text.splitlines()[0][:200]}]") from e
-            raise
 
     def load(self, model_dir: str, spec: SweepSpec) -> None:
         from unsloth import FastLanguageModel
@@ -91,7 +64,7 @@ class UnslothBackend:
             )
             self.tokenizer = prepare_tokenizer(tokenizer, spec)
 
-        self._guard(_load)
+        guard_memory(_load, spec)
 
     def sft(self, messages: list[list[dict[str, str]]], spec: SweepSpec) -> dict[str, float]:
         from datasets import Dataset
@@ -110,7 +83,7 @@ class UnslothBackend:
             train_dataset=Dataset.from_dict({"text": texts}),
             args=args,
         )
-        out = self._guard(trainer.train)
+        out = guard_memory(trainer.train, spec)
         return {"sft_loss": float(out.training_loss)}
 
     def _sampling_params(self, spec: SweepSpec, **overrides: Any) -> Any:
@@ -147,7 +120,7 @@ class UnslothBackend:
             train_dataset=Dataset.from_list(rows),
             callbacks=[StepReporter(on_step)],
         )
-        self._guard(trainer.train)
+        guard_memory(trainer.train, spec)
 
     def generate(self, prompts: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]:
         # Token ids, not text: vLLM would add BOS again to a template that already prints it.
