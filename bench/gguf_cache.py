@@ -15,43 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _common import commit, device_info  # bench/ is on sys.path when a script here runs
+
 REPO = Path(__file__).resolve().parent.parent
 
 from grpo_ray import gguf_base  # noqa: E402
 from grpo_ray.gguf_base import SOURCE_FILE, materialize_gguf  # noqa: E402
-
-
-def _device() -> dict[str, object]:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "python": platform.python_version()}  # fmt: skip
-
-
-def _commit() -> str:
-    """HEAD, unless the measured code differs from it (then the numbers belong to no commit)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "src/grpo_ray/gguf_base.py", "bench/gguf_cache.py"],
-            cwd=REPO, capture_output=True, text=True, check=True,
-        )  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
-    return "uncommitted" if dirty.stdout.strip() else head.stdout.strip()
 
 
 def _versions() -> dict[str, str]:
@@ -150,8 +125,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     result = {
-        "device": _device(),
-        "commit": _commit(),
+        "device": device_info(),
+        "commit": commit("src/grpo_ray/gguf_base.py", "bench/gguf_cache.py"),
         "config": {
             "gguf": gguf.name,
             "gguf_sha256": sha,

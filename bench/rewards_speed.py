@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import commit, device_info  # bench/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -35,28 +34,6 @@ CASES = {
 }
 SIZES = {"30KB": 30_000, "300KB": 300_000}
 WELL_FORMED = "Let me think step by step. " * 40 + "</think><SOLUTION>42</SOLUTION>" + QWEN_EOS
-
-
-def _device() -> dict[str, object]:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "python": platform.python_version()}
-
-
-def _commit() -> str:
-    """HEAD, unless the measured code differs from it (then the numbers belong to no commit)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "src/grpo_ray/rewards.py", "bench/rewards_speed.py"],
-                               cwd=REPO, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
-    return "uncommitted" if dirty.stdout.strip() else head.stdout.strip()
 
 
 def _best_of(fn, completions, answers, repeats: int) -> float:
@@ -132,8 +109,8 @@ def main() -> None:
     print("well_formed_batch64", json.dumps(numbers["well_formed_batch64"]))
 
     result = {
-        "device": _device(),
-        "commit": _commit(),
+        "device": device_info(),
+        "commit": commit("src/grpo_ray/rewards.py", "bench/rewards_speed.py"),
         "config": {"eos_token": QWEN_EOS, "format": "default (<think>, </think>, <SOLUTION>, </SOLUTION>)",
                    "sizes_chars": SIZES, "cases": CASES, "ours_timing": f"best of {args.repeats}",
                    "seed_timing": f"one run in a forked child, killed after {args.seed_timeout:g} s"},

@@ -9,13 +9,13 @@ cold Ray start included, and reads each trial's `time_total_s` from trials.json.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import commit, device_info  # bench/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,13 +29,11 @@ def main() -> None:
         run = Path(storage, "smoke")
         trials = json.loads((run / "trials.json").read_text())
         best = json.loads((run / "best" / "best.json").read_text())
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     result = {
         "bench": "smoke_sweep",
         "command": "python bench/smoke_sweep.py",
-        "device": {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-                   "cores": os.cpu_count(), "python": platform.python_version()},
-        "commit": sha,
+        "device": device_info(),
+        "commit": commit("src", "sweeps/smoke.yaml"),
         "config": "sweeps/smoke.yaml",
         "numbers": {
             "sweep_wall_s": round(wall, 1),

@@ -18,35 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _common import commit, device_info  # bench/ is on sys.path when a script here runs
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _device() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version()}
-    try:
-        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=20)
-        info["gpu"] = q.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        info["gpu"] = "unknown"
-    return info
-
-
-def _commit() -> str:
-    if os.environ.get("GRPO_RAY_COMMIT"):  # the device's copy of the tree has no .git
-        return os.environ["GRPO_RAY_COMMIT"]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=REPO).stdout
-        return sha + ("+dirty" if dirty.strip() else "") if sha else "unknown"
-    except OSError:
-        return os.environ.get("GRPO_RAY_COMMIT", "unknown")
 
 
 def _gpu_used_mib() -> float | None:
@@ -240,7 +219,7 @@ def main() -> None:
         return
     t0 = time.time()
     result = learn(args) if args.cmd == "learn" else speed(args)
-    result |= {"device": _device(), "commit": _commit(), "wall_s": time.time() - t0,
+    result |= {"device": device_info(), "commit": commit("src", "bench"), "wall_s": time.time() - t0,
                "command": " ".join(sys.argv)}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result["numbers"], indent=2))

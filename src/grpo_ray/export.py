@@ -207,25 +207,16 @@ def _gguf_errors() -> Iterator[None]:
 # HF -> GGUF conversion
 
 
-def _q(name: str):
+def _gguf_types(name: str):
+    """(tensor quantization type, file type) that llama.cpp expects for a float/q8_0 export."""
     import gguf
 
+    Q, F = gguf.GGMLQuantizationType, gguf.LlamaFileType
     return {
-        "f32": gguf.GGMLQuantizationType.F32,
-        "f16": gguf.GGMLQuantizationType.F16,
-        "bf16": gguf.GGMLQuantizationType.BF16,
-        "q8_0": gguf.GGMLQuantizationType.Q8_0,
-    }[name]
-
-
-def _file_type(name: str):
-    import gguf
-
-    return {
-        "f32": gguf.LlamaFileType.ALL_F32,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "f32": (Q.F32, F.ALL_F32),
+        "f16": (Q.F16, F.MOSTLY_F16),
+        "bf16": (Q.BF16, F.MOSTLY_BF16),
+        "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0),
     }[name]
 
 
@@ -536,7 +527,7 @@ class GGUFSource:
 
         if len(p.shape) <= 1 or p.gguf_name.endswith("_norm.weight"):
             return gguf.GGMLQuantizationType.F32
-        qt = _q(gguf_type)
+        qt = _gguf_types(gguf_type)[0]
         if qt not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             block = gguf.GGML_QUANT_SIZES[qt][0]
             if p.shape[-1] % block != 0:  # like convert: QuantError -> F16
@@ -575,7 +566,7 @@ class GGUFSource:
         arch = self.arch
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(self.name)
-        w.add_file_type(_file_type(gguf_type))
+        w.add_file_type(_gguf_types(gguf_type)[1])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
         n_head = int(h["num_attention_heads"])

@@ -1,0 +1,46 @@
+"""What every benchmark records beside its numbers: the device and the commit measured."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def device_info() -> dict[str, object]:
+    """Platform, CPU model, core count, Python; and the GPU when nvidia-smi answers."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info: dict[str, object] = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+                               "python": platform.python_version()}
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=20)
+        if q.returncode == 0 and q.stdout.strip():
+            info["gpu"] = q.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def commit(*measured: str) -> str:
+    """HEAD, unless the measured files differ from it (then the numbers belong to no commit).
+
+    ``GRPO_RAY_COMMIT`` wins: the device machine's copy of the tree has no .git.
+    """
+    if os.environ.get("GRPO_RAY_COMMIT"):
+        return os.environ["GRPO_RAY_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", *measured], cwd=REPO, capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "uncommitted"
+    return "uncommitted" if dirty.stdout.strip() else head.stdout.strip()
