@@ -1,13 +1,12 @@
-"""The command line: ``grpo-ray validate SPEC`` and ``grpo-ray sweep SPEC``.
+"""grpo-ray: sweep SFT + GRPO recipes with Ray Tune and Optuna; export the best trial.
 
-User errors (bad spec, bad data, missing model, unsupported export) print one line naming
-the file, line and field and exit with code 2; no traceback.
+Commands: validate, sweep, export, pull. User errors (bad spec, bad data, missing model,
+unsupported export) print one line naming the file, line and field, and exit with code 2.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -145,9 +144,5 @@ def pull(
     out.print(f"pulled {src} -> {dest}", highlight=False)
 
 
-def main() -> None:  # pragma: no cover
+if __name__ == "__main__":  # pragma: no cover  (python -m grpo_ray.cli, used by the tests)
     app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())

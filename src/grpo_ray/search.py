@@ -15,6 +15,7 @@ from grpo_ray import storage
 from grpo_ray.select import TrialRecord
 from grpo_ray.spec import Choice, IntRange, LogUniform, SweepSpec, Uniform
 
+# Receives ("start" | "result" | "complete" | "error", event data); see tune_progress.py.
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
 

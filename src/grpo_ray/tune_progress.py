@@ -7,11 +7,11 @@ and the class lives at module level so it pickles by reference.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from ray.tune import Callback
 
-ProgressFn = Callable[[str, dict[str, Any]], None]
+from grpo_ray.search import ProgressFn
 
 
 class ProgressCallback(Callback):
