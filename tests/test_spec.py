@@ -86,3 +86,12 @@ def test_validate_cli_user_error_exit_2_without_traceback(tmp_path):
     r = _cli("sweep", str(bad), "--storage", str(tmp_path / "runs"))
     assert r.returncode == 2 and "grpo.num_generatons" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_baseline_point_is_the_seed_recipe_when_inside_the_space():
+    gpu = load_spec(REPO / "sweeps" / "rewards.yaml")
+    assert gpu.baseline_point() == {
+        "lora.rank": 32, "grpo.num_generations": 4, "grpo.temperature": 1.0, "grpo.learning_rate": 5e-6,
+        **{f"rewards.{r.name}.weight": 1.0 for r in gpu.rewards}}
+    outside = parse_spec("name: x\nsearch:\n  space:\n    lora.rank: {choice: [8, 16]}\n")  # seed rank is 32
+    assert outside.baseline_point() is None

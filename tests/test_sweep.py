@@ -30,6 +30,10 @@ def test_sweep_runs_every_trial_and_shows_progress(smoke_run):
     assert len(trials) == 3 and all(t["error"] is None for t in trials)
     configs = [t["config"] for t in trials]
     assert len({json.dumps(c, sort_keys=True) for c in configs}) == 3  # Optuna sampled three configs
+    from grpo_ray.spec import load_spec
+
+    baseline = load_spec(REPO / "sweeps" / "smoke.yaml").baseline_point()
+    assert baseline in configs  # the seed recipe ran as a trial of its own
     for t in trials:
         assert t["config"]["lora.rank"] in (4, 8) and 0.7 <= t["config"]["grpo.temperature"] <= 1.2
         assert t["metrics"]["step"] == 4 and t["metrics"]["eval_size"] == 16

@@ -49,9 +49,14 @@ def make_searcher(spec: SweepSpec):
     }
     metrics = [o.metric for o in s.objectives]
     modes = [o.mode for o in s.objectives]
-    if len(metrics) == 1:
-        return OptunaSearch(metric=metrics[0], mode=modes[0], sampler=samplers[s.sampler]())
-    return OptunaSearch(metric=metrics, mode=modes, sampler=samplers[s.sampler]())
+    # The seed recipe goes first, so every sweep is measured against it.
+    baseline = spec.baseline_point() if s.baseline_first else None
+    return OptunaSearch(
+        metric=metrics[0] if len(metrics) == 1 else metrics,
+        mode=modes[0] if len(modes) == 1 else modes,
+        sampler=samplers[s.sampler](),
+        points_to_evaluate=[baseline] if baseline else None,
+    )
 
 
 def init_ray() -> None:

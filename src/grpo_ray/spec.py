@@ -188,6 +188,9 @@ class SearchSpec(_Strict):
     max_concurrent_trials: int = Field(4, gt=0)
     seed: int = 3407
     space: dict[str, Domain] = Field(default_factory=dict, description="Dotted spec path -> domain.")
+    baseline_first: bool = Field(
+        True, description="Run the spec's own values (the seed recipe) as the first trial, when inside the space."
+    )
 
     @field_validator("space", mode="before")
     @classmethod
@@ -258,6 +261,23 @@ class SweepSpec(_Strict):
             return dom.int_[1]
         return self.lora.rank
 
+    def baseline_point(self) -> dict[str, Any] | None:
+        """The spec's own value at every search path, if each lies inside its domain."""
+        data = self.model_dump(mode="python")
+        point: dict[str, Any] = {}
+        for path, dom in self.search.space.items():
+            reward = split_reward_path(path)
+            if reward is not None:
+                value = next(r[reward[1]] for r in data["rewards"] if r["name"] == reward[0])
+            else:
+                value = data
+                for key in path.split("."):
+                    value = value[key]
+            if not _in_domain(value, dom):
+                return None
+            point[path] = value
+        return point
+
     def reward_weights(self) -> dict[str, float]:
         return {r.name: r.weight for r in self.rewards}
 
@@ -281,6 +301,13 @@ def _check_domain(d: Domain) -> None:
             raise ValueError(f"expected low < high, got [{lo}, {hi}]")
         if isinstance(d, LogUniform) and lo <= 0:
             raise ValueError(f"loguniform needs low > 0, got {lo}")
+
+
+def _in_domain(value: Any, d: Domain) -> bool:
+    if isinstance(d, Choice):
+        return value in d.choice
+    lo, hi = next(iter(d.model_dump().values()))
+    return isinstance(value, (int, float)) and lo <= value <= hi
 
 
 def _sample_value(d: Domain) -> Any:
