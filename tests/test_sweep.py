@@ -5,6 +5,7 @@ back with `gguf` and loaded and run by llama.cpp.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -89,3 +90,19 @@ def test_export_and_pull_commands(smoke_run, tmp_path):
     assert (dest / "best.json").exists() and list(dest.glob("*.gguf"))
     r = subprocess.run([*cli, "pull", str(tmp_path / "none"), str(dest)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and "no best.json" in r.stderr
+
+
+def test_status_lists_every_trial_from_storage(smoke_run):
+    run_dir, _ = smoke_run
+    from grpo_ray.report import read_status
+
+    trials = {t["trial_id"]: t for t in json.loads((run_dir / "trials.json").read_text())}
+    status = read_status(str(run_dir))
+    assert {s.trial_id for s in status} == set(trials)
+    for s in status:
+        assert s.status == "TERMINATED" and s.last["step"] == 4
+        assert s.config == trials[s.trial_id]["config"]
+        assert s.last["eval_accuracy"] == trials[s.trial_id]["metrics"]["eval_accuracy"]
+    r = subprocess.run([sys.executable, "-m", "grpo_ray.cli", "status", str(run_dir)],
+                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0 and all(tid in r.stdout for tid in trials) and "TERMINATED" in r.stdout

@@ -1,6 +1,6 @@
 """grpo-ray: sweep SFT + GRPO recipes with Ray Tune and Optuna; export the best trial.
 
-Commands: validate, sweep, export, pull. User errors (bad spec, bad data, missing model,
+Commands: validate, sweep, status, export, pull. User errors (bad spec, bad data, missing model,
 unsupported export) print one line naming the file, line and field, and exit with code 2.
 """
 
@@ -111,6 +111,33 @@ def sweep(
     best = outcome.best_json or {}
     out.print(f"[bold green]best trial[/] {best.get('trial_id')}: " + json.dumps(best.get("metrics", {}).get("eval_accuracy")))
     out.print(f"results: {outcome.run_dir}/best/ (best.json, lora/, merged16/, *.gguf)", highlight=False)
+
+
+@app.command()
+def status(
+    run: str = typer.Argument(..., help="A sweep's directory or URI: <storage>/<name>."),
+    watch: float = typer.Option(0, help="Refresh every this many seconds (0: print once)."),
+) -> None:
+    """Trials of a sweep (running or finished): state, step, reward, accuracy, hyperparameters."""
+    import time
+
+    from rich.live import Live
+
+    from grpo_ray import storage as st
+    from grpo_ray.report import read_status, status_table
+
+    run = st.normalize(run)
+    try:
+        table = status_table(read_status(run))
+    except FileNotFoundError as e:
+        _fail(e)
+    if watch <= 0:
+        out.print(table)
+        return
+    with Live(table, console=out, refresh_per_second=1) as live:
+        while True:
+            time.sleep(watch)
+            live.update(status_table(read_status(run)))
 
 
 @app.command()

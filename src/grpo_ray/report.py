@@ -1,0 +1,66 @@
+"""What a sweep looks like right now, read from its storage (local or URI) without Ray.
+
+Tune snapshots the experiment every few seconds (``experiment_state-*.json``); each trial's
+status, config and last reported metrics come from the newest snapshot, so ``grpo-ray status``
+works while the sweep runs, after it finished, and after its driver died.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from grpo_ray import storage
+
+
+@dataclass(frozen=True)
+class TrialStatus:
+    trial_id: str
+    status: str  # PENDING, RUNNING, TERMINATED, ERROR, PAUSED
+    config: dict[str, Any]
+    last: dict[str, Any]
+    failures: int
+    error_file: str | None
+
+
+def read_status(run_dir: str) -> list[TrialStatus]:
+    """Every trial of the sweep at ``run_dir`` (``<storage>/<name>``), from Tune's newest snapshot."""
+    snapshots = [n for n in storage.list_dir(run_dir) if n.startswith("experiment_state-") and n.endswith(".json")]
+    if not snapshots:
+        raise FileNotFoundError(f"{run_dir}: no sweep here yet (no experiment_state-*.json)")
+    # Names carry the start time; after --resume a newer file holds every trial.
+    state = json.loads(storage.read_text(storage.join(run_dir, sorted(snapshots)[-1])))
+    out = []
+    for entry in state["trial_data"]:
+        trial = json.loads(entry[0])
+        runtime = json.loads(entry[1]) if len(entry) > 1 else {}
+        last = runtime.get("last_result") or {}
+        out.append(TrialStatus(
+            trial_id=trial["trial_id"],
+            status=trial["status"],
+            config=trial.get("config") or {},
+            last={k: v for k, v in last.items() if not isinstance(v, dict)},
+            failures=int(runtime.get("num_failures") or 0),
+            error_file=runtime.get("error_filename"),
+        ))
+    return out
+
+
+def status_table(trials: list[TrialStatus]):
+    """A rich table: one row per trial with its state, progress, objectives and hyperparameters."""
+    from rich.table import Table
+
+    table = Table(title=f"{len(trials)} trials")
+    for col in ["trial", "state", "step", "reward", "eval acc", "format", "hyperparameters"]:
+        table.add_column(col, overflow="fold")
+
+    def f(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+    for t in trials:
+        hp = ", ".join(f"{k}={f(v)}" for k, v in t.config.items())
+        state = t.status + (f" ({t.failures} failures)" if t.failures else "")
+        table.add_row(t.trial_id, state, f(t.last.get("step")), f(t.last.get("reward")),
+                      f(t.last.get("eval_accuracy")), f(t.last.get("format_rate")), hp)
+    return table
