@@ -20,15 +20,18 @@ def is_uri(location: str) -> bool:
 def normalize(location: str) -> str:
     """An absolute local path (Ray Tune needs one) or the URI unchanged."""
     if is_uri(location):
-        return location.rstrip("/")
+        base, sep, query = location.partition("?")
+        return base.rstrip("/") + sep + query
     if location.startswith("file://"):
         location = location[len("file://"):]
     return str(Path(location).expanduser().resolve())
 
 
 def join(location: str, *parts: str) -> str:
+    """``location``/``parts``; a URI keeps its query (``?endpoint_override=...``) at the end."""
     if is_uri(location):
-        return "/".join([location.rstrip("/"), *parts])
+        base, sep, query = location.partition("?")
+        return "/".join([base.rstrip("/"), *parts]) + sep + query
     return str(Path(location, *parts))
 
 
