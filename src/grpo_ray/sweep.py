@@ -119,7 +119,51 @@ def export_best(spec: SweepSpec, run_dir: str, trials: list[TrialRecord], best: 
         t0 = time.time()
         info["export"] = export_trial(spec, best, best_dir, progress)
         info["export_seconds"] = round(time.time() - t0, 1)
+    storage.write_text(storage.join(best_dir, "README.md"), model_card(spec, info))
     return info
+
+
+def model_card(spec: SweepSpec, info: dict[str, Any]) -> str:
+    """A model card for the exported trial: base, data, rewards, hyperparameters, metrics."""
+    trial_spec = apply_overrides(spec, info["hyperparameters"])
+    d = trial_spec.data
+    m = info["metrics"]
+
+    def ds(x: Any) -> str:
+        return "none" if x is None else f"`{x.source}`" + (f" ({x.subset})" if x.subset else "") + f", split `{x.split}`"
+
+    def num(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = [
+        f"# {spec.name}: best trial {info['trial_id']}",
+        "",
+        f"Base model: `{spec.model.source}`, LoRA rank {trial_spec.lora.rank}, trained by grpo-ray "
+        f"(SFT format warm-up, then GRPO), chosen from {info['trials']['total']} trials.",
+        "",
+        f"- SFT data: {ds(d.sft)}; GRPO data: {ds(d.grpo)}; held-out eval: {int(m.get('eval_size') or 0)} problems "
+        + ("from a separate set" if d.eval.source else "held out from the GRPO set, disjoint from training"),
+        "- Rewards (weight): " + ", ".join(f"`{r.name}` ({num(r.weight)})" for r in trial_spec.rewards),
+        f"- Output format: reasoning between `{spec.format.reasoning_start}` and `{spec.format.reasoning_end}`, "
+        f"answer between `{spec.format.solution_start}` and `{spec.format.solution_end}`",
+        f"- Selection: {info['rule']}",
+        "",
+        "## Hyperparameters",
+        "",
+        *[f"- `{k}`: {num(v)}" for k, v in info["hyperparameters"].items()],
+        "",
+        "## Metrics (last report)",
+        "",
+        *[f"- `{k}`: {num(m[k])}" for k in ["eval_accuracy", "eval_format_rate", "sft_eval_accuracy", "reward",
+                                           "format_rate", "completion_length", "step"] if k in m],
+        "",
+        "## Files",
+        "",
+        "`lora/` adapter, `merged16/` merged 16-bit model, `*.gguf` for llama.cpp, `Modelfile` for "
+        "Ollama (`ollama create NAME -f Modelfile`), `best.json` the full record.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def load_trials(run_dir: str) -> list[TrialRecord]:
