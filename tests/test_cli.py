@@ -1,5 +1,7 @@
 """`grpo-ray sweep` refuses bad input before any trial starts: one line, exit 2, nothing written."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -60,3 +62,24 @@ def test_bad_model_source(tmp_path, model, needle):
 def test_unknown_reward(tmp_path):
     err = _sweep(tmp_path, reward="nosuchpkg.mod:fn")
     assert "nosuchpkg.mod:fn" in err
+
+
+def broken_reward(prompts, completions, **kwargs):
+    raise RuntimeError("reward server unreachable")
+
+
+def test_sweep_whose_trials_all_fail_says_why_and_keeps_the_record(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    text = (REPO / "sweeps" / "smoke.yaml").read_text()
+    text = text.replace("num_samples: 3", "num_samples: 2").replace("max_concurrent_trials: 2", "max_failures: 0")
+    text += "\nrewards:\n  - {name: test_cli:broken_reward}\n"
+    spec.write_text(text.replace("    rewards.check_answer.weight: {uniform: [0.5, 2.0]}\n", ""))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    r = subprocess.run([sys.executable, "-m", "grpo_ray.cli", "sweep", str(spec), "--storage", str(tmp_path / "runs")],
+                       capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "2 of 2 trials failed" in r.stderr and "reward server unreachable" in r.stderr
+    assert "Traceback" not in r.stderr.split("error:")[-1]
+    trials = json.loads((tmp_path / "runs" / "smoke" / "trials.json").read_text())
+    assert len(trials) == 2 and all("reward server unreachable" in t["error"] for t in trials)
+    assert not (tmp_path / "runs" / "smoke" / "best").exists()

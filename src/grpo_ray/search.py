@@ -115,7 +115,7 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
                 verbose=0,
                 callbacks=callbacks,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                failure_config=tune.FailureConfig(max_failures=1),
+                failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
             ),
         )
     grid = tuner.fit()

@@ -188,6 +188,7 @@ class SearchSpec(_Strict):
     max_concurrent_trials: int = Field(4, gt=0)
     seed: int = 3407
     space: dict[str, Domain] = Field(default_factory=dict, description="Dotted spec path -> domain.")
+    max_failures: int = Field(1, ge=0, description="Retries of a trial that raised, before it counts as failed.")
     baseline_first: bool = Field(
         True, description="Run the spec's own values (the seed recipe) as the first trial, when inside the space."
     )

@@ -93,7 +93,13 @@ def finish(spec: SweepSpec, storage_root: str, trials: list[TrialRecord], second
     objectives = [(o.metric, o.mode) for o in spec.search.objectives]
     best = pick_best(trials, objectives)
     if best is None:
-        raise SweepError(f"no trial finished with all objectives reported; see {run_dir} for trial logs")
+        errors = [t.error for t in trials if t.error]
+        cause = ""
+        if errors:  # Ray's error text ends with the exception the trial raised
+            last = [line for line in errors[0].strip().splitlines() if line.strip()][-1]
+            cause = f"; {len(errors)} of {len(trials)} trials failed, the first with: {last.strip()[:300]}"
+        raise SweepError(f"no trial finished with all objectives reported{cause}; trial logs and "
+                         f"trials.json are in {run_dir}")
     info = export_best(spec, run_dir, trials, best, progress)
     info["sweep_seconds"] = round(seconds, 1)
     storage.write_text(storage.join(run_dir, "best", "best.json"), json.dumps(info, indent=2, default=str))
