@@ -69,6 +69,8 @@ def test_export_has_adapter_merged_model_and_gguf_llama_cpp_runs(smoke_run):
     llm = llama_cpp.Llama(model_path=str(ggufs[-1]), n_ctx=256, verbose=False)
     out = llm("What is 2 + 2?<think>", max_tokens=8, temperature=0.0)
     assert out["usage"]["completion_tokens"] >= 1
+    agreement = json.loads((best / "export.json").read_text())["quantized_agreement"]["q8_0"]
+    assert agreement["prompts"] == 16 and 0 <= agreement["rate"] <= 1 and agreement["reference"].endswith("f16.gguf")
     card = (best / "README.md").read_text()
     assert "builtin:tiny-qwen3" in card and "builtin:math_mini" in card and "`check_answer`" in card
     assert json.loads((best / "best.json").read_text())["trial_id"] in card

@@ -773,6 +773,28 @@ def _sample_texts(tokenizer, chat_template: str | None, system_prompt: str | Non
     return texts
 
 
+def greedy_agreement(reference: Path, candidate: Path, prompts: list[str], max_tokens: int = 32) -> dict[str, Any]:
+    """How often ``candidate`` (a quantized GGUF) answers exactly as ``reference`` (16-bit) does.
+
+    Both run greedily in llama.cpp on the same prompts; the rate is the share of prompts whose
+    completions are identical, a strict, deployment-level measure of what quantization changed.
+    """
+    llama_cpp = _require_llama_cpp("the quantization agreement check")
+
+    def answers(path: Path) -> list[str]:
+        with _capture_fd2():  # llama.cpp prints its load log to fd 2
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, verbose=False, seed=0)
+        try:
+            return [llm(p, max_tokens=max_tokens, temperature=0.0)["choices"][0]["text"] for p in prompts]
+        finally:
+            llm.close()
+
+    ref, cand = answers(reference), answers(candidate)
+    same = sum(a == b for a, b in zip(ref, cand))
+    return {"prompts": len(prompts), "identical": same, "rate": same / len(prompts) if prompts else None,
+            "max_tokens": max_tokens, "reference": reference.name, "candidate": candidate.name}
+
+
 def compare_with_llama_cpp(
     gguf_path: Path, hf_dir: Path, *, chat_template: str | None = None, system_prompt: str | None = None,
     texts: list[str] | None = None, max_tokens: int = 96, hf_model=None, tokenizer=None,

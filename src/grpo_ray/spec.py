@@ -216,6 +216,13 @@ class ExportSpec(_Strict):
     merged16: bool = True
     gguf: list[Literal["f16", "bf16", "f32", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]] = ["q8_0"]
     check: bool = Field(True, description="Load the GGUF back with llama.cpp and compare with the HF model.")
+    agreement_prompts: int = Field(
+        16, ge=0, description="Held-out prompts on which each quantized GGUF's greedy answers are compared "
+        "with the 16-bit GGUF's (needs llama.cpp's bindings; 0 skips)."
+    )
+    min_agreement: float | None = Field(
+        None, ge=0, le=1, description="Fail the export when a quantized GGUF agrees less often than this."
+    )
 
 
 class SweepSpec(_Strict):

@@ -78,10 +78,47 @@ def export_trial(spec: SweepSpec, best: TrialRecord, dest: str, progress: Callab
             progress=progress,
             name=spec.name,
         )
+        agreement = quantized_agreement(spec, trial_spec, adapter, result.ggufs, progress)
+        if agreement:
+            export_json = out / "export.json"
+            data = json.loads(export_json.read_text())
+            export_json.write_text(json.dumps(data | {"quantized_agreement": agreement}, indent=2))
         progress(f"copying export to {dest}")
         storage.copy_dir(str(out), dest)
         summary = json.loads((out / "export.json").read_text()) if (out / "export.json").exists() else {}
     return summary or {"result": str(result)}
+
+
+def quantized_agreement(spec: SweepSpec, trial_spec: SweepSpec, adapter: Path, ggufs: dict[str, Path],
+                        progress: Callable[[str], None]) -> dict[str, Any]:
+    """Greedy agreement of each quantized GGUF with the 16-bit one on held-out prompts."""
+    from transformers import AutoTokenizer
+
+    from grpo_ray import template
+    from grpo_ray.data import load_datasets
+    from grpo_ray.export import ExportError, greedy_agreement, llama_cpp_available
+
+    reference = next((ggufs[t] for t in ("f16", "bf16", "f32") if t in ggufs), None)
+    quantized = {t: p for t, p in ggufs.items() if t not in ("f16", "bf16", "f32")}
+    n = spec.export.agreement_prompts
+    if reference is None or not quantized or n == 0 or not llama_cpp_available():
+        return {}
+    tok = AutoTokenizer.from_pretrained(str(adapter))
+    fmt = trial_spec.format.to_format()
+    examples = load_datasets(trial_spec.data).eval[:n]
+    prompts = [tok.apply_chat_template(template.prompt_messages(e.question, fmt), tokenize=False,
+                                       add_generation_prompt=True) for e in examples]
+    if tok.bos_token and prompts and prompts[0].startswith(tok.bos_token):
+        prompts = [p[len(tok.bos_token):] for p in prompts]  # llama.cpp adds BOS itself
+    out = {}
+    for gguf_type, path in quantized.items():
+        progress(f"greedy agreement of {gguf_type} with {reference.name} on {len(prompts)} held-out prompts")
+        out[gguf_type] = r = greedy_agreement(reference, path, prompts)
+        floor = spec.export.min_agreement
+        if floor is not None and r["rate"] < floor:
+            raise ExportError(f"{path.name} answers like {reference.name} on {r['rate']:.0%} of held-out prompts, "
+                              f"below export.min_agreement={floor}: use a larger quantization type")
+    return out
 
 
 def finish(spec: SweepSpec, storage_root: str, trials: list[TrialRecord], seconds: float,
