@@ -13,7 +13,6 @@ This module must not import torch, ray or trl: ``grpo-ray validate`` answers in 
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -28,7 +27,7 @@ class SpecError(ValueError):
     """A user error in a spec: carries the file, line and field so the CLI can print one line."""
 
     def __init__(self, message: str, *, file: str | None = None, line: int | None = None, field: str | None = None):
-        self.file, self.line, self.field = file, line, field
+        self.message, self.file, self.line, self.field = message, file, line, field
         where = file or "<spec>"
         if line is not None:
             where += f":{line}"
@@ -274,13 +273,8 @@ class SweepSpec(_Strict):
         data = self.model_dump(mode="python")
         point: dict[str, Any] = {}
         for path, dom in self.search.space.items():
-            reward = split_reward_path(path)
-            if reward is not None:
-                value = next(r[reward[1]] for r in data["rewards"] if r["name"] == reward[0])
-            else:
-                value = data
-                for key in path.split("."):
-                    value = value[key]
+            node, key = _slot(data, path)
+            value = node[key]
             if not _in_domain(value, dom):
                 return None
             point[path] = value
@@ -296,10 +290,9 @@ def check_space(spec: SweepSpec) -> None:
         field = f"search.space.{path}"
         try:
             _check_domain(domain)
-            apply_overrides(spec, {path: _sample_value(domain)}, revalidate=False)
+            apply_overrides(spec, {path: _sample_value(domain)})
         except (ValueError, SpecError) as e:
-            msg = e.args[0] if not isinstance(e, SpecError) else str(e).split(": ", 1)[-1]
-            raise SpecError(msg, field=field) from None
+            raise SpecError(e.message if isinstance(e, SpecError) else e.args[0], field=field) from None
 
 
 def _check_domain(d: Domain) -> None:
@@ -337,38 +330,35 @@ def split_reward_path(path: str) -> tuple[str, str] | None:
     return None
 
 
-def apply_overrides(spec: SweepSpec, overrides: dict[str, Any], revalidate: bool = True) -> SweepSpec:
+def _slot(data: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
+    """The mapping and key that a dotted spec path names inside ``data`` (a dumped spec)."""
+    reward = split_reward_path(path)
+    if reward is not None:
+        name, attr = reward
+        matches = [r for r in data["rewards"] if r["name"] == name]
+        if not matches or attr not in matches[0]:
+            known = ", ".join(f"rewards.{r['name']}.weight" for r in data["rewards"])
+            raise SpecError(f"no such reward field (known: {known})", field=path)
+        return matches[0], attr
+    node, keys = data, path.split(".")
+    for i, key in enumerate(keys):
+        if not isinstance(node, dict) or key not in node:
+            raise SpecError(f"no such field '{'.'.join(keys[: i + 1])}'", field=path)
+        if i < len(keys) - 1:
+            node = node[key]
+    return node, keys[-1]
+
+
+def apply_overrides(spec: SweepSpec, overrides: dict[str, Any]) -> SweepSpec:
     """Return a copy of ``spec`` with ``{dotted.path: value}`` applied (a trial's config)."""
     data = spec.model_dump(mode="python")
     for path, value in overrides.items():
-        reward = split_reward_path(path)
-        if reward is not None:
-            name, attr = reward
-            matches = [r for r in data["rewards"] if r["name"] == name]
-            if not matches or attr not in matches[0]:
-                known = ", ".join(f"rewards.{r['name']}.weight" for r in data["rewards"])
-                raise SpecError(f"no such reward field (known: {known})", field=path)
-            matches[0][attr] = value
-            continue
-        node = data
-        keys = path.split(".")
-        for i, key in enumerate(keys):
-            if not isinstance(node, dict) or key not in node:
-                raise SpecError(f"no such field '{'.'.join(keys[: i + 1])}'", field=path)
-            if i == len(keys) - 1:
-                node[key] = value
-            else:
-                node = node[key]
+        node, key = _slot(data, path)
+        node[key] = value
     try:
-        return SweepSpec.model_validate(data) if revalidate else _validate_no_space(data)
+        return SweepSpec.model_validate(data)
     except ValidationError as e:
         raise _from_validation(e, None, None) from None
-
-
-def _validate_no_space(data: dict[str, Any]) -> SweepSpec:
-    data = copy.deepcopy(data)
-    data["search"]["space"] = {}  # avoid recursion through _check_space
-    return SweepSpec.model_validate(data)
 
 
 # --------------------------------------------------------------------------- loading
@@ -440,7 +430,7 @@ def parse_spec(text: str, file: str = "<spec>") -> SweepSpec:
     except SpecError as e:
         path = e.field.split(".", 2)[2]
         line = lines.get(id(doc["search"]["space"]), {}).get(path)
-        raise SpecError(str(e).split(": ", 1)[-1].split(": ", 1)[-1], file=file, line=line, field=e.field) from None
+        raise SpecError(e.message, file=file, line=line, field=e.field) from None
     return spec
 
 
