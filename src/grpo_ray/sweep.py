@@ -65,35 +65,32 @@ def export_trial(spec: SweepSpec, best: TrialRecord, dest: str, progress: Callab
             storage.copy_dir(best.checkpoint, str(adapter))
         else:
             raise SweepError(f"trial {best.trial_id} has no checkpoint to export")
-        template = AutoTokenizer.from_pretrained(str(adapter)).chat_template
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter))  # the trial's, with its chat template
         out = Path(tmp, "best")
         result = export_model(
             Path(resolve_model(trial_spec.model.source)),
             adapter,
             out,
             gguf_types=list(spec.export.gguf),
-            chat_template=template,
+            chat_template=tokenizer.chat_template,
             system_prompt=trial_spec.format.system_prompt,
             check=spec.export.check,
             progress=progress,
             name=spec.name,
         )
-        agreement = quantized_agreement(spec, trial_spec, adapter, result.ggufs, progress)
+        summary = json.loads((out / "export.json").read_text())
+        agreement = quantized_agreement(spec, trial_spec, tokenizer, result.ggufs, progress)
         if agreement:
-            export_json = out / "export.json"
-            data = json.loads(export_json.read_text())
-            export_json.write_text(json.dumps(data | {"quantized_agreement": agreement}, indent=2))
+            summary["quantized_agreement"] = agreement
+            (out / "export.json").write_text(json.dumps(summary, indent=2))
         progress(f"copying export to {dest}")
         storage.copy_dir(str(out), dest)
-        summary = json.loads((out / "export.json").read_text()) if (out / "export.json").exists() else {}
-    return summary or {"result": str(result)}
+    return summary
 
 
-def quantized_agreement(spec: SweepSpec, trial_spec: SweepSpec, adapter: Path, ggufs: dict[str, Path],
+def quantized_agreement(spec: SweepSpec, trial_spec: SweepSpec, tok: Any, ggufs: dict[str, Path],
                         progress: Callable[[str], None]) -> dict[str, Any]:
     """Greedy agreement of each quantized GGUF with the 16-bit one on held-out prompts."""
-    from transformers import AutoTokenizer
-
     from grpo_ray import template
     from grpo_ray.data import load_datasets
     from grpo_ray.export import ExportError, greedy_agreement, llama_cpp_available
@@ -103,7 +100,6 @@ def quantized_agreement(spec: SweepSpec, trial_spec: SweepSpec, adapter: Path, g
     n = spec.export.agreement_prompts
     if reference is None or not quantized or n == 0 or not llama_cpp_available():
         return {}
-    tok = AutoTokenizer.from_pretrained(str(adapter))
     fmt = trial_spec.format.to_format()
     examples = load_datasets(trial_spec.data).eval[:n]
     prompts = [tok.apply_chat_template(template.prompt_messages(e.question, fmt), tokenize=False,
