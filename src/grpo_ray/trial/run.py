@@ -47,10 +47,11 @@ class WindowReporter:
     def __init__(self, spec: SweepSpec, base_weights: dict[str, float], names: list[str], report) -> None:
         self.spec, self.base_weights, self.names, self.report = spec, base_weights, names, report
         self.window: list[dict[str, float]] = []
-        self.last_reported = 0
+        self.last_reported = self.step = 0
 
     def on_step(self, step: int, logs: dict[str, float]) -> None:
         self.window.append(logs)
+        self.step = step
         if step % self.spec.grpo.report_every == 0 or step >= self.spec.grpo.max_steps:
             self.flush(step)
 
@@ -122,21 +123,25 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, report=None) -> dict[str,
     base_weights = {f.__name__: w for f, w in zip(funcs, spec.reward_weights().values())}
 
     fixed: dict[str, float] = {"eval_size": float(len(data.eval))}
+
+    def held_out():  # greedy, on the same held-out set every time
+        return evaluate(backend, data.eval, fmt, trial_spec.data.eval.max_new_tokens)
+
     if trial_spec.data.eval.before_sft:
-        ev = evaluate(backend, data.eval, fmt, trial_spec.data.eval.max_new_tokens)
+        ev = held_out()
         fixed |= {"base_eval_accuracy": ev.accuracy, "base_format_rate": ev.format_rate}
     if trial_spec.sft.enabled and data.sft:
         t_sft = time.time()
         msgs = [template.sft_messages(e.question, e.reasoning or "", e.answer, fmt) for e in data.sft]
         fixed |= backend.sft(msgs, trial_spec)
         fixed["sft_seconds"] = time.time() - t_sft
-    ev = evaluate(backend, data.eval, fmt, trial_spec.data.eval.max_new_tokens)
+    ev = held_out()
     fixed |= {"sft_eval_accuracy": ev.accuracy, "sft_format_rate": ev.format_rate}
 
     last: dict[str, float] = {}
 
     def report_window(step: int, metrics: dict[str, float]) -> None:
-        ev = evaluate(backend, data.eval, fmt, trial_spec.data.eval.max_new_tokens)
+        ev = held_out()
         metrics |= fixed | {
             "step": step,
             "eval_accuracy": ev.accuracy,
@@ -153,7 +158,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, report=None) -> dict[str,
 
     reporter = WindowReporter(trial_spec, base_weights, func_names, report_window)
     backend.grpo(grpo_rows(data, backend.tokenizer, trial_spec), funcs, weights, trial_spec, reporter.on_step)
-    reporter.flush(trial_spec.grpo.max_steps)
+    reporter.flush(reporter.step)  # a run that ended before max_steps reports its last window too
     return dict(last)
 
 
