@@ -52,6 +52,10 @@ def learn(args: argparse.Namespace) -> dict:
         if used:
             peak["mib"] = max(peak["mib"], used)
         windows.append({k: metrics[k] for k in metrics if isinstance(metrics[k], (int, float))})
+        if args.save_adapter:  # keep the latest LoRA (e.g. for bench/export_gemma.py)
+            import shutil
+
+            shutil.copytree(ckpt_dir, args.save_adapter, dirs_exist_ok=True)
         print("REPORT", json.dumps(windows[-1]), flush=True)
 
     t0 = time.time()
@@ -204,6 +208,7 @@ def main() -> None:
     a.add_argument("--gguf", required=True)
     a.add_argument("--overrides", default="{}", help="JSON {dotted.path: value} applied to gemma_learn.yaml")
     a.add_argument("--out", required=True)
+    a.add_argument("--save-adapter", help="copy the last reported LoRA checkpoint to this directory")
     b = sub.add_parser("speed")
     b.add_argument("--model-dir", default="/tmp/qwen3-1.7b-random")
     b.add_argument("--order", default="bare,ours")

@@ -43,3 +43,16 @@ def test_unsloth_trial_reports_and_checkpoints(gemma_gguf, tmp_path):
     assert [m["step"] for m, _ in reports] == [2, 4]
     assert "adapter_model.safetensors" in reports[-1][1]
     assert 0 <= final["eval_accuracy"] <= 1 and final["completion_length"] > 0
+
+
+def test_vllm_share_too_small_names_the_setting_to_raise(gemma_gguf):
+    """A real refusal, not a synthetic one: 0.5% of an H100 (~0.4 GiB) cannot hold gemma's
+    weights plus a KV cache, and the trial must say which setting to raise."""
+    from grpo_ray.trial.common import TrialDoesNotFitError
+    from grpo_ray.trial.run import run_trial
+
+    spec = load_spec(REPO / "bench" / "gemma_learn.yaml")
+    spec = apply_overrides(spec, {"model.source": gemma_gguf, "model.gpu_memory_utilization": 0.005})
+    with pytest.raises(TrialDoesNotFitError, match=r"raise model.gpu_memory_utilization \(now 0.005\)") as exc:
+        run_trial({}, spec, report=lambda m, d: None)
+    print("MESSAGE:", exc.value)

@@ -91,8 +91,14 @@ def test_out_of_memory_names_the_settings_to_lower():
     def vllm_refuses():
         raise ValueError("No available memory for the cache blocks. Try increasing `gpu_memory_utilization`")
 
-    with pytest.raises(TrialDoesNotFitError, match="KV|gpu_memory_utilization"):
+    with pytest.raises(TrialDoesNotFitError, match=r"raise model.gpu_memory_utilization \(now 0.7\)"):
         guard_memory(vllm_refuses, spec)
+
+    def cuda_error_text():  # an OOM re-raised as a RuntimeError keeps the training advice
+        raise RuntimeError("CUDA error: out of memory")
+
+    with pytest.raises(TrialDoesNotFitError, match="lower model.gpu_memory_utilization"):
+        guard_memory(cuda_error_text, spec)
 
     def other():
         raise ValueError("unrelated")

@@ -19,6 +19,7 @@ class TrialDoesNotFitError(RuntimeError):
 
 
 def fit_hint(spec: SweepSpec) -> str:
+    """What to change when training (or generation) runs out of GPU memory."""
     return (
         "the trial ran out of GPU memory: lower model.gpu_memory_utilization "
         f"(now {spec.model.gpu_memory_utilization}; vLLM keeps that share of the GPU for itself), "
@@ -29,8 +30,24 @@ def fit_hint(spec: SweepSpec) -> str:
     )
 
 
+def kv_cache_hint(spec: SweepSpec) -> str:
+    """What to change when vLLM's share of the GPU cannot hold the weights and one sequence's KV cache.
+
+    The opposite advice to :func:`fit_hint`: here vLLM was given too *little*.
+    """
+    return (
+        "vLLM's share of the GPU cannot hold the model and its KV cache: raise "
+        f"model.gpu_memory_utilization (now {spec.model.gpu_memory_utilization}), or lower "
+        f"model.max_seq_length ({spec.model.max_seq_length}) or set model.load_in_4bit: true"
+    )
+
+
+# vLLM's words when its memory budget is too small for the weights plus the KV cache.
+_VLLM_TOO_SMALL = ("No available memory for the cache blocks", "KV cache is needed", "larger than the available KV cache")
+
+
 def guard_memory(fn: Callable[[], T], spec: SweepSpec) -> T:
-    """Run ``fn``; a CUDA or vLLM out-of-memory becomes :class:`TrialDoesNotFitError`."""
+    """Run ``fn``; a CUDA or vLLM out-of-memory becomes :class:`TrialDoesNotFitError` naming the setting to change."""
     import torch
 
     try:
@@ -39,9 +56,11 @@ def guard_memory(fn: Callable[[], T], spec: SweepSpec) -> T:
         raise TrialDoesNotFitError(fit_hint(spec)) from e
     except (RuntimeError, ValueError) as e:
         text = str(e)
-        # vLLM refuses at start-up when its share of the GPU cannot hold the KV cache.
-        if "out of memory" in text.lower() or "KV cache" in text or "gpu_memory_utilization" in text:
-            raise TrialDoesNotFitError(f"{fit_hint(spec)} [{text.splitlines()[0][:200] if text else ''}]") from e
+        first = text.splitlines()[0][:200] if text else ""
+        if any(k in text for k in _VLLM_TOO_SMALL):
+            raise TrialDoesNotFitError(f"{kv_cache_hint(spec)} [{first}]") from e
+        if "out of memory" in text.lower():
+            raise TrialDoesNotFitError(f"{fit_hint(spec)} [{first}]") from e
         raise
 
 
