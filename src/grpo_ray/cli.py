@@ -92,7 +92,7 @@ def sweep(
     # The envvar lets a cluster name its bucket once (cluster/gpu.yaml sets it on the head node).
     storage: Optional[str] = typer.Option(
         None, envvar="GRPO_RAY_STORAGE",
-        help="Results root: a directory or URI (overrides spec.storage; default $GRPO_RAY_STORAGE)."),
+        help="Results root: a directory or URI (overrides spec.storage)."),
     resume: bool = typer.Option(False, help="Resume an interrupted sweep of the same name from its storage."),
 ) -> None:
     """Run the sweep (Ray Tune + Optuna), pick the best trial and export it."""
