@@ -89,7 +89,10 @@ def _fmt(v: Any) -> str:
 @app.command()
 def sweep(
     spec: Path = typer.Argument(..., help="The sweep spec (YAML)."),
-    storage: Optional[str] = typer.Option(None, help="Results root: a directory or URI (overrides spec.storage)."),
+    # The envvar lets a cluster name its bucket once (cluster/gpu.yaml sets it on the head node).
+    storage: Optional[str] = typer.Option(
+        None, envvar="GRPO_RAY_STORAGE",
+        help="Results root: a directory or URI (overrides spec.storage)."),
     resume: bool = typer.Option(False, help="Resume an interrupted sweep of the same name from its storage."),
 ) -> None:
     """Run the sweep (Ray Tune + Optuna), pick the best trial and export it."""
