@@ -351,7 +351,7 @@ def _slot(data: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
 
 def apply_overrides(spec: SweepSpec, overrides: dict[str, Any]) -> SweepSpec:
     """Return a copy of ``spec`` with ``{dotted.path: value}`` applied (a trial's config)."""
-    data = spec.model_dump(mode="python")
+    data = spec.model_dump(mode="python", by_alias=True)  # `int` domains dump as `int`, not `int_`
     for path, value in overrides.items():
         node, key = _slot(data, path)
         node[key] = value
@@ -446,4 +446,4 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 def dump_spec(spec: SweepSpec) -> str:
     """The resolved spec (defaults filled in) as YAML."""
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, width=100)
+    return yaml.safe_dump(spec.model_dump(mode="json", by_alias=True), sort_keys=False, width=100)
