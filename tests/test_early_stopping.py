@@ -19,7 +19,8 @@ from grpo_ray.spec import SpecError, dump_spec, parse_spec
 
 def test_early_stopping_is_off_by_default_and_fills_in_its_rungs():
     assert parse_spec("name: x\n").search.early_stopping is None
-    es = parse_spec("name: x\ngrpo: {max_steps: 40, report_every: 4}\nsearch:\n  early_stopping: {}\n").search.early_stopping
+    spec = parse_spec("name: x\ngrpo: {max_steps: 40, report_every: 4}\nsearch:\n  early_stopping: {}\n")
+    es = spec.search.early_stopping
     assert (es.type, es.metric, es.mode, es.grace_period, es.reduction_factor, es.max_t) == (
         "asha", "reward", "max", 4, 2.0, 40)
     # The horizon is the longest run a trial can sample.
@@ -93,7 +94,8 @@ def test_stopped_trials_are_pruned_in_the_optuna_study(asha_run):
             assert states[tid] == TrialState.FAIL
         else:
             assert states[tid] == TrialState.COMPLETE
-            assert study.trials[by_tune_id[tid].number].values == [t["metrics"]["reward"], t["metrics"]["eval_accuracy"]]
+            values = study.trials[by_tune_id[tid].number].values
+            assert values == [t["metrics"]["reward"], t["metrics"]["eval_accuracy"]]
 
 
 def test_status_marks_stopped_trials(asha_run):
