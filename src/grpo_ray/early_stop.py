@@ -14,7 +14,7 @@ Three pieces, because Tune keeps them apart:
   for several objectives it reports no intermediate values). This subclass tells a trial
   marked ``stopped_early`` as PRUNED instead, so the samplers do not learn from an
   undertrained trial's numbers as if it had finished (NSGA-II and GP ignore pruned trials;
-  TPE counts them among the worse ones).
+  TPE ranks them after every finished trial).
 """
 
 from __future__ import annotations
