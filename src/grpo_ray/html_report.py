@@ -158,7 +158,9 @@ def curves_png(run: RunData) -> str | None:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours before any repeats
     for ax, metric in zip(axes[0], metrics):
+        ax.set_prop_cycle(color=colors)
         for t in series:
             pts = [(r.get("step"), _number(r.get(metric))) for r in t.history]
             pts = [(x, y) for x, y in pts if x is not None and y is not None]
@@ -171,7 +173,8 @@ def curves_png(run: RunData) -> str | None:
         ax.set_title(metric)
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title="trial (- - stopped early)")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title="trial (- - stopped early)",
+                       ncol=1 + len(series) // 25)
     return _png(fig)
 
 
