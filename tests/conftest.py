@@ -37,3 +37,47 @@ def tiny_model_dir() -> Path:
     from grpo_ray.tiny import cached_tiny_model
 
     return cached_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def asha_run(tmp_path_factory: pytest.TempPathFactory):
+    """The smoke sweep with ASHA early stopping, run once: (run directory, the CLI's completed process).
+
+    Built so that what ASHA and the report must show happens on purpose, not by luck of a
+    random model whose rewards barely move: ASHA judges ``reward_weighted`` (the trial's own
+    weighted total), so a trial that samples check_answer's weight 3.0 scores three times the
+    (negative) check_answer reward of one at 1.0 and falls below the rung's cutoff once a
+    weight-1.0 trial was recorded there; ``grpo.max_prompt_length: 8`` fits no prompt, so such a
+    trial fails inside the trial (not at load time). With search seed 3406 Optuna samples
+    (weight, max_prompt_length), in order: (1.0, 128) the seed recipe, (1.0, 128), (3.0, 128),
+    (3.0, 8); the 3rd trial starts only after one of the first two ended, so it is compared
+    with a recorded weight-1.0 value whatever the timing. Export is off: this sweep is about
+    the search.
+    """
+    import subprocess
+    import sys
+
+    import yaml
+
+    spec = yaml.safe_load((REPO / "sweeps" / "smoke.yaml").read_text())
+    spec["name"] = "asha"
+    spec["grpo"]["max_steps"] = 6
+    spec["search"].update(
+        seed=3406, num_samples=4, max_concurrent_trials=2, max_failures=0,
+        space={
+            "rewards.check_answer.weight": {"choice": [1.0, 3.0]},
+            "grpo.max_prompt_length": {"choice": [128, 8]},
+            "lora.rank": {"choice": [4, 8]},
+            "grpo.temperature": {"uniform": [0.7, 1.2]},
+        },
+        early_stopping={"metric": "reward_weighted", "mode": "max", "grace_period": 2, "reduction_factor": 2},
+    )
+    spec["export"] = {"enabled": False}
+    root = tmp_path_factory.mktemp("asha")
+    (root / "asha.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    r = subprocess.run(
+        [sys.executable, "-m", "grpo_ray.cli", "sweep", str(root / "asha.yaml"), "--storage", str(root / "runs")],
+        capture_output=True, text=True, cwd=REPO, timeout=600, check=False,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return root / "runs" / "asha", r

@@ -1,6 +1,6 @@
 """grpo-ray: sweep SFT + GRPO recipes with Ray Tune and Optuna; export the best trial.
 
-Commands: validate, sweep, status, export, pull. User errors (bad spec, bad data, missing model,
+Commands: validate, sweep, status, report, export, pull. User errors (bad spec, bad data, missing model,
 unsupported export) print one line naming the file, line and field, and exit with code 2.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -141,6 +141,25 @@ def status(
         while True:
             time.sleep(watch)
             live.update(status_table(read_status(run)))
+
+
+@app.command()
+def report(
+    run: Annotated[str, typer.Argument(help="A sweep's directory or URI: <storage>/<name>.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write (default <run>/report.html).")]
+    = None,
+) -> None:
+    """An HTML page of a sweep: curves per trial, Pareto front, importances, best configuration, failures."""
+    from grpo_ray import storage as st
+    from grpo_ray.html_report import write_report
+
+    try:
+        dest = write_report(st.normalize(run), str(output.resolve()) if output else None)
+    except FileNotFoundError as e:
+        _fail(e)
+    except SpecError as e:  # a damaged spec.resolved.yaml
+        _fail(e)
+    out.print(f"report: {dest}", highlight=False)
 
 
 @app.command()

@@ -22,6 +22,11 @@ class TrialStatus:
     last: dict[str, Any]
     failures: int
     error_file: str | None
+    logdir: str | None = None  # the trial's directory, relative to the run directory
+
+    @property
+    def stopped_early(self) -> bool:
+        return bool(self.last.get("stopped_early"))
 
 
 def read_status(run_dir: str) -> list[TrialStatus]:
@@ -43,6 +48,7 @@ def read_status(run_dir: str) -> list[TrialStatus]:
             last={k: v for k, v in last.items() if not isinstance(v, dict)},
             failures=int(runtime.get("num_failures") or 0),
             error_file=runtime.get("error_filename"),
+            logdir=trial.get("relative_logdir"),
         ))
     return out
 
@@ -61,6 +67,7 @@ def status_table(trials: list[TrialStatus]):
     for t in trials:
         hp = ", ".join(f"{k}={f(v)}" for k, v in t.config.items())
         state = t.status + (f" ({t.failures} failures)" if t.failures else "")
+        state += " (stopped early)" if t.stopped_early else ""
         table.add_row(t.trial_id, state, f(t.last.get("step")), f(t.last.get("reward")),
                       f(t.last.get("eval_accuracy")), f(t.last.get("format_rate")), hp)
     return table

@@ -38,7 +38,8 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
 
 def make_searcher(spec: SweepSpec):
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
+
+    from grpo_ray.early_stop import PruningOptunaSearch
 
     s = spec.search
     samplers = {
@@ -51,7 +52,7 @@ def make_searcher(spec: SweepSpec):
     modes = [o.mode for o in s.objectives]
     # The seed recipe goes first, so every sweep is measured against it.
     baseline = spec.baseline_point() if s.baseline_first else None
-    return OptunaSearch(
+    return PruningOptunaSearch(  # OptunaSearch, plus: a trial stopped early is PRUNED in the study
         metric=metrics[0] if len(metrics) == 1 else metrics,
         mode=modes[0] if len(modes) == 1 else modes,
         sampler=samplers[s.sampler](),
@@ -97,6 +98,11 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
     from grpo_ray.tune_progress import ProgressCallback
 
     callbacks = [ProgressCallback(on_event)] if on_event else []
+    from grpo_ray.early_stop import MarkStoppedEarly, make_scheduler
+
+    scheduler = make_scheduler(spec)  # ASHA (search.early_stopping) or None: Tune's FIFO
+    if scheduler is not None:
+        callbacks.append(MarkStoppedEarly(spec.grpo.max_steps))
     if resume and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space(spec))
     else:
@@ -105,6 +111,8 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
             param_space=param_space(spec),
             tune_config=tune.TuneConfig(
                 search_alg=make_searcher(spec),
+                # ASHA carries its own single metric; the searcher keeps the objectives.
+                scheduler=scheduler,
                 num_samples=spec.search.num_samples,
                 max_concurrent_trials=spec.search.max_concurrent_trials,
                 reuse_actors=False,
@@ -129,6 +137,7 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
                 metrics={k: v for k, v in (r.metrics or {}).items() if not isinstance(v, dict)},
                 checkpoint=r.checkpoint.path if r.checkpoint else None,
                 error=str(r.error) if r.error else None,
+                stopped_early=bool((r.metrics or {}).get("stopped_early")),
                 extra={"path": r.path, "checkpoint_obj": r.checkpoint},
             )
         )

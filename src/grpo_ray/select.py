@@ -1,7 +1,8 @@
 """Choosing the best trial: the Pareto front of the objectives, then a documented tie-break.
 
 The rule (README, "Which trial wins"):
-1. only trials that finished and reported every objective (no NaN) compete;
+1. only trials that finished (not failed, not stopped early) and reported every objective and
+   ``eval_accuracy`` (no NaN) compete;
 2. keep the Pareto front: trials no other trial beats on one objective without losing on another;
 3. on the front, the highest ``eval_accuracy`` wins (held-out accuracy is what a user ships);
    then the objectives in the order the spec lists them; then the lowest trial id.
@@ -21,6 +22,7 @@ class TrialRecord:
     metrics: dict[str, Any]
     checkpoint: str | None = None
     error: str | None = None
+    stopped_early: bool = False  # early stopping ended it before its last GRPO step
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -31,9 +33,11 @@ def _value(t: TrialRecord, metric: str, mode: str) -> float:
 
 
 def _complete(t: TrialRecord, objectives: list[tuple[str, str]]) -> bool:
-    if t.error is not None:
+    # A trial stopped early is judged on an undertrained checkpoint: it never competes; and held-out
+    # accuracy, the tie-break and what a user ships, must be known even when it is not an objective.
+    if t.error is not None or t.stopped_early:
         return False
-    for metric, _ in objectives:
+    for metric in [m for m, _ in objectives] + ["eval_accuracy"]:
         v = t.metrics.get(metric)
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return False
@@ -56,6 +60,7 @@ def pick_best(trials: list[TrialRecord], objectives: list[tuple[str, str]]) -> T
     front = pareto_front(trials, objectives)
     if not front:
         return None
-    order = [(m, mode) for m, mode in objectives if m == "eval_accuracy"]
+    # eval_accuracy ranks first even when it is not an objective (every competing trial has it).
+    order = [(m, mode) for m, mode in objectives if m == "eval_accuracy"] or [("eval_accuracy", "max")]
     order += [(m, mode) for m, mode in objectives if m != "eval_accuracy"]
     return sorted(front, key=lambda t: ([-_value(t, m, mode) for m, mode in order], t.trial_id))[0]

@@ -35,6 +35,14 @@ class SpecError(ValueError):
         super().__init__(prefix + message)
 
 
+class _FieldError(ValueError):
+    """A cross-field check's error that belongs to one dotted field (so the error names its line)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -178,6 +186,31 @@ class Objective(_Strict):
     mode: Literal["max", "min"] = "max"
 
 
+# Metrics every trial reports at each window (trial/run.py) that early stopping can judge by.
+ReportedMetric = Literal["reward", "eval_accuracy", "format_rate", "reward_weighted", "eval_format_rate",
+                         "completion_length"]
+
+
+class EarlyStopping(_Strict):
+    """ASHA (Ray Tune's ASHAScheduler): at each rung, a trial below the top 1/reduction_factor stops.
+
+    Time is the GRPO step a trial reports (``step``): rungs sit at grace_period x
+    reduction_factor^k steps and are judged at the first report at or after them.
+    """
+
+    type: Literal["asha"] = "asha"
+    metric: ReportedMetric = Field("reward", description="The reported metric the rungs compare.")
+    mode: Literal["max", "min"] = "max"
+    grace_period: int | None = Field(
+        None, gt=0, description="GRPO steps every trial runs before it can be stopped; default: grpo.report_every."
+    )
+    reduction_factor: float = Field(2.0, gt=1, description="Keep the top 1/reduction_factor at each rung.")
+    max_t: int | None = Field(
+        None, gt=0, description="Steps that bound the rungs; default (and minimum): the largest grpo.max_steps a "
+        "trial can run."
+    )
+
+
 class SearchSpec(_Strict):
     sampler: Literal["tpe", "nsga2", "random", "gp"] = "tpe"
     objectives: list[Objective] = Field(
@@ -191,6 +224,7 @@ class SearchSpec(_Strict):
     baseline_first: bool = Field(
         True, description="Run the spec's own values (the seed recipe) as the first trial, when inside the space."
     )
+    early_stopping: EarlyStopping | None = Field(None, description="Stop poor trials early (ASHA); off by default.")
 
     @field_validator("space", mode="before")
     @classmethod
@@ -258,6 +292,27 @@ class SweepSpec(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _resolve_early_stopping(self) -> SweepSpec:
+        es = self.search.early_stopping
+        if es is None:
+            return self
+        longest = self.max_grpo_steps()
+        # Filled in here so spec.resolved.yaml shows the rungs the sweep really used.
+        if es.grace_period is None:
+            es.grace_period = min(self.grpo.report_every, longest)
+        if es.max_t is None:
+            es.max_t = longest
+        if es.max_t < longest:
+            raise _FieldError("search.early_stopping.max_t", (
+                f"{es.max_t} is below the largest grpo.max_steps a trial can run ({longest}): every trial "
+                f"would be cut at {es.max_t} steps; lower grpo.max_steps instead"))
+        if es.grace_period > es.max_t:
+            raise _FieldError("search.early_stopping.grace_period", (
+                f"{es.grace_period} exceeds max_t ({es.max_t}, by default the largest grpo.max_steps): "
+                "no trial could ever be stopped"))
+        return self
+
     # --- derived values the trial needs
     def max_lora_rank(self) -> int:
         """The largest rank any trial can sample (vLLM reserves LoRA slots for it)."""
@@ -267,6 +322,15 @@ class SweepSpec(_Strict):
         if isinstance(dom, IntRange):
             return dom.int_[1]
         return self.lora.rank
+
+    def max_grpo_steps(self) -> int:
+        """The most GRPO steps any trial can run (early stopping's horizon)."""
+        dom = self.search.space.get("grpo.max_steps")
+        if isinstance(dom, Choice):
+            return max(int(x) for x in dom.choice)
+        if isinstance(dom, IntRange):
+            return dom.int_[1]
+        return self.grpo.max_steps
 
     def baseline_point(self) -> dict[str, Any] | None:
         """The spec's own value at every search path, if each lies inside its domain."""
@@ -351,7 +415,7 @@ def _slot(data: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
 
 def apply_overrides(spec: SweepSpec, overrides: dict[str, Any]) -> SweepSpec:
     """Return a copy of ``spec`` with ``{dotted.path: value}`` applied (a trial's config)."""
-    data = spec.model_dump(mode="python")
+    data = spec.model_dump(mode="python", by_alias=True)  # `int` domains dump as `int`, not `int_`
     for path, value in overrides.items():
         node, key = _slot(data, path)
         node[key] = value
@@ -394,6 +458,9 @@ def _line_of(doc: Any, loc: tuple[Any, ...], lines: dict[int, dict[str, int]]) -
 def _from_validation(e: ValidationError, file: str | None, doc: Any, lines: dict | None = None) -> SpecError:
     err = e.errors()[0]
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p[:1].isupper()))  # drop union tags
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, _FieldError):  # a cross-field check names the field it is about
+        loc = tuple(cause.field.split("."))
     field = ".".join(str(p) for p in loc) or None
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
@@ -446,4 +513,4 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 def dump_spec(spec: SweepSpec) -> str:
     """The resolved spec (defaults filled in) as YAML."""
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, width=100)
+    return yaml.safe_dump(spec.model_dump(mode="json", by_alias=True), sort_keys=False, width=100)

@@ -45,6 +45,7 @@ def _record_json(t: TrialRecord) -> dict[str, Any]:
         "config": t.config,
         "metrics": {k: _clean(v) for k, v in t.metrics.items() if isinstance(v, (int, float, str, bool))},
         "error": t.error,
+        "stopped_early": t.stopped_early,
     }
 
 
@@ -221,7 +222,8 @@ def load_trials(run_dir: str) -> list[TrialRecord]:
             ckpts = [c for c in storage.list_dir(trial_dir) if c.startswith("checkpoint_")]
             ckpt = storage.join(trial_dir, ckpts[-1]) if ckpts else None
         records.append(TrialRecord(trial_id=r["trial_id"], config=r["config"], metrics=r["metrics"],
-                                   checkpoint=ckpt, error=r.get("error")))
+                                   checkpoint=ckpt, error=r.get("error"),
+                                   stopped_early=bool(r.get("stopped_early"))))
     return records
 
 
@@ -272,6 +274,8 @@ def run_sweep(spec: SweepSpec, storage_root: str | None = None, resume: bool = F
 
     root = storage.normalize(storage_root or spec.storage)
     preflight(spec)
+    # Written now too, so `status` and `report` of a running sweep know its objectives and space.
+    storage.write_text(storage.join(root, spec.name, "spec.resolved.yaml"), dump_spec(spec))
     t0 = time.time()
     trials = run_search(spec, root, resume=resume, on_event=on_event)
     return finish(spec, root, trials, time.time() - t0, progress)

@@ -1,0 +1,83 @@
+"""`grpo-ray report RUN`: an HTML page with PNG plots, from a real sweep's storage.
+
+The sweep is conftest.asha_run (real Ray, Optuna, ASHA): two finished trials, one stopped
+early, one failed inside its trial.
+"""
+
+import base64
+import io
+import json
+import re
+import subprocess
+import sys
+
+from conftest import REPO
+from PIL import Image
+
+from grpo_ray.html_report import RunData, TrialView, importances, importances_png
+from grpo_ray.spec import parse_spec
+
+CLI = [sys.executable, "-m", "grpo_ray.cli"]
+
+
+def _pngs(page: str) -> list[Image.Image]:
+    images = []
+    for data in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page):
+        img = Image.open(io.BytesIO(base64.b64decode(data)))
+        img.load()  # decodes the whole image, not just the header
+        images.append(img)
+    return images
+
+
+def test_report_shows_every_trial_the_plots_and_why_trials_ended(asha_run, tmp_path):
+    run_dir, _ = asha_run
+    trials = {t["trial_id"]: t for t in json.loads((run_dir / "trials.json").read_text())}
+    r = subprocess.run([*CLI, "report", str(run_dir)], capture_output=True, text=True, cwd=REPO, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    page = (run_dir / "report.html").read_text()
+    assert all(tid in page for tid in trials)
+    images = _pngs(page)
+    # Curves (reward, eval accuracy, and ASHA's reward_weighted) and the Pareto front; the two
+    # finished trials of the tiny model reach identical objectives, so importances are a note.
+    assert len(images) == 2 and all(i.format == "PNG" and i.width > 300 and i.height > 200 for i in images)
+    assert "same objective values" in page
+    best = json.loads((run_dir / "best" / "best.json").read_text())
+    assert f"Trial <b>{best['trial_id']}</b>" in page
+    for tid, t in trials.items():
+        if t["error"]:
+            assert "no GRPO prompt fits grpo.max_prompt_length=8 tokens" in page
+        if t["stopped_early"]:
+            row = rf"<td>{tid}</td><td>stopped early</td><td>ASHA stopped it at step 2: reward_weighted"
+            assert re.search(row, page)
+    assert "early stopping: ASHA on reward_weighted (max), grace period 2 steps" in page
+
+    out = tmp_path / "elsewhere" / "r.html"
+    r = subprocess.run([*CLI, "report", str(run_dir), "-o", str(out)], capture_output=True, text=True, cwd=REPO,
+                       check=False)
+    assert r.returncode == 0 and str(out) in r.stdout and len(_pngs(out.read_text())) == 2
+
+
+def test_report_of_no_sweep_is_a_one_line_error(tmp_path):
+    r = subprocess.run([*CLI, "report", str(tmp_path / "nope")], capture_output=True, text=True, cwd=REPO,
+                       check=False)
+    assert r.returncode == 2 and "no sweep here" in r.stderr and "Traceback" not in r.stderr
+
+
+def _run(values: list[tuple[str, float, float]]) -> RunData:
+    spec = parse_spec("name: x\nsearch:\n  space:\n    lora.rank: {choice: [8, 16, 32]}\n"
+                      "    grpo.temperature: {uniform: [0.5, 1.5]}\n    grpo.max_steps: {int: [10, 50]}\n")
+    trials = [TrialView(f"t{i}", state, {"lora.rank": [8, 16, 32][i % 3], "grpo.temperature": 0.5 + i / 20,
+                                         "grpo.max_steps": 10 + (7 * i) % 13}, {"reward": rew, "eval_accuracy": acc})
+              for i, (state, rew, acc) in enumerate(values)]
+    return RunData(run_dir="x", search=spec.search, spec=spec, trials=trials, best=None)
+
+
+def test_importances_from_a_study_rebuilt_from_trial_records():
+    # Accuracy follows the temperature: Optuna's PED-ANOVA must rank it first.
+    run = _run([("finished", 1.0, 0.1 * i) for i in range(12)] + [("stopped early", 0.5, 0.0), ("failed", 0, 0)])
+    imp, note = importances(run)
+    assert set(imp) == {"lora.rank", "grpo.temperature", "grpo.max_steps"} and "12 finished trials" in note
+    assert next(iter(imp)) == "grpo.temperature", imp
+    assert Image.open(io.BytesIO(base64.b64decode(importances_png(imp).split(",", 1)[1]))).format == "PNG"
+    imp, note = importances(_run([("finished", 1.0, 0.5), ("stopped early", 2.0, 0.9)]))
+    assert imp is None and "at least 2 finished trials" in note and "has 1" in note
