@@ -81,3 +81,19 @@ def asha_run(tmp_path_factory: pytest.TempPathFactory):
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return root / "runs" / "asha", r
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The fault-injection suite's one line (tests/test_faults.py), when it ran."""
+    import sys
+
+    faults = sys.modules.get("test_faults")
+    s = getattr(faults, "SUMMARY", None)
+    if s:
+        terminalreporter.write_line(
+            f"fault injection: faults injected {s.get('injected', 0)} in {s.get('finished_sweeps', 0)} finished "
+            f"sweep(s); trials ended with their cause {s.get('trials_with_cause', 0)}, retried and recovered "
+            f"{s.get('recovered', 0)}, results lost {s.get('lost', 'n/a')}, secrets leaked "
+            f"{s.get('secrets_leaked', 'n/a')}, unwritable storage refused before any trial "
+            f"{s.get('storage_faults', 0)}"
+        )

@@ -13,6 +13,8 @@ from typing import Any
 
 from grpo_ray import storage
 
+FAULT_FILE = "fault.txt"  # written by a trial into its storage directory when it cannot raise (trial/guard.py)
+
 
 @dataclass(frozen=True)
 class TrialStatus:
@@ -23,6 +25,7 @@ class TrialStatus:
     failures: int
     error_file: str | None
     logdir: str | None = None  # the trial's directory, relative to the run directory
+    cause: str | None = None  # why it failed, one line (see trial_cause)
 
     @property
     def stopped_early(self) -> bool:
@@ -49,8 +52,26 @@ def read_status(run_dir: str) -> list[TrialStatus]:
             failures=int(runtime.get("num_failures") or 0),
             error_file=runtime.get("error_filename"),
             logdir=trial.get("relative_logdir"),
+            cause=trial_cause(run_dir, trial.get("relative_logdir")) if trial["status"] == "ERROR" else None,
         ))
     return out
+
+
+def trial_cause(run_dir: str, logdir: str | None) -> str | None:
+    """One line on why a trial failed: the cause the trial recorded itself (``fault.txt``: a
+    hang that ended its process), else the last line of Tune's ``error.txt`` (the exception)."""
+    if not logdir:
+        return None
+    base = storage.join(run_dir, logdir)
+    for name in (FAULT_FILE, "error.txt"):
+        try:
+            text = storage.read_text(storage.join(base, name))
+        except OSError:  # FileNotFoundError, or the object store's "not found"
+            continue
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if lines:
+            return lines[-1] if name == "error.txt" else lines[0]
+    return None
 
 
 def status_table(trials: list[TrialStatus]):
@@ -58,7 +79,8 @@ def status_table(trials: list[TrialStatus]):
     from rich.table import Table
 
     table = Table(title=f"{len(trials)} trials")
-    for col in ["trial", "state", "step", "reward", "eval acc", "format", "hyperparameters"]:
+    causes = any(t.cause for t in trials)
+    for col in ["trial", "state", "step", "reward", "eval acc", "format", "hyperparameters"] + (["cause"] if causes else []):
         table.add_column(col, overflow="fold")
 
     def f(v: Any) -> str:
@@ -69,5 +91,6 @@ def status_table(trials: list[TrialStatus]):
         state = t.status + (f" ({t.failures} failures)" if t.failures else "")
         state += " (stopped early)" if t.stopped_early else ""
         table.add_row(t.trial_id, state, f(t.last.get("step")), f(t.last.get("reward")),
-                      f(t.last.get("eval_accuracy")), f(t.last.get("format_rate")), hp)
+                      f(t.last.get("eval_accuracy")), f(t.last.get("format_rate")), hp,
+                      *([t.cause or ""] if causes else []))
     return table

@@ -12,6 +12,7 @@ import os
 from typing import Any, Callable
 
 from grpo_ray import storage
+from grpo_ray.report import trial_cause
 from grpo_ray.select import TrialRecord
 from grpo_ray.spec import Choice, IntRange, LogUniform, SweepSpec, Uniform
 
@@ -130,13 +131,18 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
     records = []
     for r in grid:
         trial_id = (r.metrics or {}).get("trial_id") or os.path.basename(r.path)
+        error = str(r.error) if r.error else None
+        if error:  # a trial that had to end its process (a native hang) left its cause beside Ray's
+            cause = trial_cause(path, os.path.basename(r.path))
+            if cause and cause not in error:
+                error += "\n" + cause
         records.append(
             TrialRecord(
                 trial_id=str(trial_id),
                 config={k: v for k, v in (r.config or {}).items()},
                 metrics={k: v for k, v in (r.metrics or {}).items() if not isinstance(v, dict)},
                 checkpoint=r.checkpoint.path if r.checkpoint else None,
-                error=str(r.error) if r.error else None,
+                error=error,
                 stopped_early=bool((r.metrics or {}).get("stopped_early")),
                 extra={"path": r.path, "checkpoint_obj": r.checkpoint},
             )

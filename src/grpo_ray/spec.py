@@ -258,6 +258,13 @@ class ExportSpec(_Strict):
     )
 
 
+class TrialSpec(_Strict):
+    step_timeout_s: float | None = Field(
+        1800, gt=0, description="End a trial that finishes no SFT/GRPO step or evaluation for this long (a hung "
+        "generation or reward function); null disables. The first GRPO step on a cold GPU compiles for minutes."
+    )
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; results go to <storage>/<name>.")
     model: ModelSpec = ModelSpec()
@@ -269,6 +276,7 @@ class SweepSpec(_Strict):
     grpo: GrpoSpec = GrpoSpec()
     search: SearchSpec = SearchSpec()
     resources: ResourcesSpec = ResourcesSpec()
+    trial: TrialSpec = TrialSpec()
     backend: Literal["auto", "unsloth", "hf"] = "auto"
     storage: str = Field("./runs", description="Local directory or URI (s3://, gs://) for results.")
     export: ExportSpec = ExportSpec()

@@ -274,8 +274,13 @@ def run_sweep(spec: SweepSpec, storage_root: str | None = None, resume: bool = F
 
     root = storage.normalize(storage_root or spec.storage)
     preflight(spec)
-    # Written now too, so `status` and `report` of a running sweep know its objectives and space.
-    storage.write_text(storage.join(root, spec.name, "spec.resolved.yaml"), dump_spec(spec))
+    # Written now too, so `status` and `report` of a running sweep know its objectives and space;
+    # and a storage that cannot be written fails here, before any GPU time is spent.
+    try:
+        storage.write_text(storage.join(root, spec.name, "spec.resolved.yaml"), dump_spec(spec))
+    except OSError as e:
+        raise SweepError(f"storage {root}: cannot write the run there ({e}); pass --storage a writable "
+                         "directory or bucket URI") from None
     t0 = time.time()
     trials = run_search(spec, root, resume=resume, on_event=on_event)
     return finish(spec, root, trials, time.time() - t0, progress)

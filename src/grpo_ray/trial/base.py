@@ -12,7 +12,7 @@ from typing import Any, Callable, Protocol
 
 from grpo_ray.spec import SweepSpec
 
-# Called by the backend after each GRPO optimizer step with (step, TRL's logged metrics).
+# Called after each GRPO optimizer step with (step, TRL's logged metrics); see common.StepReporter.
 StepCallback = Callable[[int, dict[str, float]], None]
 
 
@@ -22,7 +22,9 @@ class Backend(Protocol):
 
     def load(self, model_dir: str, spec: SweepSpec) -> None: ...
 
-    def sft(self, messages: list[list[dict[str, str]]], spec: SweepSpec) -> dict[str, float]: ...
+    # ``callbacks``: transformers TrainerCallbacks the trial hands to the trainer (progress
+    # reporting, the NaN and hang guards); the backend passes them on unchanged.
+    def sft(self, messages: list[list[dict[str, str]]], spec: SweepSpec, callbacks: list[Any]) -> dict[str, float]: ...
 
     def grpo(
         self,
@@ -30,7 +32,7 @@ class Backend(Protocol):
         reward_funcs: list[Callable[..., list[float]]],
         reward_weights: list[float],
         spec: SweepSpec,
-        on_step: StepCallback,
+        callbacks: list[Any],
     ) -> None: ...
 
     def generate(self, prompts: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]: ...

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from grpo_ray.spec import SweepSpec
-from grpo_ray.trial.base import StepCallback
 from grpo_ray.trial.common import (
-    StepReporter,
+    guard_memory,
     grpo_config_kwargs,
     lora_alpha,
     prepare_tokenizer,
@@ -51,7 +50,7 @@ class HFBackend:
         )
         self.model = get_peft_model(base, lora)
 
-    def sft(self, messages: list[list[dict[str, str]]], spec: SweepSpec) -> dict[str, float]:
+    def sft(self, messages: list[list[dict[str, str]]], spec: SweepSpec, callbacks: list[Any]) -> dict[str, float]:
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 
@@ -61,8 +60,9 @@ class HFBackend:
             args=args,
             train_dataset=Dataset.from_dict({"messages": messages}),
             processing_class=self.tokenizer,
+            callbacks=callbacks,
         )
-        out = trainer.train()
+        out = guard_memory(trainer.train, spec)
         return {"sft_loss": float(out.training_loss)}
 
     def grpo(
@@ -71,7 +71,7 @@ class HFBackend:
         reward_funcs: list[Callable[..., list[float]]],
         reward_weights: list[float],
         spec: SweepSpec,
-        on_step: StepCallback,
+        callbacks: list[Any],
     ) -> None:
         from datasets import Dataset
         from trl import GRPOConfig, GRPOTrainer
@@ -85,9 +85,9 @@ class HFBackend:
             args=args,
             train_dataset=Dataset.from_list(rows),
             processing_class=self.tokenizer,
-            callbacks=[StepReporter(on_step)],
+            callbacks=callbacks,
         )
-        trainer.train()
+        guard_memory(trainer.train, spec)
 
     def generate(self, prompts: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
         import torch

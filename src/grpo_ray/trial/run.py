@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from grpo_ray import template
 from grpo_ray.data import Datasets, load_datasets
@@ -91,13 +91,26 @@ def grpo_rows(data: Datasets, tokenizer: Any, spec: SweepSpec) -> list[dict[str,
     return rows
 
 
-def run_trial(config: dict[str, Any], spec: SweepSpec, report=None) -> dict[str, float]:
+def run_trial(config: dict[str, Any], spec: SweepSpec, report=None,
+              record_fault: Callable[[str], None] | None = None) -> dict[str, float]:
     """Run one trial of ``spec`` with the sampled ``config`` ({dotted path: value}).
 
     ``report(metrics, checkpoint_dir)`` defaults to Ray Tune's ``tune.report``; tests and the
-    benchmark can pass their own. Returns the last metrics reported.
+    benchmark can pass their own. ``record_fault(cause)`` keeps a cause that cannot be raised
+    (a hang in native code ends the process). Returns the last metrics reported.
     """
     trial_spec = apply_overrides(spec, config)
+    from grpo_ray.trial.guard import TrialHungError, Watchdog
+
+    watchdog = Watchdog(trial_spec.trial.step_timeout_s, write_cause=record_fault)
+    try:
+        with watchdog:
+            return _run(trial_spec, spec, report or _tune_report, watchdog)
+    except TrialHungError:
+        raise TrialHungError(watchdog.cause) from None
+
+
+def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog) -> dict[str, float]:
     from grpo_ray.trial.base import make_backend
 
     backend = make_backend(trial_spec.backend)  # first: unsloth must be imported before trl
@@ -108,11 +121,13 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, report=None) -> dict[str,
     from grpo_ray.evaluate import evaluate
     from grpo_ray.models import resolve_model
     from grpo_ray.rewards import resolve_rewards
+    from grpo_ray.trial.common import StepReporter
+    from grpo_ray.trial.guard import TrialGuard
 
-    report = report or _tune_report
     t0 = time.time()
     data = load_datasets(trial_spec.data)
     backend.load(resolve_model(trial_spec.model.source), trial_spec)
+    watchdog.beat("loading the model")
     fmt = trial_spec.format.to_format()
     eos = backend.tokenizer.eos_token
     names = [r.name for r in trial_spec.rewards]
@@ -125,7 +140,9 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, report=None) -> dict[str,
     fixed: dict[str, float] = {"eval_size": float(len(data.eval))}
 
     def held_out():  # greedy, on the same held-out set every time
-        return evaluate(backend, data.eval, fmt, trial_spec.data.eval.max_new_tokens)
+        ev = evaluate(backend, data.eval, fmt, trial_spec.data.eval.max_new_tokens)
+        watchdog.beat("a held-out evaluation")
+        return ev
 
     if trial_spec.data.eval.before_sft:
         ev = held_out()
@@ -133,7 +150,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, report=None) -> dict[str,
     if trial_spec.sft.enabled and data.sft:
         t_sft = time.time()
         msgs = [template.sft_messages(e.question, e.reasoning or "", e.answer, fmt) for e in data.sft]
-        fixed |= backend.sft(msgs, trial_spec)
+        fixed |= backend.sft(msgs, trial_spec, [TrialGuard(watchdog, trial_spec, "SFT")])
         fixed["sft_seconds"] = time.time() - t_sft
     ev = held_out()
     fixed |= {"sft_eval_accuracy": ev.accuracy, "sft_format_rate": ev.format_rate}
@@ -157,7 +174,8 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, report=None) -> dict[str,
         last.update(metrics)
 
     reporter = WindowReporter(trial_spec, base_weights, func_names, report_window)
-    backend.grpo(grpo_rows(data, backend.tokenizer, trial_spec), funcs, weights, trial_spec, reporter.on_step)
+    callbacks = [TrialGuard(watchdog, trial_spec, "GRPO"), StepReporter(reporter.on_step)]
+    backend.grpo(grpo_rows(data, backend.tokenizer, trial_spec), funcs, weights, trial_spec, callbacks)
     reporter.flush(reporter.step)  # a run that ended before max_steps reports its last window too
     return dict(last)
 
@@ -171,4 +189,17 @@ def _tune_report(metrics: dict[str, float], checkpoint_dir: str) -> None:
 def tune_trainable(config: dict[str, Any], spec: SweepSpec) -> None:
     """The function Ray Tune runs (wrapped with ``tune.with_parameters(..., spec=spec)``)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_trial(config, spec)
+    run_trial(config, spec, record_fault=_record_fault_in_storage)
+
+
+def _record_fault_in_storage(cause: str) -> None:
+    """Write ``cause`` into this trial's directory in the run's storage, where status reads it."""
+    # Tune's public API names only the node-local trial directory, which is never synced back
+    # when the process dies; its storage context knows the trial's place in the run's storage.
+    from ray.train._internal.session import get_session
+
+    from grpo_ray.report import FAULT_FILE
+
+    st = get_session().storage
+    with st.storage_filesystem.open_output_stream(f"{st.trial_fs_path}/{FAULT_FILE}") as f:
+        f.write(cause.encode() + b"\n")

