@@ -89,6 +89,14 @@ def test_export_and_pull_commands(smoke_run, tmp_path):
     assert json.loads((run_dir / "best" / "best.json").read_text())["trial_id"] == other
     r = subprocess.run([*cli, "export", str(run_dir), "--trial", "nope"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and "no trial 'nope'" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([*cli, "export", str(run_dir), "--trial", other, "--gguf", "q9_z"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "--gguf" in r.stderr and "q9_z" in r.stderr and "q8_0" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([*cli, "export", str(run_dir), "--trial", other, "--gguf", "f16"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [p.name.rsplit("-", 1)[-1] for p in (run_dir / "best").glob("*.gguf")] == ["f16.gguf"]
     dest = tmp_path / "pulled"
     r = subprocess.run([*cli, "pull", str(run_dir), str(dest)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -166,13 +166,16 @@ def report(
 def export(
     run: str = typer.Argument(..., help="A finished sweep's directory or URI: <storage>/<name>."),
     trial: Optional[str] = typer.Option(None, help="Export this trial id instead of the best one."),
+    gguf: Optional[str] = typer.Option(None, help="GGUF types to write instead of the spec's export.gguf, "
+                                       "comma-separated (e.g. f16,q8_0)."),
 ) -> None:
     """(Re-)export a finished sweep's best trial, or another trial, into <run>/best."""
     from grpo_ray import storage as st
     from grpo_ray.sweep import export_run
 
     try:
-        info = export_run(st.normalize(run), trial, progress=lambda msg: err.print(f"[magenta]export:[/] {msg}"))
+        info = export_run(st.normalize(run), trial, progress=lambda msg: err.print(f"[magenta]export:[/] {msg}"),
+                          gguf=[t.strip() for t in gguf.split(",") if t.strip()] if gguf else None)
     except _user_errors() as e:
         _fail(e)
     out.print(f"exported trial {info['trial_id']} to {st.join(st.normalize(run), 'best')}", highlight=False)

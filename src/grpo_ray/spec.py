@@ -254,7 +254,9 @@ class ExportSpec(_Strict):
         "with the 16-bit GGUF's (needs llama.cpp's bindings; 0 skips)."
     )
     min_agreement: float | None = Field(
-        None, ge=0, le=1, description="Fail the export when a quantized GGUF agrees less often than this."
+        0.5, ge=0, le=1, description="Fail the export when a quantized GGUF's greedy answers match the 16-bit "
+        "GGUF's on fewer held-out prompts than this share (null: record only). A fine-tune of an already "
+        "quantized base can lose its whole LoRA delta to re-quantization (bench/results/export_gemma_cpu.json)."
     )
 
 

@@ -74,6 +74,13 @@ def remove_file(location: str) -> None:
         fs.delete_file(path)
 
 
+def remove_dir(location: str) -> None:
+    """Delete a directory tree if it exists."""
+    fs, path = _fs(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
 def list_dir(location: str) -> list[str]:
     """Names of the entries directly under ``location`` (empty if it does not exist)."""
     fs, path = _fs(location)

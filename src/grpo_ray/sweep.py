@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from grpo_ray import storage
 from grpo_ray.select import TrialRecord, pareto_front, pick_best
-from grpo_ray.spec import SweepSpec, apply_overrides, dump_spec
+from grpo_ray.spec import SpecError, SweepSpec, apply_overrides, dump_spec
 
 
 class SweepError(RuntimeError):
@@ -114,7 +114,8 @@ def quantized_agreement(spec: SweepSpec, trial_spec: SweepSpec, tok: Any, ggufs:
         floor = spec.export.min_agreement
         if floor is not None and r["rate"] < floor:
             raise ExportError(f"{path.name} answers like {reference.name} on {r['rate']:.0%} of held-out prompts, "
-                              f"below export.min_agreement={floor}: use a larger quantization type")
+                              f"below export.min_agreement={floor}: the quantization erased what training changed. Re-export "
+                              f"with a larger type: grpo-ray export <run> --gguf f16,q8_0")
     return out
 
 
@@ -228,8 +229,9 @@ def load_trials(run_dir: str) -> list[TrialRecord]:
 
 
 def export_run(run_dir: str, trial_id: str | None = None,
-               progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Re-export a finished sweep: its best trial by the same rule, or ``trial_id``."""
+               progress: Callable[[str], None] = lambda s: None, gguf: list[str] | None = None) -> dict[str, Any]:
+    """Re-export a finished sweep: its best trial by the same rule, or ``trial_id``; ``gguf``
+    replaces the spec's ``export.gguf`` types (e.g. after a quantization failed its check)."""
     from grpo_ray.spec import parse_spec
 
     spec_file = storage.join(run_dir, "spec.resolved.yaml")
@@ -244,9 +246,15 @@ def export_run(run_dir: str, trial_id: str | None = None,
         if not matches:
             raise SweepError(f"{run_dir}: no trial {trial_id!r} (trials: {', '.join(t.trial_id for t in trials)})")
         best = matches[0]
-    spec = spec.model_copy(update={"export": spec.export.model_copy(update={"enabled": True})})
-    # best.json means "this export finished": it must not describe files being replaced.
-    storage.remove_file(storage.join(run_dir, "best", "best.json"))
+    changes: dict[str, Any] = {"enabled": True} | ({"gguf": gguf} if gguf else {})
+    try:
+        spec = apply_overrides(spec, {f"export.{k}": v for k, v in changes.items()})
+    except SpecError as e:
+        raise SweepError(f"--gguf: {e.message}") from None
+    # best.json means "this export finished": it must not describe files being replaced. The
+    # whole directory goes, so files of the previous export (another trial, other GGUF types)
+    # cannot pass as this one's.
+    storage.remove_dir(storage.join(run_dir, "best"))
     info = export_best(spec, run_dir, trials, best, progress)
     storage.write_text(storage.join(run_dir, "best", "best.json"), json.dumps(info, indent=2, default=str))
     return info
