@@ -222,5 +222,9 @@ def test_sweep_survives_losing_a_worker_node(cluster, tmp_path):
     rows = _results(killed_trial)
     assert node_of_pid[rows[0]["pid"]] == "a" and node_of_pid[rows[-1]["pid"]] == "b"
     assert rows[-1]["step"] == MAX_STEPS
+    # The retry went on from the checkpoint node a reported, not from SFT: its first step on b
+    # is the one after that checkpoint.
+    on_b = [r for r in rows if node_of_pid[r["pid"]] == "b"]
+    assert on_b[0]["resumed_from_step"] == rows[0]["step"] and on_b[0]["step"] > rows[0]["step"], rows
     print(f"\nsweep {elapsed:.0f} s, node a killed at {killed_at:.0f} s; retried trial steps by node: "
           f"{[(node_of_pid[r['pid']], r['step'], r['training_iteration']) for r in rows]}")

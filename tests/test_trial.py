@@ -106,3 +106,31 @@ def test_out_of_memory_names_the_settings_to_lower():
     with pytest.raises(ValueError, match="unrelated"):
         guard_memory(other, spec)
     assert guard_memory(lambda: 3, spec) == 3
+
+
+def test_a_retried_trial_resumes_from_its_checkpoint(trial_run, tmp_path):
+    """What Tune hands a trial retried after its process or node died: the step-2 checkpoint.
+    The retry skips SFT and the steps done, reports from step 4 on, and starts from that LoRA
+    (with a learning rate of 1e-30, below float32 resolution, its final adapter is exactly the
+    checkpoint's)."""
+    spec, reports, _ = trial_run
+    step2 = reports[0][1]
+    assert reports[0][0]["step"] == 2
+    resumed = []
+
+    def report(metrics, ckpt_dir):
+        dst = tmp_path / f"step{metrics['step']}"
+        shutil.copytree(ckpt_dir, dst)
+        resumed.append((dict(metrics), dst))
+
+    config = {"lora.rank": 4, "grpo.num_generations": 2, "rewards.check_answer.weight": 2.0,
+              "grpo.learning_rate": 1e-30, "grpo.weight_decay": 0.0}
+    final = run_trial(config, spec, report=report, resume_from=step2)
+    assert [m["step"] for m, _ in resumed] == list(range(4, spec.grpo.max_steps + 1, spec.grpo.report_every))
+    assert final["resumed_from_step"] == 2
+    # SFT was not run again: its numbers (down to the wall time it took) are the first attempt's.
+    for key in ["sft_seconds", "sft_loss", "sft_eval_accuracy"]:
+        assert final[key] == reports[0][0][key], key
+    a = load_file(step2 / "adapter_model.safetensors")
+    b = load_file(resumed[-1][1] / "adapter_model.safetensors")
+    assert set(a) == set(b) and all((a[k] == b[k]).all() for k in a)

@@ -3,7 +3,8 @@
 Ray is started locally unless a cluster is reachable (``RAY_ADDRESS``, or a head node
 started by ``ray up`` / ``ray start`` on this machine). Trials run :func:`tune_trainable`
 with the resources of ``spec.resources``. A sweep interrupted (Ctrl-C, lost head node)
-resumes from its storage with ``--resume``: finished trials are kept, unfinished ones rerun.
+resumes from its storage with ``--resume``: finished trials are kept, unfinished ones go on
+from their last checkpoint (see trial/run.py).
 """
 
 from __future__ import annotations

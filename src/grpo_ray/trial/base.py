@@ -37,6 +37,8 @@ class Backend(Protocol):
 
     def generate(self, prompts: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]: ...
 
+    def load_adapter(self, adapter_dir: Path) -> None: ...  # a checkpoint's LoRA (a retried trial)
+
     def save_adapter(self, out_dir: Path) -> None: ...
 
 

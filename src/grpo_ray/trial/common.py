@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from transformers import TrainerCallback
@@ -62,6 +63,18 @@ def guard_memory(fn: Callable[[], T], spec: SweepSpec) -> T:
         if "out of memory" in text.lower():
             raise TrialDoesNotFitError(f"{fit_hint(spec)} [{first}]") from e
         raise
+
+
+def load_lora_weights(model: Any, adapter_dir: Path) -> None:
+    """Put a saved adapter's LoRA weights into ``model`` (a PEFT model of the same rank and targets)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(adapter_dir, "adapter_model.safetensors")))
+    result = set_peft_model_state_dict(model, weights)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise RuntimeError(f"{adapter_dir}: adapter weights this model has no place for: {unexpected[:3]}")
 
 
 def lora_alpha(spec: SweepSpec) -> int:

@@ -14,6 +14,7 @@ from grpo_ray.spec import SweepSpec
 from grpo_ray.trial.common import (
     guard_memory,
     grpo_config_kwargs,
+    load_lora_weights,
     lora_alpha,
     prepare_tokenizer,
     sft_config_kwargs,
@@ -107,6 +108,9 @@ class HFBackend:
             out.extend(tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
         self.model.train()
         return out
+
+    def load_adapter(self, adapter_dir: Path) -> None:
+        load_lora_weights(self.model, adapter_dir)
 
     def save_adapter(self, out_dir: Path) -> None:
         self.model.save_pretrained(str(out_dir))

@@ -11,6 +11,7 @@ trial optimizes (``reward_weighted``) is not comparable across trials, this one 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -22,6 +23,7 @@ from grpo_ray import template
 from grpo_ray.data import Datasets, load_datasets
 from grpo_ray.spec import SweepSpec, apply_overrides
 
+STATE_FILE = "trial_state.json"  # in each checkpoint: the GRPO step reached and the trial's fixed metrics
 FORMAT_RATE = "format_rate"  # an extra zero-weight reward so TRL logs the format rate per step
 
 
@@ -44,12 +46,15 @@ def _mean(values: list[float]) -> float:
 class WindowReporter:
     """Collects per-step GRPO logs; every ``report_every`` steps evaluates and reports to Tune."""
 
-    def __init__(self, spec: SweepSpec, base_weights: dict[str, float], names: list[str], report) -> None:
+    def __init__(self, spec: SweepSpec, base_weights: dict[str, float], names: list[str], report,
+                 first_step: int = 0) -> None:
         self.spec, self.base_weights, self.names, self.report = spec, base_weights, names, report
         self.window: list[dict[str, float]] = []
-        self.last_reported = self.step = 0
+        # A resumed trial's trainer counts from 0 again; the trial's steps go on from its checkpoint.
+        self.offset = self.last_reported = self.step = first_step
 
     def on_step(self, step: int, logs: dict[str, float]) -> None:
+        step += self.offset
         self.window.append(logs)
         self.step = step
         if step % self.spec.grpo.report_every == 0 or step >= self.spec.grpo.max_steps:
@@ -92,12 +97,14 @@ def grpo_rows(data: Datasets, tokenizer: Any, spec: SweepSpec) -> list[dict[str,
 
 
 def run_trial(config: dict[str, Any], spec: SweepSpec, report=None,
-              record_fault: Callable[[str], None] | None = None) -> dict[str, float]:
+              record_fault: Callable[[str], None] | None = None, resume_from: Path | None = None) -> dict[str, float]:
     """Run one trial of ``spec`` with the sampled ``config`` ({dotted path: value}).
 
     ``report(metrics, checkpoint_dir)`` defaults to Ray Tune's ``tune.report``; tests and the
     benchmark can pass their own. ``record_fault(cause)`` keeps a cause that cannot be raised
-    (a hang in native code ends the process). Returns the last metrics reported.
+    (a hang in native code ends the process). ``resume_from``: a checkpoint this trial reported
+    before (a retry after its process or node died): its LoRA is loaded, the SFT warm-up and
+    the GRPO steps already done are skipped. Returns the last metrics reported.
     """
     trial_spec = apply_overrides(spec, config)
     from grpo_ray.trial.guard import TrialHungError, Watchdog
@@ -105,12 +112,12 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, report=None,
     watchdog = Watchdog(trial_spec.trial.step_timeout_s, write_cause=record_fault)
     try:
         with watchdog:
-            return _run(trial_spec, spec, report or _tune_report, watchdog)
+            return _run(trial_spec, spec, report or _tune_report, watchdog, resume_from)
     except TrialHungError:
         raise TrialHungError(watchdog.cause) from None
 
 
-def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog) -> dict[str, float]:
+def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: Path | None) -> dict[str, float]:
     from grpo_ray.trial.base import make_backend
 
     backend = make_backend(trial_spec.backend)  # first: unsloth must be imported before trl
@@ -144,16 +151,23 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog) -> dict[str, 
         watchdog.beat("a held-out evaluation")
         return ev
 
-    if trial_spec.data.eval.before_sft:
+    state = _read_state(resume_from)
+    first_step = int(state["step"]) if state else 0
+    if state:  # a retry: SFT and the first GRPO steps are in the checkpoint's LoRA
+        backend.load_adapter(resume_from)
+        fixed |= state["fixed"] | {"resumed_from_step": first_step}
+        watchdog.beat(f"loading the checkpoint of step {first_step}")
+    else:
+        if trial_spec.data.eval.before_sft:
+            ev = held_out()
+            fixed |= {"base_eval_accuracy": ev.accuracy, "base_format_rate": ev.format_rate}
+        if trial_spec.sft.enabled and data.sft:
+            t_sft = time.time()
+            msgs = [template.sft_messages(e.question, e.reasoning or "", e.answer, fmt) for e in data.sft]
+            fixed |= backend.sft(msgs, trial_spec, [TrialGuard(watchdog, trial_spec, "SFT")])
+            fixed["sft_seconds"] = time.time() - t_sft
         ev = held_out()
-        fixed |= {"base_eval_accuracy": ev.accuracy, "base_format_rate": ev.format_rate}
-    if trial_spec.sft.enabled and data.sft:
-        t_sft = time.time()
-        msgs = [template.sft_messages(e.question, e.reasoning or "", e.answer, fmt) for e in data.sft]
-        fixed |= backend.sft(msgs, trial_spec, [TrialGuard(watchdog, trial_spec, "SFT")])
-        fixed["sft_seconds"] = time.time() - t_sft
-    ev = held_out()
-    fixed |= {"sft_eval_accuracy": ev.accuracy, "sft_format_rate": ev.format_rate}
+        fixed |= {"sft_eval_accuracy": ev.accuracy, "sft_format_rate": ev.format_rate}
 
     last: dict[str, float] = {}
 
@@ -169,15 +183,30 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog) -> dict[str, 
             metrics["gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         with tempfile.TemporaryDirectory(prefix="grpo-ray-ckpt-") as d:
             backend.save_adapter(Path(d))
+            Path(d, STATE_FILE).write_text(json.dumps({"step": step, "fixed": fixed}))
             report(metrics, d)
         last.clear()
         last.update(metrics)
 
-    reporter = WindowReporter(trial_spec, base_weights, func_names, report_window)
+    reporter = WindowReporter(trial_spec, base_weights, func_names, report_window, first_step)
     callbacks = [TrialGuard(watchdog, trial_spec, "GRPO"), StepReporter(reporter.on_step)]
-    backend.grpo(grpo_rows(data, backend.tokenizer, trial_spec), funcs, weights, trial_spec, callbacks)
+    grpo_spec = trial_spec
+    if first_step:
+        if first_step >= trial_spec.grpo.max_steps:  # it died after its last report: nothing left to do
+            return {}
+        # The rest of the steps, with a fresh optimizer and learning-rate schedule, on a shuffle
+        # other than the first attempt's (the same seed would replay its first prompts).
+        grpo_spec = apply_overrides(trial_spec, {"grpo.max_steps": trial_spec.grpo.max_steps - first_step,
+                                                 "grpo.seed": trial_spec.grpo.seed + first_step})
+    backend.grpo(grpo_rows(data, backend.tokenizer, grpo_spec), funcs, weights, grpo_spec, callbacks)
     reporter.flush(reporter.step)  # a run that ended before max_steps reports its last window too
     return dict(last)
+
+
+def _read_state(checkpoint: Path | None) -> dict[str, Any] | None:
+    if checkpoint is None or not Path(checkpoint, STATE_FILE).is_file():
+        return None
+    return json.loads(Path(checkpoint, STATE_FILE).read_text())
 
 
 def _tune_report(metrics: dict[str, float], checkpoint_dir: str) -> None:
@@ -188,8 +217,15 @@ def _tune_report(metrics: dict[str, float], checkpoint_dir: str) -> None:
 
 def tune_trainable(config: dict[str, Any], spec: SweepSpec) -> None:
     """The function Ray Tune runs (wrapped with ``tune.with_parameters(..., spec=spec)``)."""
+    from ray import tune
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_trial(config, spec, record_fault=_record_fault_in_storage)
+    checkpoint = tune.get_checkpoint()  # set when Tune retries this trial after a failure
+    if checkpoint is None:
+        run_trial(config, spec, record_fault=_record_fault_in_storage)
+        return
+    with checkpoint.as_directory() as d:  # local for a local run; downloaded from a bucket
+        run_trial(config, spec, record_fault=_record_fault_in_storage, resume_from=Path(d))
 
 
 def _record_fault_in_storage(cause: str) -> None:

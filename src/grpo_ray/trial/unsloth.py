@@ -22,6 +22,7 @@ from grpo_ray.spec import SweepSpec
 from grpo_ray.trial.common import (
     guard_memory,
     grpo_config_kwargs,
+    load_lora_weights,
     lora_alpha,
     prepare_tokenizer,
     sft_config_kwargs,
@@ -137,6 +138,9 @@ class UnslothBackend:
             use_tqdm=False,
         )
         return [o.outputs[0].text for o in outputs]
+
+    def load_adapter(self, adapter_dir: Path) -> None:
+        load_lora_weights(self.model, adapter_dir)
 
     def save_adapter(self, out_dir: Path) -> None:
         self.model.save_pretrained(str(out_dir))
