@@ -76,3 +76,20 @@ def test_eval_larger_than_data_is_an_error(tmp_path):
     ds = DatasetSpec(source=str(_write(tmp_path, "jsonl")), columns=Columns(question="q", answer="a"))
     with pytest.raises(DataError, match="lower data.eval.size"):
         load_datasets(DataSpec(sft=None, grpo=ds, eval=EvalSpec(size=40)))
+
+
+def test_rows_a_user_might_not_expect(tmp_path):
+    """Non-numeric answers only, null cells and a 2 MB question: clear errors or clean rows."""
+    import json
+
+    words = tmp_path / "words.jsonl"
+    words.write_text("".join(json.dumps({"question": f"q{i}", "answer": "forty-two"}) + "\n" for i in range(5)))
+    with pytest.raises(DataError, match=r"words\.jsonl: no usable rows \(after the numeric filter: True\)"):
+        to_examples(DatasetSpec(source=str(words)), load_rows(DatasetSpec(source=str(words))))
+    odd = tmp_path / "odd.jsonl"
+    rows = [{"question": None, "answer": "1"}, {"question": "ok?", "answer": None},
+            {"question": "x" * 2_000_000, "answer": "3"}, {"question": "fine", "answer": "4"}]
+    odd.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ex = to_examples(DatasetSpec(source=str(odd)), load_rows(DatasetSpec(source=str(odd))))
+    assert [e.answer for e in ex] == ["3", "4"]  # rows with a missing cell are skipped, not crashed on
+    assert len(ex[0].question) == 2_000_000  # kept here; GRPO drops prompts over grpo.max_prompt_length
