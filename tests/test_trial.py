@@ -134,3 +134,14 @@ def test_a_retried_trial_resumes_from_its_checkpoint(trial_run, tmp_path):
     a = load_file(step2 / "adapter_model.safetensors")
     b = load_file(resumed[-1][1] / "adapter_model.safetensors")
     assert set(a) == set(b) and all((a[k] == b[k]).all() for k in a)
+
+
+def test_unsloth_compiled_cache_is_shared_by_the_trials_of_a_node(monkeypatch, tmp_path):
+    """Each Tune trial runs in its own working directory; Unsloth's default cache is relative."""
+    from grpo_ray.trial.base import share_compile_caches
+
+    monkeypatch.setenv("GRPO_RAY_CACHE", str(tmp_path))
+    monkeypatch.delenv("UNSLOTH_COMPILE_LOCATION", raising=False)
+    assert share_compile_caches() == {"UNSLOTH_COMPILE_LOCATION": str(tmp_path / "unsloth_compiled_cache")}
+    monkeypatch.setenv("UNSLOTH_COMPILE_LOCATION", "/mine")
+    assert share_compile_caches() == {"UNSLOTH_COMPILE_LOCATION": "/mine"}  # the user's choice wins
