@@ -120,13 +120,18 @@ def test_failed_trials_are_told_to_optuna_as_failed(chaos_run):
 
 
 def test_no_secret_reaches_any_artifact(chaos_run):
-    run_dir, r, _ = chaos_run
+    """Every file of the run (trials, best.json, model card, GGUF, the HTML report), the CLI's
+    output and the Ray session's logs (trial stdout/stderr) are searched for the planted values."""
+    run_dir, r, env = chaos_run
+    rep = _cli("report", str(run_dir), env=env)
+    assert rep.returncode == 0 and (run_dir / "report.html").exists(), rep.stderr[-2000:]
+    ray_logs = Path("/tmp/ray/session_latest/logs")  # the chaos sweep's session: no Ray started since
     leaks = []
-    for path in Path(run_dir).rglob("*"):
+    for path in [*Path(run_dir).rglob("*"), *(ray_logs.rglob("*") if ray_logs.exists() else [])]:
         if path.is_file():
             data = path.read_bytes()
             leaks += [f"{path}: {k}" for k, v in SECRETS.items() if v.encode() in data]
-    leaks += [f"CLI output: {k}" for k, v in SECRETS.items() if v in r.stdout + r.stderr]
+    leaks += [f"CLI output: {k}" for k, v in SECRETS.items() if v in r.stdout + r.stderr + rep.stdout + rep.stderr]
     assert not leaks
     SUMMARY["secrets_leaked"] = len(leaks)
 

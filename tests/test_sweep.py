@@ -119,3 +119,18 @@ def test_status_lists_every_trial_from_storage(smoke_run):
     r = subprocess.run([sys.executable, "-m", "grpo_ray.cli", "status", str(run_dir)],
                        capture_output=True, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
     assert r.returncode == 0 and all(tid in r.stdout for tid in trials) and "TERMINATED" in r.stdout
+
+
+def test_the_optuna_study_lives_in_the_run_directory(smoke_run):
+    """A journal file any Optuna tool (optuna-dashboard, load_study) can open after the sweep."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    run_dir, _ = smoke_run
+    trials = json.loads((run_dir / "trials.json").read_text())
+    study = optuna.load_study(study_name="smoke", storage=optuna.storages.JournalStorage(
+        JournalFileBackend(str(run_dir / "optuna-journal.log"))))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == len(trials) == 3
+    assert sorted(tuple(t.values) for t in done) == sorted(
+        (t["metrics"]["reward"], t["metrics"]["eval_accuracy"]) for t in trials)

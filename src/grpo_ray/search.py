@@ -38,7 +38,25 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     return space
 
 
-def make_searcher(spec: SweepSpec):
+STUDY_JOURNAL = "optuna-journal.log"  # in a local run directory: the study, readable by optuna-dashboard
+
+
+def study_storage(spec: SweepSpec, storage_root: str):
+    """The Optuna storage for this sweep's study (see ``search.study_storage``), or None (in memory)."""
+    import optuna
+
+    if spec.search.study_storage:
+        return optuna.storages.RDBStorage(spec.search.study_storage)
+    run_dir = experiment_path(spec, storage_root)
+    if storage.is_uri(run_dir):
+        return None  # a journal needs a local file; the pickled searcher in the bucket still resumes
+    from optuna.storages.journal import JournalFileBackend
+
+    os.makedirs(run_dir, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(os.path.join(run_dir, STUDY_JOURNAL)))
+
+
+def make_searcher(spec: SweepSpec, storage_root: str | None = None):
     import optuna
 
     from grpo_ray.early_stop import PruningOptunaSearch
@@ -59,6 +77,23 @@ def make_searcher(spec: SweepSpec):
         mode=modes[0] if len(modes) == 1 else modes,
         sampler=samplers[s.sampler](),
         points_to_evaluate=[baseline] if baseline else None,
+        study_name=spec.name,
+        storage=study_storage(spec, storage_root) if storage_root else None,
+    )
+
+
+def keep_credentials_out_of_ray_logs() -> None:
+    """Stop Ray Tune from copying the driver's AWS credentials into every trial's runtime env.
+
+    Ray's runtime-env agent logs each runtime env in plain text (``/tmp/ray/session_*/logs``,
+    visible in the dashboard), secrets included; tests/test_faults.py caught it. Trials get
+    credentials from their node instead: inherited from the driver when Ray runs on this
+    machine, the instance profile or the node's environment on a cluster (cluster/gpu.yaml).
+    """
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(
+        v for v in class_cache.ENV_VARS_TO_PROPAGATE if not v.startswith("AWS_")
     )
 
 
@@ -92,6 +127,7 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
     from grpo_ray.trial.run import tune_trainable
 
     init_ray()
+    keep_credentials_out_of_ray_logs()
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, spec=spec),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
@@ -112,7 +148,7 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
             trainable,
             param_space=param_space(spec),
             tune_config=tune.TuneConfig(
-                search_alg=make_searcher(spec),
+                search_alg=make_searcher(spec, storage_root),
                 # ASHA carries its own single metric; the searcher keeps the objectives.
                 scheduler=scheduler,
                 num_samples=spec.search.num_samples,

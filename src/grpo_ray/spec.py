@@ -220,6 +220,11 @@ class SearchSpec(_Strict):
     max_concurrent_trials: int = Field(4, gt=0)
     seed: int = 3407
     space: dict[str, Domain] = Field(default_factory=dict, description="Dotted spec path -> domain.")
+    study_storage: str | None = Field(
+        None, description="Where the Optuna study lives: an RDB URL (sqlite:///..., postgresql://...) shared "
+        "between sweeps, or null: a journal file in the run directory when storage is local, else in memory "
+        "(Tune still saves the searcher with the run, so --resume works either way)."
+    )
     max_failures: int = Field(1, ge=0, description="Retries of a trial that raised, before it counts as failed.")
     baseline_first: bool = Field(
         True, description="Run the spec's own values (the seed recipe) as the first trial, when inside the space."
