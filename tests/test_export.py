@@ -476,9 +476,10 @@ def test_lora_gguf_on_base_gguf_matches_merged(kind, tmp_path, tiny_base, tokeni
     export.GGUFSource(base, chat_template=tpl).write(base_gguf, "f16")
     adapter = _make_adapter(base, tmp_path / "lora", seed=2)
 
-    res = export_model(base, adapter, tmp_path / "out", gguf_types=[], chat_template=tpl, base_gguf=base_gguf)
+    types = ["f16"] if kind == "qwen3" else []  # merged GGUFs beside the pair, or none
+    res = export_model(base, adapter, tmp_path / "out", gguf_types=types, chat_template=tpl, base_gguf=base_gguf)
     out = res.out_dir
-    assert res.ggufs == {} and res.lora_gguf == out / "model-lora.gguf" and res.base_gguf == out / "model-base-f16.gguf"
+    assert set(res.ggufs) == set(types) and res.lora_gguf == out / "model-lora.gguf" and res.base_gguf == out / "model-base-f16.gguf"
     assert res.base_gguf.read_bytes() == base_gguf.read_bytes()
     assert (out / "model-chat_template.jinja").read_text() == tpl
     mf = res.modelfile.read_text()
@@ -531,6 +532,11 @@ def test_lora_gguf_on_base_gguf_matches_merged(kind, tmp_path, tiny_base, tokeni
     corr_base = min(float(np.corrcoef(hf[i], without[i])[0, 1]) for i in range(len(ids)))
     assert corr > 0.999 and int(with_lora[-1].argmax()) == int(hf[-1].argmax()), corr
     assert corr_base < 0.99, corr_base  # the adapter does change the model
+    if kind == "qwen3":  # the deployment-level check the sweep runs on quantized files
+        prompts = ["What is 2 + 2?<think>", "Compute 7 * 6.<think>", "12 + 30 =", "Hello"]
+        g = export.greedy_agreement(res.ggufs["f16"], res.base_gguf, prompts, max_tokens=8,
+                                    candidate_lora=res.lora_gguf)
+        assert g["candidate_lora"] == "model-lora.gguf" and g["rate"] >= 0.75, g
 
 
 def test_lora_gguf_rejects_what_llama_cpp_cannot_apply(tmp_path, tiny_base, adapter):

@@ -918,26 +918,31 @@ def _sample_texts(tokenizer, chat_template: str | None, system_prompt: str | Non
     return texts
 
 
-def greedy_agreement(reference: Path, candidate: Path, prompts: list[str], max_tokens: int = 32) -> dict[str, Any]:
+def greedy_agreement(reference: Path, candidate: Path, prompts: list[str], max_tokens: int = 32,
+                     candidate_lora: Path | None = None) -> dict[str, Any]:
     """How often ``candidate`` (a quantized GGUF) answers exactly as ``reference`` (16-bit) does.
+
+    ``candidate_lora``: an adapter GGUF llama.cpp applies to ``candidate`` (base GGUF + LoRA).
 
     Both run greedily in llama.cpp on the same prompts; the rate is the share of prompts whose
     completions are identical, a strict, deployment-level measure of what quantization changed.
     """
     llama_cpp = _require_llama_cpp("the quantization agreement check")
 
-    def answers(path: Path) -> list[str]:
+    def answers(path: Path, lora: Path | None = None) -> list[str]:
         with _capture_fd2():  # llama.cpp prints its load log to fd 2
-            llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, verbose=False, seed=0)
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, verbose=False, seed=0,
+                                  lora_path=str(lora) if lora is not None else None)
         try:
             return [llm(p, max_tokens=max_tokens, temperature=0.0)["choices"][0]["text"] for p in prompts]
         finally:
             llm.close()
 
-    ref, cand = answers(reference), answers(candidate)
+    ref, cand = answers(reference), answers(candidate, candidate_lora)
     same = sum(a == b for a, b in zip(ref, cand))
     return {"prompts": len(prompts), "identical": same, "rate": same / len(prompts) if prompts else None,
-            "max_tokens": max_tokens, "reference": reference.name, "candidate": candidate.name}
+            "max_tokens": max_tokens, "reference": reference.name, "candidate": candidate.name,
+            **({"candidate_lora": candidate_lora.name} if candidate_lora is not None else {})}
 
 
 def compare_with_llama_cpp(
