@@ -1352,7 +1352,7 @@ def export_model(
 
         say("writing Modelfile")
         if base_copy is not None and lora_path is not None:
-            mf_type, mf_gguf, mf_adapter = "base+lora", base_copy.name, lora_path.name
+            mf_gguf, mf_adapter = base_copy.name, lora_path.name
         else:
             mf_type = _modelfile_choice(list(ggufs))
             mf_gguf, mf_adapter = f"{name}-{mf_type}.gguf", None
