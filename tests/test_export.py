@@ -452,3 +452,104 @@ def test_gemma3_export_with_sidecar_tokenizer(tmp_path, tokenizer, exported):
     c = res.checks["llama_cpp"]
     assert c["gguf_type"] == "bf16" and c["tokenization_mismatches"] == [] and c["logits_min_corr"] > 0.999
     assert c["logits_scale"] > 3
+
+
+# ---------------------------------------------------------------------------------------------
+# base GGUF + LoRA adapter GGUF (export_model(base_gguf=...)): llama.cpp applies the adapter at load
+
+
+@needs_llama
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3", "llama"])
+def test_lora_gguf_on_base_gguf_matches_merged(kind, tmp_path, tiny_base, tokenizer):
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if kind == "qwen3":
+        base = tiny_base
+    else:
+        base = _tiny_arch(kind, tmp_path / f"{kind}-base", tokenizer)
+    tpl = template.chat_template(bos_token=kind == "gemma3")
+    if kind == "gemma3":  # gemma's tokenizer reaches the GGUF through the sidecar (as from gguf_base)
+        export.GGUFSource(tiny_base, chat_template=CHAT_TEMPLATE).write(tmp_path / "tok-src.gguf", "f16")
+        _write_sidecar(tmp_path / "tok-src.gguf", base / "tokenizer.gguf")
+    base_gguf = tmp_path / f"{kind}-orig.gguf"
+    export.GGUFSource(base, chat_template=tpl).write(base_gguf, "f16")
+    adapter = _make_adapter(base, tmp_path / "lora", seed=2)
+
+    types = ["f16"] if kind == "qwen3" else []  # merged GGUFs beside the pair, or none
+    res = export_model(base, adapter, tmp_path / "out", gguf_types=types, chat_template=tpl, base_gguf=base_gguf)
+    out = res.out_dir
+    assert set(res.ggufs) == set(types) and res.lora_gguf == out / "model-lora.gguf" and res.base_gguf == out / "model-base-f16.gguf"
+    assert res.base_gguf.read_bytes() == base_gguf.read_bytes()
+    assert (out / "model-chat_template.jinja").read_text() == tpl
+    mf = res.modelfile.read_text()
+    assert "FROM ./model-base-f16.gguf\nADAPTER ./model-lora.gguf\n" in mf and res.modelfile_gguf == "model-base-f16.gguf"
+    data = json.loads((out / "export.json").read_text())
+    assert data["lora_gguf"] == "model-lora.gguf" and data["base_gguf"] == "model-base-f16.gguf"
+    assert data["sizes"]["model-lora.gguf"] == res.lora_gguf.stat().st_size
+    info = res.checks["lora_gguf"]
+    n_layers = {"qwen3": 2, "llama": 2, "gemma3": 4}[kind]
+    assert info["n_pairs"] == 7 * n_layers and info["ranks"] == [4] and info["alpha"] == 8.0
+    c = res.checks["llama_cpp_lora"]
+    assert c["lora"] == "model-lora.gguf" and c["tokenization_mismatches"] == [] and c["top1_ok"]
+    assert c["logits_min_corr"] > 0.999, c
+    if kind != "qwen3":  # the tiny qwen3 has small logits; the arch models are built peaked
+        assert c["logits_scale"] > 3, c
+
+    # the format llama.cpp's convert_lora_to_gguf.py writes
+    r = gguf.GGUFReader(res.lora_gguf)
+    assert r.fields["general.type"].contents() == "adapter"
+    assert r.fields["adapter.type"].contents() == "lora"
+    assert r.fields["adapter.lora.alpha"].contents() == 8.0
+    assert r.fields["adapter.lora.alpha"].types[0] == gguf.GGUFValueType.FLOAT32
+    assert r.fields["general.architecture"].contents() == kind
+    t = {x.name: x for x in r.tensors}
+    q_a, q_b = t["blk.0.attn_q.weight.lora_a"], t["blk.0.attn_q.weight.lora_b"]
+    base_q = next(x for x in gguf.GGUFReader(base_gguf).tensors if x.name == "blk.0.attn_q.weight")
+    assert int(q_a.shape[0]) == int(base_q.shape[0]) and int(q_b.shape[1]) == int(base_q.shape[1])
+    assert int(q_a.shape[1]) == int(q_b.shape[0]) == 4  # ggml ne: a = [in, r], b = [r, out]
+    assert q_a.tensor_type == gguf.GGMLQuantizationType.F16
+
+    # independently: llama.cpp base + --lora against the merged HF model, and without the LoRA
+    tok = AutoTokenizer.from_pretrained(res.merged_dir)
+    model = AutoModelForCausalLM.from_pretrained(res.merged_dir, dtype=torch.float32).eval()
+    ids = tok(tok.apply_chat_template([{"role": "user", "content": "Compute 7 * 6."}], tokenize=False,
+                                      add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        hf = model(torch.tensor([ids])).logits[0].numpy()
+
+    def llama_logits(**kw) -> np.ndarray:
+        llm = Llama(model_path=str(res.base_gguf), n_ctx=256, logits_all=True, verbose=False, **kw)
+        try:
+            llm.eval(ids)
+            return np.asarray(llm.scores[: len(ids)])
+        finally:
+            llm.close()
+
+    with_lora = llama_logits(lora_path=str(res.lora_gguf))
+    without = llama_logits()
+    corr = min(float(np.corrcoef(hf[i], with_lora[i])[0, 1]) for i in range(len(ids)))
+    corr_base = min(float(np.corrcoef(hf[i], without[i])[0, 1]) for i in range(len(ids)))
+    assert corr > 0.999 and int(with_lora[-1].argmax()) == int(hf[-1].argmax()), corr
+    assert corr_base < 0.99, corr_base  # the adapter does change the model
+    if kind == "qwen3":  # the deployment-level check the sweep runs on quantized files
+        prompts = ["What is 2 + 2?<think>", "Compute 7 * 6.<think>", "12 + 30 =", "Hello"]
+        g = export.greedy_agreement(res.ggufs["f16"], res.base_gguf, prompts, max_tokens=8,
+                                    candidate_lora=res.lora_gguf)
+        assert g["candidate_lora"] == "model-lora.gguf" and g["rate"] >= 0.75, g
+
+
+def test_lora_gguf_rejects_what_llama_cpp_cannot_apply(tmp_path, tiny_base, adapter):
+    import shutil
+
+    bad = tmp_path / "dora"
+    shutil.copytree(adapter, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(ExportError, match="use_dora"):
+        export.write_lora_gguf(bad, tiny_base, tmp_path / "x.gguf")
+    other = tmp_path / "llama.gguf"
+    export.GGUFSource(_tiny_arch("llama", tmp_path / "llama", build_tokenizer())).write(other, "f16")
+    with pytest.raises(ExportError, match="'llama' model"):
+        export_model(tiny_base, adapter, tmp_path / "out", gguf_types=[], base_gguf=other, check=False)
+    assert not (tmp_path / "out").exists()

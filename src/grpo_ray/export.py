@@ -65,6 +65,9 @@ LLAMA_CPP_TYPES = (
     "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs",
 )
 SUPPORTED_GGUF_TYPES = NATIVE_TYPES + LLAMA_CPP_TYPES
+# llama.cpp's base GGUF + LoRA adapter against the merged HF model: the base may be quantized
+# (its matmuls then also quantize activations), so less strict than the 0.99 of a float GGUF
+LORA_MIN_CORR = 0.98
 
 
 class ExportError(RuntimeError):
@@ -88,6 +91,9 @@ class ExportResult:
     sizes: dict[str, int]  # path relative to out_dir -> bytes (directories summed)
     checks: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    # with export_model(base_gguf=...): the base GGUF copied unchanged and the LoRA as an adapter GGUF
+    base_gguf: Path | None = None
+    lora_gguf: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, with paths relative to ``out_dir``."""
@@ -109,6 +115,8 @@ class ExportResult:
             "sizes": self.sizes,
             "checks": self.checks,
             "seconds": round(self.seconds, 3),
+            **({"base_gguf": rel(self.base_gguf)} if self.base_gguf is not None else {}),
+            **({"lora_gguf": rel(self.lora_gguf)} if self.lora_gguf is not None else {}),
         }
 
 
@@ -683,6 +691,143 @@ def write_gguf(
     return GGUFSource(Path(model_dir), chat_template=chat_template, name=name).write(Path(out_path), gguf_type)
 
 
+def write_lora_gguf(
+    adapter_dir: Path, base_model_dir: Path, out_path: Path, *, dtype: str = "f16", base_gguf: Path | None = None,
+) -> dict[str, Any]:
+    """Write the PEFT LoRA in ``adapter_dir`` as a llama.cpp adapter GGUF (``--lora``, Ollama ``ADAPTER``).
+
+    The format is that of llama.cpp's ``convert_lora_to_gguf.py``: ``general.type=adapter``,
+    ``adapter.type=lora``, ``adapter.lora.alpha`` (float32) and ``general.architecture`` of the
+    base; per adapted matrix ``<gguf name>.lora_a`` (numpy ``(r, in)``, PEFT's ``lora_A``) and
+    ``<gguf name>.lora_b`` (``(out, r)``), where ``<gguf name>`` is the base tensor's GGUF name
+    (e.g. ``blk.0.attn_q.weight``) through the same ``gguf.get_tensor_name_map`` as
+    :class:`GGUFSource`; for llama the rows of ``lora_b`` of Q/K get the same RoPE permutation
+    as the merged weights. llama.cpp scales ``B @ A`` by ``alpha / r`` (``r`` read from each
+    tensor's shape); per-module ``alpha_pattern`` and rsLoRA scales are folded into ``lora_b``
+    so every pair ends up with PEFT's own scale. ``base_model_dir`` (the HF base) gives the
+    architecture and head counts; with ``base_gguf`` every target tensor must exist there with
+    matching dimensions. DoRA, LoRA biases, embedding LoRAs and ``modules_to_save`` cannot be
+    expressed in llama.cpp's adapter format and raise :class:`ExportError`.
+    """
+    import re
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    adapter_dir, out_path = Path(adapter_dir), Path(out_path)
+    if dtype not in ("f16", "f32"):
+        raise ExportError(f"LoRA GGUF dtype must be f16 or f32, not {dtype!r}")
+    hf_arch, cfg = _hf_architecture(Path(base_model_dir))
+    arch = SUPPORTED_ARCHITECTURES[hf_arch]
+    h = {**cfg, **(cfg.get("text_config") or {})}
+    gguf_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    tensor_map = gguf.get_tensor_name_map(gguf_arch, int(h["num_hidden_layers"]))
+    allowed = set(gguf.MODEL_TENSORS[gguf_arch])
+
+    cfg_path, st_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not st_path.is_file():
+        raise ExportError(f"{adapter_dir} is not a PEFT adapter (adapter_config.json + adapter_model.safetensors)")
+    lc = _read_json(cfg_path)
+    unsupported = {"peft_type": lc.get("peft_type", "LORA") != "LORA", "use_dora": bool(lc.get("use_dora")),
+                   "lora_bias": bool(lc.get("lora_bias")), "modules_to_save": bool(lc.get("modules_to_save"))}
+    if any(unsupported.values()):
+        raise ExportError(f"{adapter_dir}: {[k for k, v in unsupported.items() if v]} cannot be written as a "
+                          "llama.cpp LoRA adapter")
+    alpha = float(lc.get("lora_alpha") or lc.get("r") or 8)
+    rslora = bool(lc.get("use_rslora"))
+    alpha_pattern: dict[str, float] = lc.get("alpha_pattern") or {}
+
+    def module_alpha(module: str) -> float:  # PEFT's get_pattern_key: a key matches a name suffix
+        for pat, a in alpha_pattern.items():
+            if re.match(rf"(.*\.)?({pat})$", module):
+                return float(a)
+        return alpha
+
+    tensors = load_file(str(st_path))
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, arr in tensors.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        if m is None:
+            raise ExportError(f"{adapter_dir}: tensor {key!r} is not a lora_A/lora_B weight (embedding LoRAs and "
+                              "extra trained modules cannot be written as a llama.cpp adapter)")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = arr
+    if not pairs:
+        raise ExportError(f"{adapter_dir}: no LoRA tensors")
+
+    base_dims: dict[str, tuple[int, ...]] | None = None
+    if base_gguf is not None:
+        with _gguf_errors():
+            meta = read_gguf_metadata(Path(base_gguf))
+        if meta.get("general.architecture") != arch:
+            raise ExportError(f"{Path(base_gguf).name} is a {meta.get('general.architecture')!r} model, the "
+                              f"adapter's base is {arch!r}")
+        base_dims = {t.name: tuple(int(d) for d in t.dims) for t in meta.tensors}
+
+    n_head = int(h["num_attention_heads"])
+    n_kv = int(h.get("num_key_value_heads") or n_head)
+    qt = gguf.GGMLQuantizationType.F16 if dtype == "f16" else gguf.GGMLQuantizationType.F32
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(out_path, arch)
+    ranks: set[int] = set()
+    written: list[str] = []
+    try:
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+        plan = []
+        for module, ab in pairs.items():
+            if set(ab) != {"A", "B"}:
+                raise ExportError(f"{adapter_dir}: {module} has lora_{''.join(ab)} only")
+            mapped = tensor_map.get_type_and_name(module + ".weight", try_suffixes=(".weight",))
+            if mapped is None or mapped[0] not in allowed:
+                raise ExportError(f"LoRA target {module!r} has no {arch} GGUF counterpart")
+            ttype, gname = mapped
+            if ttype in (gguf.MODEL_TENSOR.TOKEN_EMBD, gguf.MODEL_TENSOR.OUTPUT):
+                raise ExportError(f"LoRA on {module!r} (embedding / output head) is not written as a llama.cpp adapter")
+            a = ab["A"].astype(np.float32)
+            b = ab["B"].astype(np.float32)
+            r = a.shape[0]
+            if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r:
+                raise ExportError(f"{module}: lora_A {a.shape} and lora_B {b.shape} do not form a LoRA pair")
+            want = module_alpha(module) / (math.sqrt(r) if rslora else r)
+            b = b * (want / (alpha / r))  # llama.cpp applies alpha / r
+            if arch == "llama" and module.endswith("q_proj"):
+                b = _permute(b, n_head, n_head)
+            elif arch == "llama" and module.endswith("k_proj"):
+                b = _permute(b, n_head, n_kv)
+            if base_dims is not None:
+                dims = base_dims.get(gname)
+                if dims is None:
+                    raise ExportError(f"{Path(base_gguf).name} has no tensor {gname} for the LoRA on {module}")
+                if dims[:2] != (a.shape[1], b.shape[0]):
+                    raise ExportError(f"{gname}: base GGUF dims {dims} do not fit the LoRA ({a.shape[1]} in, "
+                                      f"{b.shape[0]} out)")
+            ranks.add(r)
+            plan.append((gname, a, b))
+        plan.sort(key=lambda x: (int(x[0].split(".")[1]) if x[0].startswith("blk.") else -1, x[0]))
+        for gname, a, b in plan:
+            w.add_tensor(gname + ".lora_a", gguf.quants.quantize(a, qt), raw_dtype=qt)
+            w.add_tensor(gname + ".lora_b", gguf.quants.quantize(b, qt), raw_dtype=qt)
+            written.append(gname)
+        w.write_header_to_file(path=out_path)
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
+    with _gguf_errors():  # read back
+        meta = read_gguf_metadata(out_path)
+    got = [t.name for t in meta.tensors]
+    if (meta.get("general.type"), meta.get(gguf.Keys.Adapter.TYPE)) != ("adapter", "lora") or sorted(got) != sorted(
+        g + s for g in written for s in (".lora_a", ".lora_b")
+    ):
+        raise ExportError(f"{out_path.name}: read-back differs from what was written")
+    return {"architecture": arch, "n_pairs": len(written), "ranks": sorted(ranks), "alpha": alpha,
+            "dtype": dtype, "bytes": out_path.stat().st_size,
+            "base_gguf_checked": base_gguf is not None, "targets": sorted({g.split(".")[2] for g in written
+                                                                          if g.startswith("blk.")})}
+
+
 def quantize_gguf(src: Path, dst: Path, gguf_type: str, nthread: int | None = None) -> None:
     """llama.cpp's quantizer (``llama_model_quantize``) from a float GGUF to ``gguf_type`` (e.g. q4_k_m)."""
     lc = _require_llama_cpp(f"GGUF type {gguf_type!r}")
@@ -773,34 +918,42 @@ def _sample_texts(tokenizer, chat_template: str | None, system_prompt: str | Non
     return texts
 
 
-def greedy_agreement(reference: Path, candidate: Path, prompts: list[str], max_tokens: int = 32) -> dict[str, Any]:
+def greedy_agreement(reference: Path, candidate: Path, prompts: list[str], max_tokens: int = 32,
+                     candidate_lora: Path | None = None) -> dict[str, Any]:
     """How often ``candidate`` (a quantized GGUF) answers exactly as ``reference`` (16-bit) does.
+
+    ``candidate_lora``: an adapter GGUF llama.cpp applies to ``candidate`` (base GGUF + LoRA).
 
     Both run greedily in llama.cpp on the same prompts; the rate is the share of prompts whose
     completions are identical, a strict, deployment-level measure of what quantization changed.
     """
     llama_cpp = _require_llama_cpp("the quantization agreement check")
 
-    def answers(path: Path) -> list[str]:
+    def answers(path: Path, lora: Path | None = None) -> list[str]:
         with _capture_fd2():  # llama.cpp prints its load log to fd 2
-            llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, verbose=False, seed=0)
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, verbose=False, seed=0,
+                                  lora_path=str(lora) if lora is not None else None)
         try:
             return [llm(p, max_tokens=max_tokens, temperature=0.0)["choices"][0]["text"] for p in prompts]
         finally:
             llm.close()
 
-    ref, cand = answers(reference), answers(candidate)
+    ref, cand = answers(reference), answers(candidate, candidate_lora)
     same = sum(a == b for a, b in zip(ref, cand))
     return {"prompts": len(prompts), "identical": same, "rate": same / len(prompts) if prompts else None,
-            "max_tokens": max_tokens, "reference": reference.name, "candidate": candidate.name}
+            "max_tokens": max_tokens, "reference": reference.name, "candidate": candidate.name,
+            **({"candidate_lora": candidate_lora.name} if candidate_lora is not None else {})}
 
 
 def compare_with_llama_cpp(
     gguf_path: Path, hf_dir: Path, *, chat_template: str | None = None, system_prompt: str | None = None,
     texts: list[str] | None = None, max_tokens: int = 96, hf_model=None, tokenizer=None,
-    hf_logits_cache: dict | None = None,
+    hf_logits_cache: dict | None = None, lora_path: Path | None = None,
 ) -> dict[str, Any]:
     """Load ``gguf_path`` in llama.cpp; compare its tokenization and logits with the HF model in ``hf_dir``.
+
+    With ``lora_path`` (an adapter GGUF, see :func:`write_lora_gguf`) llama.cpp applies it to
+    ``gguf_path`` at load, as ``--lora`` does.
 
     Returns numbers only; :func:`_judge` decides pass/fail.
     """
@@ -812,7 +965,8 @@ def compare_with_llama_cpp(
     texts = texts or _sample_texts(tok, chat_template, system_prompt)
     with _capture_fd2() as read:
         try:
-            llm = lc.Llama(model_path=str(gguf_path), n_ctx=256, logits_all=True, verbose=True, n_threads=None)
+            llm = lc.Llama(model_path=str(gguf_path), n_ctx=256, logits_all=True, verbose=True, n_threads=None,
+                           lora_path=str(lora_path) if lora_path is not None else None)
         except Exception as e:
             raise ExportError(f"llama.cpp could not load {gguf_path.name}: {e}\n{_tail(read())}") from e
         try:
@@ -855,6 +1009,7 @@ def compare_with_llama_cpp(
     top1_ok = [bool(a == b or hf[i, a] - hf[i, b] <= tol) for i, (a, b) in enumerate(zip(top_hf, top_ll))]
     return {
         "gguf": gguf_path.name,
+        **({"lora": Path(lora_path).name} if lora_path is not None else {}),
         "tokenization_cases": n_cases,
         "tokenization_mismatches": tok_mismatch,
         "n_positions": len(ids),
@@ -975,11 +1130,14 @@ def ollama_template(seg: dict[str, Any], strip_bos: str | None = None) -> str:
     )
 
 
-def _modelfile(gguf_name: str, template: str | None, system: str | None, stop: list[str]) -> str:
+def _modelfile(gguf_name: str, template: str | None, system: str | None, stop: list[str],
+               adapter: str | None = None) -> str:
     for label, text in (("TEMPLATE", template), ("SYSTEM", system)):
         if text and '"""' in text:
             raise ExportError(f'the Modelfile {label} cannot contain """ (Ollama\'s quoting)')
     lines = ["# Ollama Modelfile written by grpo-ray export", f"FROM ./{gguf_name}"]
+    if adapter:
+        lines.append(f"ADAPTER ./{adapter}")
     if template:
         lines.append(f'TEMPLATE """{template}"""')
     if system:
@@ -990,7 +1148,7 @@ def _modelfile(gguf_name: str, template: str | None, system: str | None, stop: l
 
 
 def _write_modelfile(path: Path, gguf_name: str, tok, chat_template: str | None, system_prompt: str | None,
-                     add_bos: bool) -> dict[str, Any]:
+                     add_bos: bool, adapter: str | None = None) -> dict[str, Any]:
     seg = _template_segments(tok, chat_template) if chat_template else None
     if seg is not None:
         template = ollama_template(seg, strip_bos=tok.bos_token if add_bos and tok.bos_token else None)
@@ -1001,8 +1159,11 @@ def _write_modelfile(path: Path, gguf_name: str, tok, chat_template: str | None,
         system = system_prompt
         exact = False
     stop = [tok.eos_token] if tok.eos_token else []
-    path.write_text(_modelfile(gguf_name, template, system, stop), encoding="utf-8")
-    return {"template_mirrors_chat_template": exact, "stop": stop}
+    path.write_text(_modelfile(gguf_name, template, system, stop, adapter), encoding="utf-8")
+    info: dict[str, Any] = {"template_mirrors_chat_template": exact, "stop": stop}
+    if adapter:
+        info.update({"from": gguf_name, "adapter": adapter})
+    return info
 
 
 # --------------------------------------------------------------------------------------------
@@ -1047,6 +1208,26 @@ def _copy_adapter(adapter_dir: Path, lora_dir: Path) -> None:
         shutil.copy2(adapter_dir / n, lora_dir / n)
 
 
+def _gguf_file_type_name(path: Path) -> str:
+    """``general.file_type`` of a GGUF as our type name (``q4_k_m``, ``f16`` ...), or "unknown"."""
+    import gguf
+
+    with _gguf_errors():
+        ft = read_gguf_metadata(path).get("general.file_type")
+    try:
+        name = gguf.LlamaFileType(int(ft)).name
+    except (TypeError, ValueError):
+        return "unknown"
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _modelfile_choice(types: list[str]) -> str:
     for t in ("q4_k_m", *LLAMA_CPP_TYPES, "q8_0", "f16", "bf16", "f32"):
         if t in types:
@@ -1065,6 +1246,7 @@ def export_model(
     check: bool = True,
     progress: Callable[[str], None] | None = None,
     name: str = "model",
+    base_gguf: Path | None = None,
 ) -> ExportResult:
     """Export ``base_model_dir`` + the LoRA in ``adapter_dir`` into ``out_dir`` (local).
 
@@ -1081,6 +1263,15 @@ def export_model(
     into the Modelfile (default: the template's built-in one). With ``check``, each GGUF is read
     back, and if llama.cpp is importable a float GGUF is loaded to compare tokenization and
     next-token logits with the merged HF model; any failure raises :class:`ExportError`.
+
+    ``base_gguf``: the GGUF the base model came from (e.g. a Q4_K_M). Re-quantizing a merged
+    fine-tune of a quantized base to the same type rounds the LoRA delta away, so the export
+    then also ships that file unchanged as ``<name>-base-<its type>.gguf`` (a hard link where
+    possible), the LoRA as a llama.cpp adapter ``<name>-lora.gguf`` (:func:`write_lora_gguf`)
+    and the chat template as ``<name>-chat_template.jinja`` (llama.cpp's ``--chat-template-file``;
+    the base GGUF keeps its own); the ``Modelfile`` becomes ``FROM`` base + ``ADAPTER`` lora.
+    With ``check``, llama.cpp runs the base with the adapter applied and its logits must match
+    the merged HF model's. ``gguf_types`` may then be empty (no merged GGUFs).
     """
     t0 = time.time()
     say = progress or (lambda _msg: None)
@@ -1093,11 +1284,20 @@ def export_model(
             raise ExportError(f"unknown GGUF type {t!r}; supported: {', '.join(SUPPORTED_GGUF_TYPES)}")
         if t not in types:
             types.append(t)
-    if not types:
+    if not types and base_gguf is None:
         raise ExportError("gguf_types is empty")
     if any(t in LLAMA_CPP_TYPES for t in types):
         _require_llama_cpp("GGUF types " + ", ".join(t for t in types if t in LLAMA_CPP_TYPES))
     hf_arch, cfg = _hf_architecture(base_model_dir)
+    if base_gguf is not None:
+        base_gguf = Path(base_gguf)
+        if not base_gguf.is_file():
+            raise ExportError(f"base GGUF {base_gguf} does not exist")
+        with _gguf_errors():
+            got = read_gguf_metadata(base_gguf).get("general.architecture")
+        if got != SUPPORTED_ARCHITECTURES[hf_arch]:
+            raise ExportError(f"base GGUF {base_gguf.name} is a {got!r} model, {base_model_dir} a "
+                              f"{SUPPORTED_ARCHITECTURES[hf_arch]!r} one")
     if not adapter_dir.is_dir():
         raise ExportError(f"adapter directory {adapter_dir} does not exist")
 
@@ -1124,7 +1324,7 @@ def export_model(
         ref_type = next((t for t in ("f16", "f32", "bf16") if t in ggufs), None)
         intermediate = None
         kquants = [t for t in types if t in LLAMA_CPP_TYPES]
-        if ref_type is None and (kquants or (check and llama_cpp_available())):
+        if ref_type is None and (kquants or (check and llama_cpp_available() and types)):
             ref_type = "bf16" if merged_dtype == "bfloat16" else "f16"
             intermediate = tmp / f".intermediate-{ref_type}.gguf"
             say(f"writing intermediate GGUF {ref_type}")
@@ -1138,23 +1338,49 @@ def export_model(
             assert ref_path is not None
             quantize_gguf(ref_path, ggufs[t], t)
 
-        say("writing Modelfile")
-        mf_type = _modelfile_choice(list(ggufs))
-        mf_info = _write_modelfile(tmp / "Modelfile", f"{name}-{mf_type}.gguf", tok, src.chat_template,
-                                   system_prompt, src.add_bos)
+        base_copy = lora_path = None
+        checks: dict[str, Any] = {}
+        if base_gguf is not None:
+            say("writing LoRA adapter GGUF")
+            lora_path = tmp / f"{name}-lora.gguf"
+            checks["lora_gguf"] = write_lora_gguf(adapter_dir, base_model_dir, lora_path, base_gguf=base_gguf)
+            base_copy = tmp / f"{name}-base-{_gguf_file_type_name(base_gguf)}.gguf"
+            say(f"copying base GGUF {base_gguf.name} -> {base_copy.name}")
+            _link_or_copy(base_gguf, base_copy)
+            if src.chat_template:
+                (tmp / f"{name}-chat_template.jinja").write_text(src.chat_template, encoding="utf-8")
 
-        checks: dict[str, Any] = {"modelfile": mf_info}
+        say("writing Modelfile")
+        if base_copy is not None and lora_path is not None:
+            mf_gguf, mf_adapter = base_copy.name, lora_path.name
+        else:
+            mf_type = _modelfile_choice(list(ggufs))
+            mf_gguf, mf_adapter = f"{name}-{mf_type}.gguf", None
+        mf_info = _write_modelfile(tmp / "Modelfile", mf_gguf, tok, src.chat_template,
+                                   system_prompt, src.add_bos, adapter=mf_adapter)
+        checks = {"modelfile": mf_info, **checks}
         if check:
             names = src.tensor_names()
             for t, p in ggufs.items():
                 say(f"checking GGUF {t}")
                 checks.setdefault("read_back", {})[t] = read_back(p, names, src.arch)
-            if llama_cpp_available() and ref_path is not None:
+            if llama_cpp_available() and (ref_path is not None or base_copy is not None):
                 import torch
                 from transformers import AutoModelForCausalLM
 
                 hf_model = AutoModelForCausalLM.from_pretrained(tmp / "merged16", dtype=torch.float32).eval()
                 hf_cache: dict = {}
+                if base_copy is not None and lora_path is not None:
+                    say("checking llama.cpp base GGUF + LoRA adapter against HF")
+                    r = compare_with_llama_cpp(base_copy, tmp / "merged16", chat_template=src.chat_template,
+                                               system_prompt=system_prompt, tokenizer=tok, hf_model=hf_model,
+                                               hf_logits_cache=hf_cache, lora_path=lora_path)
+                    checks["llama_cpp_lora"] = r
+                    problems = _judge(r, min_corr=LORA_MIN_CORR)
+                    if problems:
+                        raise ExportError(f"llama.cpp check of {base_copy.name} + {lora_path.name} failed: "
+                                          + "; ".join(problems))
+            if llama_cpp_available() and ref_path is not None:
                 say(f"checking llama.cpp against HF ({ref_type})")
                 r = compare_with_llama_cpp(ref_path, tmp / "merged16", chat_template=src.chat_template,
                                            system_prompt=system_prompt, tokenizer=tok, hf_model=hf_model,
@@ -1179,8 +1405,9 @@ def export_model(
                     checks.setdefault("llama_cpp_other", {})[t] = {
                         k: q[k] for k in ("logits_max_abs_diff", "logits_min_corr", "top1_agreement")
                     }
+            if llama_cpp_available() and (ref_path is not None or base_copy is not None):
                 del hf_model, hf_cache
-            else:
+            if not llama_cpp_available():
                 checks["llama_cpp"] = "skipped (llama-cpp-python not installed)"
         if intermediate is not None:
             intermediate.unlink()
@@ -1190,9 +1417,11 @@ def export_model(
         sizes = {p.name: _dir_size(p) for p in sorted(tmp.iterdir()) if not p.name.startswith(".")}
         result = ExportResult(
             out_dir=out_dir, lora_dir=out_dir / "lora", merged_dir=out_dir / "merged16", ggufs=final,
-            modelfile=out_dir / "Modelfile", modelfile_gguf=final[mf_type].name, architecture=src.arch,
+            modelfile=out_dir / "Modelfile", modelfile_gguf=mf_gguf, architecture=src.arch,
             hf_architecture=hf_arch, merged_dtype=merged_dtype, tokenizer_source=src.tokenizer_source,
             sizes=sizes, checks=checks,
+            base_gguf=out_dir / base_copy.name if base_copy is not None else None,
+            lora_gguf=out_dir / lora_path.name if lora_path is not None else None,
         )
         src_info = base_model_dir / SOURCE_FILE
         extra = {"base_source": _read_json(src_info)} if src_info.is_file() else {}
