@@ -68,6 +68,10 @@ def export_trial(spec: SweepSpec, best: TrialRecord, dest: str, progress: Callab
             raise SweepError(f"trial {best.trial_id} has no checkpoint to export")
         tokenizer = AutoTokenizer.from_pretrained(str(adapter))  # the trial's, with its chat template
         out = Path(tmp, "best")
+        # A quantized GGUF base ships as itself plus a LoRA adapter GGUF: re-quantizing a merge
+        # would round the fine-tune away (bench/results/export_gemma_cpu.json).
+        src = str(trial_spec.model.source)
+        base_gguf = Path(src) if src.lower().endswith(".gguf") and Path(src).is_file() else None
         result = export_model(
             Path(resolve_model(trial_spec.model.source)),
             adapter,
@@ -78,6 +82,7 @@ def export_trial(spec: SweepSpec, best: TrialRecord, dest: str, progress: Callab
             check=spec.export.check,
             progress=progress,
             name=spec.name,
+            base_gguf=base_gguf,
         )
         summary = json.loads((out / "export.json").read_text())
         agreement = quantized_agreement(spec, trial_spec, tokenizer, result.ggufs, progress)
