@@ -16,18 +16,25 @@ def trial_run(tmp_path_factory, tiny_model_dir):
     spec = load_spec(REPO / "sweeps" / "smoke.yaml")
     # A user reward by import path; it varies within a group, so GRPO has a gradient to follow.
     spec = spec.model_copy(update={"rewards": [*spec.rewards, RewardSpec(name="test_trial:digit_reward", weight=0.5)]})
+    reports, report = _keeper(tmp_path_factory.mktemp("ckpts"))
+    final = run_trial(CONFIG | {"grpo.learning_rate": 1e-3}, spec, report=report)
+    return spec, reports, final
+
+
+# The trial of this module (its learning rate set per test).
+CONFIG = {"lora.rank": 4, "grpo.num_generations": 2, "rewards.check_answer.weight": 2.0, "grpo.weight_decay": 0.0}
+
+
+def _keeper(keep):
+    """A ``report`` that keeps each window's metrics and a copy of its checkpoint under ``keep``."""
     reports = []
-    keep = tmp_path_factory.mktemp("ckpts")
 
     def report(metrics, ckpt_dir):
         dst = keep / f"step{metrics['step']}"
         shutil.copytree(ckpt_dir, dst)
         reports.append((dict(metrics), dst))
 
-    config = {"lora.rank": 4, "grpo.num_generations": 2, "rewards.check_answer.weight": 2.0,
-              "grpo.learning_rate": 1e-3, "grpo.weight_decay": 0.0}
-    final = run_trial(config, spec, report=report)
-    return spec, reports, final
+    return reports, report
 
 
 def digit_reward(prompts, completions, **kwargs):
@@ -116,16 +123,8 @@ def test_a_retried_trial_resumes_from_its_checkpoint(trial_run, tmp_path):
     spec, reports, _ = trial_run
     step2 = reports[0][1]
     assert reports[0][0]["step"] == 2
-    resumed = []
-
-    def report(metrics, ckpt_dir):
-        dst = tmp_path / f"step{metrics['step']}"
-        shutil.copytree(ckpt_dir, dst)
-        resumed.append((dict(metrics), dst))
-
-    config = {"lora.rank": 4, "grpo.num_generations": 2, "rewards.check_answer.weight": 2.0,
-              "grpo.learning_rate": 1e-30, "grpo.weight_decay": 0.0}
-    final = run_trial(config, spec, report=report, resume_from=step2)
+    resumed, report = _keeper(tmp_path)
+    final = run_trial(CONFIG | {"grpo.learning_rate": 1e-30}, spec, report=report, resume_from=step2)
     assert [m["step"] for m, _ in resumed] == list(range(4, spec.grpo.max_steps + 1, spec.grpo.report_every))
     assert final["resumed_from_step"] == 2
     # SFT was not run again: its numbers (down to the wall time it took) are the first attempt's.

@@ -104,10 +104,8 @@ def load_run(run_dir: str) -> RunData:
         cause = None
         if s.status == "ERROR":
             state = "failed"
-            error = (records.get(s.trial_id) or {}).get("error")
-            if not error and s.logdir and s.error_file:
-                error = _try_read(storage.join(run_dir, s.logdir, "error.txt"))
-            cause = _last_line(error) if error else "failed (no error text recorded)"
+            error = (records.get(s.trial_id) or {}).get("error")  # trials.json: written once the sweep ends
+            cause = s.cause or (_last_line(error) if error else "failed (no error text recorded)")
         elif s.status == "TERMINATED" and s.stopped_early:
             state = "stopped early"
             what = f"{es.metric} = {_fmt(s.last.get(es.metric))}" if es else "its metric"

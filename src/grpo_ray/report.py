@@ -23,7 +23,6 @@ class TrialStatus:
     config: dict[str, Any]
     last: dict[str, Any]
     failures: int
-    error_file: str | None
     logdir: str | None = None  # the trial's directory, relative to the run directory
     cause: str | None = None  # why it failed, one line (see trial_cause)
 
@@ -50,7 +49,6 @@ def read_status(run_dir: str) -> list[TrialStatus]:
             config=trial.get("config") or {},
             last={k: v for k, v in last.items() if not isinstance(v, dict)},
             failures=int(runtime.get("num_failures") or 0),
-            error_file=runtime.get("error_filename"),
             logdir=trial.get("relative_logdir"),
             cause=trial_cause(run_dir, trial.get("relative_logdir")) if trial["status"] == "ERROR" else None,
         ))

@@ -329,23 +329,22 @@ class SweepSpec(_Strict):
         return self
 
     # --- derived values the trial needs
-    def max_lora_rank(self) -> int:
-        """The largest rank any trial can sample (vLLM reserves LoRA slots for it)."""
-        dom = self.search.space.get("lora.rank")
+    def _largest(self, path: str, fixed: int) -> int:
+        """The largest integer any trial can sample at ``path``; ``fixed`` when the search leaves it alone."""
+        dom = self.search.space.get(path)
         if isinstance(dom, Choice):
             return max(int(x) for x in dom.choice)
         if isinstance(dom, IntRange):
             return dom.int_[1]
-        return self.lora.rank
+        return fixed
+
+    def max_lora_rank(self) -> int:
+        """The largest rank any trial can sample (vLLM reserves LoRA slots for it)."""
+        return self._largest("lora.rank", self.lora.rank)
 
     def max_grpo_steps(self) -> int:
         """The most GRPO steps any trial can run (early stopping's horizon)."""
-        dom = self.search.space.get("grpo.max_steps")
-        if isinstance(dom, Choice):
-            return max(int(x) for x in dom.choice)
-        if isinstance(dom, IntRange):
-            return dom.int_[1]
-        return self.grpo.max_steps
+        return self._largest("grpo.max_steps", self.grpo.max_steps)
 
     def baseline_point(self) -> dict[str, Any] | None:
         """The spec's own value at every search path, if each lies inside its domain."""
