@@ -111,6 +111,9 @@ def sweep(
             )
     except _user_errors() as e:
         _fail(e)
+    from grpo_ray.utilization import summary_line
+
+    out.print(summary_line(outcome.utilization), highlight=False)
     best = outcome.best_json or {}
     out.print(f"[bold green]best trial[/] {best.get('trial_id')}: " + json.dumps(best.get("metrics", {}).get("eval_accuracy")))
     out.print(f"results: {outcome.run_dir}/best/ (best.json, lora/, merged16/, *.gguf)", highlight=False)

@@ -377,6 +377,9 @@ def render(run: RunData) -> str:
         parts.append(_table(["hyperparameter", "importance"], [[k, v] for k, v in imp.items()]))
     parts.append(f"<p class='note'>{html.escape(note)}</p>")
 
+    parts.append("<h2>GPU use</h2>")
+    parts.append(_utilization_html(run))
+
     parts.append("<h2>Failed and stopped trials</h2>")
     ended = [t for t in run.trials if t.state in ("failed", "stopped early")]
     if ended:
@@ -392,6 +395,28 @@ def render(run: RunData) -> str:
                           _hp(t.config)] for t in run.trials]))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _utilization_html(run: RunData) -> str:
+    """Busy fraction, start-up and hand-over times, trials per device-hour (utilization.py)."""
+    from grpo_ray.utilization import summary_line, utilization
+
+    use = utilization((t.last, t.state in ("finished", "stopped early")) for t in run.trials)
+    if not use:
+        return "<p class='note'>No trial has reported yet.</p>"
+    rows = [["devices", use["devices"]], ["wall time (s)", use["wall_s"]],
+            ["busy fraction", use["busy_fraction"]],
+            ["busy fraction after each device's first trial", use["busy_fraction_after_first"]],
+            ["trials per device-hour", use["trials_per_device_hour"]]]
+    for name, key in [("start-up, cold (s)", ("startup_s", "cold")), ("start-up, reused model (s)", ("startup_s", "warm")),
+                      ("hand-over between trials (s)", ("handoff_s",))]:
+        st = use[key[0]] if len(key) == 1 else use[key[0]][key[1]]
+        if st:
+            rows.append([name, f"median {st['median']:.1f}, max {st['max']:.1f} over {st['n']} trials"])
+    note = ("Busy: from a trial's first training step or evaluation to its last report. Start-up: trial start to "
+            "first step. Hand-over: the previous trial's end on the same actor (or device) to this trial's first step.")
+    return (f"<p>{html.escape(summary_line(use))}.</p>" + _table(["", "value"], rows)
+            + f"<p class='note'>{html.escape(note)}</p>")
 
 
 def _hp(config: dict[str, Any]) -> str:

@@ -76,7 +76,10 @@ def status_table(trials: list[TrialStatus]):
     """A rich table: one row per trial with its state, progress, objectives and hyperparameters."""
     from rich.table import Table
 
-    table = Table(title=f"{len(trials)} trials")
+    from grpo_ray.utilization import summary_line, utilization
+
+    use = utilization((t.last, t.status == "TERMINATED") for t in trials)
+    table = Table(title=f"{len(trials)} trials", caption=summary_line(use))
     causes = any(t.cause for t in trials)
     for col in ["trial", "state", "step", "reward", "eval acc", "format", "hyperparameters"] + (["cause"] if causes else []):
         table.add_column(col, overflow="fold")

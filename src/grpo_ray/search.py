@@ -153,7 +153,8 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
                 scheduler=scheduler,
                 num_samples=spec.search.num_samples,
                 max_concurrent_trials=spec.search.max_concurrent_trials,
-                reuse_actors=False,
+                # A finished trial's actor runs the next one with its model still loaded (trial/warm.py).
+                reuse_actors=spec.trial.reuse_model,
             ),
             run_config=tune.RunConfig(
                 name=spec.name,

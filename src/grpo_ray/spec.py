@@ -54,7 +54,9 @@ class ModelSpec(_Strict):
         description="Hub name, local HF directory, a .gguf file, or 'builtin:tiny-qwen3'.",
     )
     max_seq_length: int = Field(2048, gt=0, description="Longest prompt + completion, in tokens.")
-    gpu_memory_utilization: float = Field(0.7, gt=0, le=1, description="vLLM's share of the GPU (unsloth backend).")
+    gpu_memory_utilization: float = Field(
+        0.7, gt=0, le=1, description="vLLM's share of the trial's GPU (unsloth backend); with trials packed on a "
+        "GPU (resources.gpu below 1) the share of the trial's slice: 0.7 at gpu 0.5 reserves 35% of the card.")
     load_in_4bit: bool = Field(False, description="QLoRA base weights (unsloth backend).")
     add_bos: Literal["auto", "always", "never"] = Field(
         "auto", description="Put BOS in front of every prompt; auto = when the tokenizer has one (Gemma needs it)."
@@ -270,6 +272,11 @@ class TrialSpec(_Strict):
         1800, gt=0, description="End a trial that finishes no SFT/GRPO step or evaluation for this long (a hung "
         "generation or reward function); null disables. The first GRPO step on a cold GPU compiles for minutes."
     )
+    reuse_model: bool = Field(
+        True, description="Keep a trial's loaded base model (and vLLM engine) in its Ray actor for the next "
+        "trial, which only gets a fresh LoRA, optimizer and settings: no model load, no engine start-up, no "
+        "recompilation between trials (trial/warm.py). false: every trial starts a fresh process."
+    )
 
 
 class SweepSpec(_Strict):
@@ -341,6 +348,12 @@ class SweepSpec(_Strict):
     def max_lora_rank(self) -> int:
         """The largest rank any trial can sample (vLLM reserves LoRA slots for it)."""
         return self._largest("lora.rank", self.lora.rank)
+
+    def vllm_memory_share(self) -> float:
+        """vLLM's ``gpu_memory_utilization``: the spec's share of this trial's slice of the GPU, so
+        trials packed on one card (``resources.gpu`` below 1) split its memory instead of each
+        reserving the same share of the whole card."""
+        return self.model.gpu_memory_utilization * min(1.0, self.resources.gpu or 1.0)
 
     def max_grpo_steps(self) -> int:
         """The most GRPO steps any trial can run (early stopping's horizon)."""

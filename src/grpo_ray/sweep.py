@@ -31,6 +31,7 @@ class SweepOutcome:
     best_json: dict[str, Any] | None
     trials: list[TrialRecord]
     seconds: float
+    utilization: dict[str, Any] | None = None
 
 
 def _clean(v: Any) -> Any:
@@ -127,9 +128,13 @@ def quantized_agreement(spec: SweepSpec, trial_spec: SweepSpec, tok: Any, ggufs:
 def finish(spec: SweepSpec, storage_root: str, trials: list[TrialRecord], seconds: float,
            progress: Callable[[str], None]) -> SweepOutcome:
     """Select the winner, export it and write trials.json and best.json."""
+    from grpo_ray.utilization import utilization
+
     run_dir = storage.join(storage_root, spec.name)
     storage.write_text(storage.join(run_dir, "trials.json"), json.dumps([_record_json(t) for t in trials], indent=2))
     storage.write_text(storage.join(run_dir, "spec.resolved.yaml"), dump_spec(spec))
+    use = utilization((t.metrics, t.error is None) for t in trials)
+    storage.write_text(storage.join(run_dir, "utilization.json"), json.dumps(use, indent=2))
     objectives = [(o.metric, o.mode) for o in spec.search.objectives]
     best = pick_best(trials, objectives)
     if best is None:
@@ -142,8 +147,9 @@ def finish(spec: SweepSpec, storage_root: str, trials: list[TrialRecord], second
                          f"trials.json are in {run_dir}")
     info = export_best(spec, run_dir, trials, best, progress)
     info["sweep_seconds"] = round(seconds, 1)
+    info["utilization"] = use
     storage.write_text(storage.join(run_dir, "best", "best.json"), json.dumps(info, indent=2, default=str))
-    return SweepOutcome(run_dir=run_dir, best=best, best_json=info, trials=trials, seconds=seconds)
+    return SweepOutcome(run_dir=run_dir, best=best, best_json=info, trials=trials, seconds=seconds, utilization=use)
 
 
 def export_best(spec: SweepSpec, run_dir: str, trials: list[TrialRecord], best: TrialRecord,

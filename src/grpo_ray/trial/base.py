@@ -21,7 +21,11 @@ class Backend(Protocol):
     name: str
     tokenizer: Any
 
-    def load(self, model_dir: str, spec: SweepSpec) -> None: ...
+    def load(self, model_dir: str, spec: SweepSpec) -> None: ...  # the base model, then new_adapter(spec)
+
+    # A fresh LoRA for ``spec`` (rank, alpha, dropout, targets), initialised from its seed; the
+    # one before it is dropped. A warm actor's next trial starts here (trial/warm.py).
+    def new_adapter(self, spec: SweepSpec) -> None: ...
 
     # ``callbacks``: transformers TrainerCallbacks the trial hands to the trainer (progress
     # reporting, the NaN and hang guards); the backend passes them on unchanged.

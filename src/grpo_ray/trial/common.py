@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -75,6 +76,14 @@ def load_lora_weights(model: Any, adapter_dir: Path) -> None:
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise RuntimeError(f"{adapter_dir}: adapter weights this model has no place for: {unexpected[:3]}")
+
+
+def seed_adapter_init(spec: SweepSpec) -> None:
+    """Seed every RNG a new LoRA's initialisation draws from, so that a trial's adapter starts
+    the same whether its process is fresh or reused from an earlier trial (trial/warm.py)."""
+    from transformers import set_seed
+
+    set_seed(spec.grpo.seed)
 
 
 def lora_alpha(spec: SweepSpec) -> int:
@@ -166,3 +175,23 @@ class StepReporter(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
         if logs and "reward" in logs:
             self.on_step(int(state.global_step), dict(logs))
+
+
+class FirstStep(TrainerCallback):
+    """Remembers when a trial first put the GPU to work: its first training loop or evaluation."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def mark(self) -> None:
+        if self.at is None:
+            self.at = time.time()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.mark()
+
+    def metrics(self, started_at: float) -> dict[str, float]:
+        """``first_step_at`` (unix time) and ``startup_s`` (from the trial's start to it)."""
+        if self.at is None:
+            return {}
+        return {"first_step_at": self.at, "startup_s": self.at - started_at}

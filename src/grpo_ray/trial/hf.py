@@ -17,6 +17,7 @@ from grpo_ray.trial.common import (
     load_lora_weights,
     lora_alpha,
     prepare_tokenizer,
+    seed_adapter_init,
     sft_config_kwargs,
 )
 
@@ -31,17 +32,22 @@ class HFBackend:
 
     def load(self, model_dir: str, spec: SweepSpec) -> None:
         import torch
-        from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from grpo_ray.trial import cpu_logprob
 
         cpu_logprob.install()  # TRL's SFT and GRPO losses both need it where Triton is missing
-        self.tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir), spec)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-        if torch.cuda.is_available():
-            base = base.to("cuda")
+        self.model = base.to("cuda") if torch.cuda.is_available() else base
+        self.new_adapter(spec)
+
+    def new_adapter(self, spec: SweepSpec) -> None:
+        """Replace the LoRA (if any) with a fresh one of ``spec``'s rank, initialised from its seed."""
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        base = self.model.unload() if isinstance(self.model, PeftModel) else self.model  # LoRA layers out
         lora = LoraConfig(
             r=spec.lora.rank,
             lora_alpha=lora_alpha(spec),
@@ -49,7 +55,9 @@ class HFBackend:
             target_modules=spec.lora.target_modules,
             task_type="CAUSAL_LM",
         )
+        seed_adapter_init(spec)
         self.model = get_peft_model(base, lora)
+        self.tokenizer = prepare_tokenizer(self.tokenizer, spec)
 
     def sft(self, messages: list[list[dict[str, str]]], spec: SweepSpec, callbacks: list[Any]) -> dict[str, float]:
         from datasets import Dataset

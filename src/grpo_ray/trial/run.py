@@ -50,11 +50,14 @@ class WindowReporter:
                  first_step: int = 0) -> None:
         self.spec, self.base_weights, self.names, self.report = spec, base_weights, names, report
         self.window: list[dict[str, float]] = []
+        self.first_reward: float | None = None  # the first GRPO step's: warm vs fresh actor (bench/warm_sweep.py)
         # A resumed trial's trainer counts from 0 again; the trial's steps go on from its checkpoint.
         self.offset = self.last_reported = self.step = first_step
 
     def on_step(self, step: int, logs: dict[str, float]) -> None:
         step += self.offset
+        if self.first_reward is None:
+            self.first_reward = logs.get("reward")
         self.window.append(logs)
         self.step = step
         if step % self.spec.grpo.report_every == 0 or step >= self.spec.grpo.max_steps:
@@ -68,6 +71,8 @@ class WindowReporter:
         out["reward_weighted"] = _mean([x.get("reward", float("nan")) for x in w])
         out["format_rate"] = _mean([x.get(f"rewards/{FORMAT_RATE}/mean", float("nan")) for x in w])
         out["completion_length"] = _mean([x.get("completions/mean_length", float("nan")) for x in w])
+        if self.first_reward is not None:
+            out["first_step_reward"] = self.first_reward
         return out
 
     def flush(self, step: int) -> None:
@@ -97,44 +102,53 @@ def grpo_rows(data: Datasets, tokenizer: Any, spec: SweepSpec) -> list[dict[str,
 
 
 def run_trial(config: dict[str, Any], spec: SweepSpec, report=None,
-              record_fault: Callable[[str], None] | None = None, resume_from: Path | None = None) -> dict[str, float]:
+              record_fault: Callable[[str], None] | None = None, resume_from: Path | None = None,
+              context: dict[str, Any] | None = None) -> dict[str, float]:
     """Run one trial of ``spec`` with the sampled ``config`` ({dotted path: value}).
 
     ``report(metrics, checkpoint_dir)`` defaults to Ray Tune's ``tune.report``; tests and the
     benchmark can pass their own. ``record_fault(cause)`` keeps a cause that cannot be raised
     (a hang in native code ends the process). ``resume_from``: a checkpoint this trial reported
     before (a retry after its process or node died): its LoRA is loaded, the SFT warm-up and
-    the GRPO steps already done are skipped. Returns the last metrics reported.
+    the GRPO steps already done are skipped. ``context``: fixed values added to every report
+    (where the trial ran). Returns the last metrics reported.
     """
     trial_spec = apply_overrides(spec, config)
+    from grpo_ray.trial import warm
     from grpo_ray.trial.guard import TrialHungError, Watchdog
 
     watchdog = Watchdog(trial_spec.trial.step_timeout_s, write_cause=record_fault)
     try:
         with watchdog:
-            return _run(trial_spec, spec, report or _tune_report, watchdog, resume_from)
+            return _run(trial_spec, spec, report or _tune_report, watchdog, resume_from, context)
     except TrialHungError:
+        warm.release()
         raise TrialHungError(watchdog.cause) from None
+    except Exception:  # not SystemExit: Tune ends a stopped trial's thread with it, the model is fine
+        warm.release()  # a failed trial may leave the model in any state: the next one loads afresh
+        raise
 
 
-def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: Path | None) -> dict[str, float]:
-    from grpo_ray.trial.base import make_backend
+def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: Path | None,
+         context: dict[str, Any] | None) -> dict[str, float]:
+    from grpo_ray.models import resolve_model
+    from grpo_ray.trial import warm
 
-    backend = make_backend(trial_spec.backend)  # first: unsloth must be imported before trl
+    t0 = time.time()
+    # First: the unsloth backend must be imported before trl. A warm actor's model is reused.
+    backend, reused = warm.acquire(resolve_model(trial_spec.model.source), trial_spec)
+    t_loaded = time.time()
     import torch
 
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(trial_spec.resources.cpu)))
     from grpo_ray.evaluate import evaluate
-    from grpo_ray.models import resolve_model
     from grpo_ray.rewards import resolve_rewards
-    from grpo_ray.trial.common import StepReporter
+    from grpo_ray.trial.common import FirstStep, StepReporter
     from grpo_ray.trial.guard import TrialGuard
 
-    t0 = time.time()
-    data = load_datasets(trial_spec.data)
-    backend.load(resolve_model(trial_spec.model.source), trial_spec)
     watchdog.beat("loading the model")
+    data = load_datasets(trial_spec.data)
     fmt = trial_spec.format.to_format()
     eos = backend.tokenizer.eos_token
     names = [r.name for r in trial_spec.rewards]
@@ -144,9 +158,18 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
     weights = [r.weight for r in trial_spec.rewards] + [0.0]
     base_weights = {f.__name__: w for f, w in zip(funcs, spec.reward_weights().values())}
 
-    fixed: dict[str, float] = {"eval_size": float(len(data.eval))}
+    # When the GPU starts working for this trial: its first training step or evaluation.
+    # Start-up is everything before it (model load or adapter reset, data, trainer set-up).
+    busy = FirstStep()
+    fixed: dict[str, float] = {
+        "eval_size": float(len(data.eval)),
+        "trial_started_at": t0,
+        "load_s": t_loaded - t0,
+        "model_reused": float(reused),
+    } | (context or {})
 
     def held_out():  # greedy, on the same held-out set every time
+        busy.mark()
         ev = evaluate(backend, data.eval, fmt, trial_spec.data.eval.max_new_tokens)
         watchdog.beat("a held-out evaluation")
         return ev
@@ -164,7 +187,7 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
         if trial_spec.sft.enabled and data.sft:
             t_sft = time.time()
             msgs = [template.sft_messages(e.question, e.reasoning or "", e.answer, fmt) for e in data.sft]
-            fixed |= backend.sft(msgs, trial_spec, [TrialGuard(watchdog, trial_spec, "SFT")])
+            fixed |= backend.sft(msgs, trial_spec, [TrialGuard(watchdog, trial_spec, "SFT"), busy])
             fixed["sft_seconds"] = time.time() - t_sft
         ev = held_out()
         fixed |= {"sft_eval_accuracy": ev.accuracy, "sft_format_rate": ev.format_rate}
@@ -173,11 +196,12 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
 
     def report_window(step: int, metrics: dict[str, float]) -> None:
         ev = held_out()
-        metrics |= fixed | {
+        metrics |= fixed | busy.metrics(t0) | {
             "step": step,
             "eval_accuracy": ev.accuracy,
             "eval_format_rate": ev.format_rate,
             "elapsed_s": time.time() - t0,
+            "reported_at": time.time(),  # the trial's last report is its end (bench and report: utilization)
         }
         if torch.cuda.is_available():  # vLLM's KV cache lives in torch's allocator too (Unsloth)
             metrics["gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -189,7 +213,7 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
         last.update(metrics)
 
     reporter = WindowReporter(trial_spec, base_weights, func_names, report_window, first_step)
-    callbacks = [TrialGuard(watchdog, trial_spec, "GRPO"), StepReporter(reporter.on_step)]
+    callbacks = [TrialGuard(watchdog, trial_spec, "GRPO"), StepReporter(reporter.on_step), busy]
     grpo_spec = trial_spec
     if first_step:
         if first_step >= trial_spec.grpo.max_steps:  # it died after its last report: nothing left to do
@@ -220,12 +244,21 @@ def tune_trainable(config: dict[str, Any], spec: SweepSpec) -> None:
     from ray import tune
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    context = _placement()
     checkpoint = tune.get_checkpoint()  # set when Tune retries this trial after a failure
     if checkpoint is None:
-        run_trial(config, spec, record_fault=_record_fault_in_storage)
+        run_trial(config, spec, record_fault=_record_fault_in_storage, context=context)
         return
     with checkpoint.as_directory() as d:  # local for a local run; downloaded from a bucket
-        run_trial(config, spec, record_fault=_record_fault_in_storage, resume_from=Path(d))
+        run_trial(config, spec, record_fault=_record_fault_in_storage, resume_from=Path(d), context=context)
+
+
+def _placement() -> dict[str, Any]:
+    """Where this trial runs: node, GPU(s) and worker process (utilization.py groups by them)."""
+    import ray
+
+    gpus = ",".join(str(g) for g in ray.get_gpu_ids())
+    return {"node": ray.get_runtime_context().get_node_id()[:12], "gpus": gpus, "worker_pid": os.getpid()}
 
 
 def _record_fault_in_storage(cause: str) -> None:

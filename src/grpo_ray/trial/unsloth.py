@@ -25,6 +25,7 @@ from grpo_ray.trial.common import (
     load_lora_weights,
     lora_alpha,
     prepare_tokenizer,
+    seed_adapter_init,
     sft_config_kwargs,
 )
 
@@ -41,8 +42,6 @@ class UnslothBackend:
     def load(self, model_dir: str, spec: SweepSpec) -> None:
         from unsloth import FastLanguageModel
 
-        self._spec = spec
-
         def _load() -> None:
             self.model, tokenizer = FastLanguageModel.from_pretrained(
                 model_name=model_dir,
@@ -50,20 +49,36 @@ class UnslothBackend:
                 load_in_4bit=spec.model.load_in_4bit,
                 fast_inference=True,
                 max_lora_rank=spec.max_lora_rank(),
-                gpu_memory_utilization=spec.model.gpu_memory_utilization,
+                gpu_memory_utilization=spec.vllm_memory_share(),
             )
-            self.model = FastLanguageModel.get_peft_model(
-                self.model,
-                r=spec.lora.rank,
-                target_modules=spec.lora.target_modules,
-                lora_alpha=lora_alpha(spec),
-                lora_dropout=spec.lora.dropout,
-                use_gradient_checkpointing="unsloth",
-                random_state=spec.grpo.seed,
-            )
-            self.tokenizer = prepare_tokenizer(tokenizer, spec)
+            self.tokenizer = tokenizer
 
         guard_memory(_load, spec)
+        self.new_adapter(spec)
+
+    def new_adapter(self, spec: SweepSpec) -> None:
+        """Replace the LoRA (if any) with a fresh one of ``spec``'s rank, initialised from its seed.
+
+        The base weights and the vLLM engine that shares them stay loaded (trial/warm.py): PEFT's
+        ``unload`` puts the base layers back, then Unsloth wraps the model again as on a fresh
+        load (Unsloth refuses a second ``get_peft_model`` on a model that still has a LoRA).
+        """
+        from peft import PeftModel
+        from unsloth import FastLanguageModel
+
+        self._spec = spec
+        base = self.model.unload() if isinstance(self.model, PeftModel) else self.model
+        seed_adapter_init(spec)
+        self.model = FastLanguageModel.get_peft_model(
+            base,
+            r=spec.lora.rank,
+            target_modules=spec.lora.target_modules,
+            lora_alpha=lora_alpha(spec),
+            lora_dropout=spec.lora.dropout,
+            use_gradient_checkpointing="unsloth",
+            random_state=spec.grpo.seed,
+        )
+        self.tokenizer = prepare_tokenizer(self.tokenizer, spec)
 
     def sft(self, messages: list[list[dict[str, str]]], spec: SweepSpec, callbacks: list[Any]) -> dict[str, float]:
         from datasets import Dataset

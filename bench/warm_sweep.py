@@ -1,0 +1,80 @@
+"""Issue #4 benchmark: how busy a sweep keeps its GPU, with and without warm trial actors.
+
+Runs bench/warm_sweep.yaml (gemma-3-270m, short SFT + 50 GRPO steps per trial, Unsloth + vLLM)
+as real sweeps through ``grpo_ray.sweep.run_sweep`` (Ray Tune + Optuna), one per mode:
+
+    reuse   trial.reuse_model: true, one trial per GPU (the default)
+    cold    trial.reuse_model: false: a fresh process, model load and vLLM start per trial
+    packed  two trials per GPU (resources.gpu: 0.5), models reused
+
+and writes, after each mode, the sweep's utilization (utilization.py: busy fraction, start-up,
+hand-over, trials per GPU-hour) and every trial's timings and first GRPO step reward. The
+modes use the same search seed, so trial k samples the same configuration in each: a warm
+trial's first-step reward can be compared with the same configuration on a fresh process.
+
+Usage (device, after ../shared/device/stage.sh --model; run detached, it outlasts one call):
+    python bench/warm_sweep.py --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --out /tmp/res/warm.json \
+        --modes reuse:12,cold:3,packed:4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from _common import commit, device_info  # bench/ is on sys.path when a script here runs
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = {
+    "reuse": {"trial.reuse_model": True},
+    "cold": {"trial.reuse_model": False},
+    "packed": {"trial.reuse_model": True, "resources.gpu": 0.5, "search.max_concurrent_trials": 2},
+}
+KEEP = ["trial_started_at", "first_step_at", "reported_at", "startup_s", "load_s", "model_reused", "worker_pid",
+        "gpus", "first_step_reward", "reward", "eval_accuracy", "step", "sft_seconds", "gpu_max_allocated_gib"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gguf", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--modes", default="reuse:12,cold:3,packed:4", help="mode:trials, comma-separated, in order")
+    ap.add_argument("--overrides", default="{}", help="JSON {dotted.path: value} applied to every mode")
+    args = ap.parse_args()
+
+    from grpo_ray.spec import apply_overrides, dump_spec, load_spec
+    from grpo_ray.sweep import run_sweep
+
+    base = apply_overrides(load_spec(REPO / "bench" / "warm_sweep.yaml"),
+                           {"model.source": args.gguf} | json.loads(args.overrides))
+    result = {"bench": "warm_sweep", "device": device_info(), "commit": commit("src", "bench"),
+              "command": "python bench/warm_sweep.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+              "config": json.loads(json.dumps(base.model_dump(mode="json", by_alias=True))), "modes": {}}
+    for item in args.modes.split(","):
+        mode, n = item.split(":")
+        spec = apply_overrides(base, MODES[mode] | {"name": f"warm-{mode}", "search.num_samples": int(n)})
+        t0 = time.time()
+        print(f"== {mode}: {n} trials", flush=True)
+        try:
+            out = run_sweep(spec, progress=print)
+        except Exception as e:  # record it and go on to the next mode: the lease is short
+            result["modes"][mode] = {"error": f"{type(e).__name__}: {e}"[-2000:], "wall_s": time.time() - t0}
+            Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+            continue
+        trials = [{"trial_id": t.trial_id, "config": t.config, "error": (t.error or "")[-300:] or None,
+                   **{k: t.metrics.get(k) for k in KEEP}} for t in out.trials]
+        trials.sort(key=lambda t: t["trial_started_at"] or 0)
+        result["modes"][mode] = {"overrides": MODES[mode], "trials_requested": int(n), "wall_s": time.time() - t0,
+                                 "utilization": out.utilization, "trials": trials}
+        print(json.dumps(out.utilization), flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    result["spec"] = dump_spec(base)
+    Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,85 @@
+"""Warm trial actors: the loaded base model (and its vLLM engine) outlives a trial.
+
+Loading is the dear part of a short trial: on the Unsloth + vLLM path a cold process pays
+minutes of engine start-up and compilation before its first step (README, "Keeping the GPU
+busy"). Ray Tune reuses a finished trial's actor for the next trial that asks for the same
+resources (``reuse_actors``, on with ``trial.reuse_model``); this module keeps the backend
+loaded in that process, so the next trial pays only for what is its own:
+
+- a new LoRA adapter of its rank, initialised from its seed through the same
+  :meth:`Backend.new_adapter` a fresh load ends with, so a trial starts from the same state on
+  a reused actor as on a fresh one (tests/test_warm.py checks the first steps match);
+- its optimizer, learning-rate schedule, sampling settings and reward weights, which every
+  trial builds afresh in its own trainers anyway.
+
+Anything that shapes the loaded model itself (the source, backend, sequence length, 4-bit
+loading, vLLM's memory share, the largest LoRA rank vLLM reserves room for) is the cache key:
+a trial that differs there loads its own model.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from grpo_ray.spec import SweepSpec
+from grpo_ray.trial.base import Backend, choose_backend, make_backend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Warm:
+    key: tuple[Any, ...]
+    backend: Backend
+
+
+_warm: _Warm | None = None  # this process's loaded model, kept between the trials Tune runs in it
+
+
+def load_key(model_dir: str, spec: SweepSpec) -> tuple[Any, ...]:
+    """What a loaded model depends on; two trials with equal keys can share it."""
+    m = spec.model
+    return (choose_backend(spec.backend), model_dir, m.max_seq_length, m.load_in_4bit,
+            m.gpu_memory_utilization, spec.max_lora_rank())
+
+
+def acquire(model_dir: str, spec: SweepSpec) -> tuple[Backend, bool]:
+    """A backend with ``model_dir`` loaded and a fresh adapter for ``spec``; True when it was warm."""
+    global _warm
+    key = load_key(model_dir, spec)
+    if spec.trial.reuse_model and _warm is not None and _warm.key == key:
+        try:
+            _warm.backend.new_adapter(spec)
+        except Exception as e:  # a reuse that fails costs a load, never the trial
+            log.warning("could not reuse the loaded model (%s: %s); loading it again", type(e).__name__, e)
+        else:
+            _reset_device_stats()
+            return _warm.backend, True
+    release()
+    backend = make_backend(spec.backend)
+    backend.load(model_dir, spec)
+    if spec.trial.reuse_model:
+        _warm = _Warm(key, backend)
+    return backend, False
+
+
+def release() -> None:
+    """Drop this process's warm model (a trial that failed may have left it in any state)."""
+    global _warm
+    if _warm is None:
+        return
+    _warm = None
+    gc.collect()
+    _reset_device_stats()
+
+
+def _reset_device_stats() -> None:
+    # Each trial reports its own peak memory, not the largest of every trial this actor ran.
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()

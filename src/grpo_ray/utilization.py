@@ -1,0 +1,126 @@
+"""How well a sweep kept its GPUs busy, from what its trials reported.
+
+Every trial reports when it started (``trial_started_at``), when it first put its device to
+work (``first_step_at``: its first training loop or evaluation), when it reported
+(``reported_at``; the last report is its end), whether its model was reused from the
+actor's previous trial (``model_reused``) and where it ran (``node``, ``gpus``,
+``worker_pid``; trial/run.py). From those alone, so ``status`` and ``report`` can say it for
+a running sweep too:
+
+- busy time of a device: the union of its trials' ``[first_step_at, last reported_at]``
+  (packed trials overlap on one GPU); everything else on it is start-up, hand-over or idle;
+- ``busy_fraction``: busy time over wall time (first trial start to last report) x devices;
+  ``busy_fraction_after_first``: the same from the end of each device's first trial, where
+  a warm actor has nothing left to load;
+- ``startup_s``: trial start to first step, cold (model loaded) and warm (reused) apart;
+- ``handoff_s``: from the end of the trial before it on the same actor (a reused model) or,
+  for a fresh actor, on the same device, to this trial's first step;
+- ``trials_per_device_hour``: finished trials per wall hour per device.
+
+A device is a (node, GPU ids) pair; on a machine without GPUs, each worker process is one.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+
+@dataclass(frozen=True)
+class _Trial:
+    started: float
+    first_step: float
+    end: float
+    reused: bool
+    device: str
+    worker: str
+    finished: bool
+
+
+def _trial(m: dict[str, Any], finished: bool) -> _Trial | None:
+    try:
+        started, first, end = float(m["trial_started_at"]), float(m["first_step_at"]), float(m["reported_at"])
+    except (KeyError, TypeError, ValueError):
+        return None  # no report yet (or from a grpo-ray before these metrics)
+    node, gpus, pid = m.get("node", "?"), str(m.get("gpus") or ""), str(m.get("worker_pid", "?"))
+    worker = f"{node}/pid{pid}"
+    return _Trial(started, first, end, bool(m.get("model_reused")), f"{node}/gpu{gpus}" if gpus else worker,
+                  worker, finished)
+
+
+def _union(intervals: Iterable[tuple[float, float]], lo: float, hi: float) -> float:
+    """Length of the union of ``intervals`` clipped to ``[lo, hi]``."""
+    total, cur_a, cur_b = 0.0, None, None
+    for a, b in sorted((max(a, lo), min(b, hi)) for a, b in intervals):
+        if b <= a:
+            continue
+        if cur_b is None or a > cur_b:
+            total += (cur_b - cur_a) if cur_b is not None else 0.0
+            cur_a, cur_b = a, b
+        else:
+            cur_b = max(cur_b, b)
+    return total + ((cur_b - cur_a) if cur_b is not None else 0.0)
+
+
+def _stats(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"n": len(values), "mean": round(statistics.fmean(values), 2),
+            "median": round(statistics.median(values), 2), "max": round(max(values), 2)}
+
+
+def utilization(trials: Iterable[tuple[dict[str, Any], bool]]) -> dict[str, Any] | None:
+    """Sweep-level numbers from ``(last metrics, finished)`` per trial; None before any report."""
+    ts = [t for t in (_trial(m, fin) for m, fin in trials) if t is not None]
+    if not ts:
+        return None
+    start, end = min(t.started for t in ts), max(t.end for t in ts)
+    wall = max(end - start, 1e-9)
+    devices = sorted({t.device for t in ts})
+    busy = after_busy = after_wall = 0.0
+    handoffs: list[float] = []
+    for dev in devices:
+        on = sorted((t for t in ts if t.device == dev), key=lambda t: t.first_step)
+        busy += _union(((t.first_step, t.end) for t in on), start, end)
+        first_end = min(t.end for t in on)
+        after_wall += end - first_end
+        after_busy += _union(((t.first_step, t.end) for t in on), first_end, end)
+        for t in on:
+            # The trial it took over from: the last to end before it started, on its actor when
+            # it reused that actor's model, else on its device.
+            lane = [p for p in on if p is not t and p.end <= t.started
+                    and (p.worker == t.worker if t.reused else True)]
+            if lane:
+                handoffs.append(t.first_step - max(p.end for p in lane))
+    return {
+        "trials": len(ts),
+        "finished": sum(t.finished for t in ts),
+        "devices": len(devices),
+        "wall_s": round(wall, 1),
+        "busy_fraction": round(busy / (wall * len(devices)), 4),
+        "busy_fraction_after_first": round(after_busy / after_wall, 4) if after_wall > 0 else None,
+        "startup_s": {"cold": _stats([t.first_step - t.started for t in ts if not t.reused]),
+                      "warm": _stats([t.first_step - t.started for t in ts if t.reused])},
+        "handoff_s": _stats(handoffs),
+        "trials_per_device_hour": round(sum(t.finished for t in ts) / (wall / 3600 * len(devices)), 2),
+    }
+
+
+def summary_line(u: dict[str, Any] | None) -> str:
+    """One line for the CLI and the report."""
+    if not u:
+        return "utilization: no trial has reported yet"
+    warm = u["startup_s"]["warm"]
+    cold = u["startup_s"]["cold"]
+    parts = [f"busy {u['busy_fraction']:.0%} of {u['wall_s']:.0f} s on {u['devices']} device(s)"]
+    if u["busy_fraction_after_first"] is not None:
+        parts.append(f"{u['busy_fraction_after_first']:.0%} after each device's first trial")
+    if cold:
+        parts.append(f"start-up cold {cold['median']:.1f} s (x{cold['n']})")
+    if warm:
+        parts.append(f"warm {warm['median']:.1f} s (x{warm['n']})")
+    if u["handoff_s"]:
+        parts.append(f"hand-over median {u['handoff_s']['median']:.1f} s")
+    parts.append(f"{u['trials_per_device_hour']:.1f} trials per device-hour")
+    return "utilization: " + ", ".join(parts)

@@ -1,0 +1,40 @@
+"""Sweep-level GPU use (utilization.py) from the timings trials report."""
+
+import pytest
+
+from grpo_ray.utilization import summary_line, utilization
+
+
+def _t(start, first, end, pid, reused, gpus="0", node="n1"):
+    return ({"trial_started_at": start, "first_step_at": first, "reported_at": end, "worker_pid": pid,
+             "model_reused": float(reused), "gpus": gpus, "node": node}, True)
+
+
+def test_one_gpu_with_a_warm_actor():
+    # A cold trial (100 s of start-up), then two trials on the same actor, 2 s and 4 s to their first step.
+    u = utilization([_t(0, 100, 200, 7, False), _t(201, 203, 300, 7, True), _t(301, 305, 400, 7, True)])
+    assert u["devices"] == 1 and u["wall_s"] == 400 and u["finished"] == 3
+    assert u["busy_fraction"] == pytest.approx((100 + 97 + 95) / 400, abs=1e-4)
+    assert u["busy_fraction_after_first"] == pytest.approx((97 + 95) / 200, abs=1e-4)
+    assert u["startup_s"]["cold"]["median"] == 100 and u["startup_s"]["warm"]["median"] == 3
+    assert u["handoff_s"] == {"n": 2, "mean": 4.0, "median": 4.0, "max": 5.0}
+    assert u["trials_per_device_hour"] == pytest.approx(3 / (400 / 3600), rel=1e-3)
+    assert "busy 73%" in summary_line(u)
+
+
+def test_packed_trials_overlap_on_one_gpu_and_gpus_are_apart():
+    # Two trials share GPU 0 at the same time; a third runs alone on GPU 1.
+    u = utilization([_t(0, 10, 110, 1, False), _t(0, 20, 120, 2, False), _t(0, 60, 120, 3, False, gpus="1")])
+    assert u["devices"] == 2
+    assert u["busy_fraction"] == pytest.approx((110 + 60) / (120 * 2), abs=1e-4)  # GPU 0 is busy 10..120, not 200 s
+    assert u["handoff_s"] is None  # nobody took over from anybody
+
+
+def test_a_fresh_process_hands_over_from_the_trial_before_it_on_its_gpu():
+    u = utilization([_t(0, 90, 190, 1, False), _t(195, 280, 380, 2, False)])
+    assert u["handoff_s"]["max"] == 90 and u["startup_s"]["warm"] is None
+
+
+def test_no_report_yet():
+    assert utilization([({"step": 1}, False)]) is None
+    assert "no trial has reported" in summary_line(None)

@@ -1,0 +1,110 @@
+"""Warm trial actors (trial/warm.py): a trial on a reused model starts as it would on a fresh one.
+
+Real TRL SFT + GRPO trials of the smoke spec on the tiny Qwen3 (hf backend), in this process
+the way Ray Tune runs consecutive trials in one reused actor.
+"""
+
+import math
+
+import pytest
+from safetensors.torch import load_file
+
+from grpo_ray.spec import RewardSpec, apply_overrides, load_spec
+from grpo_ray.trial import warm
+from grpo_ray.trial.run import run_trial
+from conftest import REPO
+
+# Trial B differs from trial A in everything a trial owns: LoRA rank, learning rates, sampling,
+# group size and reward weights. Weight decay is off so only gradients move the adapter.
+TRIAL_A = {"lora.rank": 8, "grpo.learning_rate": 5e-4, "grpo.temperature": 1.2, "grpo.num_generations": 4,
+           "rewards.check_answer.weight": 0.5, "grpo.weight_decay": 0.0}
+TRIAL_B = {"lora.rank": 4, "grpo.learning_rate": 2e-3, "grpo.temperature": 0.8, "grpo.num_generations": 2,
+           "rewards.check_answer.weight": 2.0, "grpo.weight_decay": 0.0}
+
+
+def _run(spec, config, keep):
+    reports = []
+
+    def report(metrics, ckpt_dir):
+        reports.append((dict(metrics), load_file(f"{ckpt_dir}/adapter_model.safetensors")))
+
+    run_trial(config, spec, report=report)
+    keep.append(reports)
+    return reports
+
+
+def _spec():
+    # test_trial's digit reward varies within a group, so GRPO has a gradient to follow.
+    spec = load_spec(REPO / "sweeps" / "smoke.yaml")
+    return spec.model_copy(update={"rewards": [*spec.rewards, RewardSpec(name="test_trial:digit_reward", weight=0.5)]})
+
+
+@pytest.fixture(scope="module")
+def b_fresh_and_reused(tiny_model_dir):
+    spec = _spec()
+    runs: list = []
+    warm.release()
+    _run(spec, TRIAL_A, runs)   # a fresh actor: loads the model
+    reused = _run(spec, TRIAL_B, runs)  # the next trial in the same actor: the model stays
+    warm.release()              # what a fresh actor would have
+    fresh = _run(spec, TRIAL_B, runs)
+    warm.release()
+    return runs[0], reused, fresh
+
+
+def test_the_next_trial_reuses_the_loaded_model(b_fresh_and_reused):
+    a, reused, fresh = b_fresh_and_reused
+    assert a[0][0]["model_reused"] == 0.0 and fresh[0][0]["model_reused"] == 0.0
+    assert reused[0][0]["model_reused"] == 1.0
+    # Its adapter is its own: rank 4 (lora_A is r x in_features), not trial A's rank 8.
+    shapes = {k: tuple(v.shape) for k, v in reused[0][1].items() if "lora_A" in k}
+    assert shapes and all(s[0] == 4 for s in shapes.values())
+    for m in (a[0][0], reused[0][0]):
+        assert m["startup_s"] >= 0 and m["first_step_at"] >= m["trial_started_at"]
+        assert m["reported_at"] >= m["first_step_at"]
+
+
+def test_a_reused_actor_gives_the_same_trial_as_a_fresh_one(b_fresh_and_reused):
+    """Same adapter init from the seed, no optimizer, scheduler or sampling state carried over
+    from trial A: every report of trial B, metrics and LoRA weights, equals the fresh run's."""
+    _, reused, fresh = b_fresh_and_reused
+    assert [m["step"] for m, _ in reused] == [m["step"] for m, _ in fresh]
+    timing = {"trial_started_at", "first_step_at", "reported_at", "startup_s", "load_s", "elapsed_s",
+              "sft_seconds", "model_reused"}
+    for (m_r, w_r), (m_f, w_f) in zip(reused, fresh):
+        for key in set(m_f) - timing:
+            a, b = m_r[key], m_f[key]
+            assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), (m_f["step"], key, a, b)
+        assert set(w_r) == set(w_f)
+        assert all((w_r[k] == w_f[k]).all() for k in w_f), f"step {m_f['step']}: LoRA weights differ"
+    # The comparison has teeth: trial B's training moved its adapter between reports.
+    first, last = fresh[0][1], fresh[-1][1]
+    assert any(not (first[k] == last[k]).all() for k in first)
+
+
+def test_what_shapes_the_loaded_model_is_the_cache_key(tiny_model_dir):
+    spec = load_spec(REPO / "sweeps" / "smoke.yaml")
+    model = str(tiny_model_dir)
+    warm.release()
+    first, reused = warm.acquire(model, spec)
+    assert not reused
+    again, reused = warm.acquire(model, apply_overrides(spec, {"lora.rank": 4, "grpo.learning_rate": 1e-4}))
+    assert reused and again is first
+    longer, reused = warm.acquire(model, apply_overrides(spec, {"model.max_seq_length": 512}))
+    assert not reused and longer is not first
+    off, reused = warm.acquire(model, apply_overrides(spec, {"trial.reuse_model": False}))
+    assert not reused and off is not longer
+    _, reused = warm.acquire(model, spec)  # reuse off kept nothing to reuse
+    assert not reused
+    warm.release()
+
+
+def test_a_failed_trial_leaves_no_model_behind(tiny_model_dir):
+    spec = load_spec(REPO / "sweeps" / "smoke.yaml")
+    warm.release()
+    # No GRPO prompt fits 8 tokens: the trial fails after loading the model and its SFT.
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        run_trial({"grpo.max_prompt_length": 8, "sft.max_steps": 1}, spec, report=lambda m, d: None)
+    _, reused = warm.acquire(str(tiny_model_dir), spec)
+    assert not reused
+    warm.release()
