@@ -59,7 +59,8 @@ def main() -> None:
         t0 = time.time()
         print(f"== {mode}: {n} trials", flush=True)
         try:
-            out = run_sweep(spec, progress=print)
+            out = run_sweep(spec, progress=print, on_event=lambda kind, data: print(
+                f"[{time.time() - t0:7.1f}s] {kind}", {k: v for k, v in data.items() if k != 'config'}, flush=True))
         except Exception as e:  # record it and go on to the next mode: the lease is short
             result["modes"][mode] = {"error": f"{type(e).__name__}: {e}"[-2000:], "wall_s": time.time() - t0}
             Path(args.out).write_text(json.dumps(result, indent=1, default=str))
