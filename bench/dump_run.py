@@ -1,0 +1,35 @@
+"""Dump a sweep's trials (Tune's newest snapshot) and its utilization as JSON, while it runs or after.
+
+For a benchmark sweep cut short by the end of a device lease (bench/warm_sweep.py writes its
+JSON only when a mode finishes):  python bench/dump_run.py RUN_DIR OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from _common import commit, device_info  # bench/ is on sys.path when a script here runs
+
+KEEP = ["trial_started_at", "first_step_at", "reported_at", "startup_s", "load_s", "model_reused", "worker_pid",
+        "gpus", "first_step_reward", "reward", "eval_accuracy", "sft_eval_accuracy", "step", "sft_seconds",
+        "gpu_max_allocated_gib"]
+
+
+def main(run_dir: str, out: str) -> None:
+    from grpo_ray.report import read_status
+    from grpo_ray.utilization import utilization
+
+    trials = sorted(read_status(run_dir), key=lambda t: t.last.get("trial_started_at") or float("inf"))
+    rows = [{"trial_id": t.trial_id, "status": t.status, "config": t.config, **{k: t.last.get(k) for k in KEEP}}
+            for t in trials]
+    result = {"run_dir": run_dir, "device": device_info(), "commit": commit("src", "bench"),
+              "command": f"python bench/dump_run.py {run_dir} {out}",
+              "utilization": utilization((t.last, t.status == "TERMINATED") for t in trials), "trials": rows}
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(json.dumps(result["utilization"]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
