@@ -1,7 +1,7 @@
 """Dump a sweep's trials (Tune's newest snapshot) and its utilization as JSON, while it runs or after.
 
-For a benchmark sweep cut short by the end of a device lease (bench/warm_sweep.py writes its
-JSON only when a mode finishes):  python bench/dump_run.py RUN_DIR OUT.json
+For a benchmark sweep cut short by the end of a device lease:  python bench/dump_run.py RUN_DIR OUT.json
+(bench/warm_sweep.py also writes this snapshot into its own JSON after every trial).
 """
 
 from __future__ import annotations
@@ -16,20 +16,23 @@ KEEP = ["trial_started_at", "first_step_at", "reported_at", "startup_s", "load_s
         "gpu_max_allocated_gib"]
 
 
-def main(run_dir: str, out: str) -> None:
+def snapshot(run_dir: str) -> dict:
+    """The sweep so far, from Tune's newest experiment snapshot (what `grpo-ray status` reads)."""
     from grpo_ray.report import read_status
     from grpo_ray.utilization import utilization
 
     trials = sorted(read_status(run_dir), key=lambda t: t.last.get("trial_started_at") or float("inf"))
-    rows = [{"trial_id": t.trial_id, "status": t.status, "config": t.config, **{k: t.last.get(k) for k in KEEP}}
-            for t in trials]
+    return {"utilization": utilization((t.last, t.status == "TERMINATED") for t in trials),
+            "trials": [{"trial_id": t.trial_id, "status": t.status, "config": t.config,
+                        **{k: t.last.get(k) for k in KEEP}} for t in trials]}
+
+
+def main(run_dir: str, out: str) -> None:
     result = {"run_dir": run_dir, "device": device_info(), "commit": commit("src", "bench"),
-              "command": f"python bench/dump_run.py {run_dir} {out}",
-              "utilization": utilization((t.last, t.status == "TERMINATED") for t in trials), "trials": rows}
+              "command": f"python bench/dump_run.py {run_dir} {out}", **snapshot(run_dir)}
     with open(out, "w") as f:
         json.dump(result, f, indent=1, default=str)
     print(json.dumps(result["utilization"]))
-
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from _common import commit, device_info  # bench/ is on sys.path when a script here runs
+from dump_run import KEEP, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = {
@@ -33,8 +34,6 @@ MODES = {
     "cold": {"trial.reuse_model": False},
     "packed": {"trial.reuse_model": True, "resources.gpu": 0.5, "search.max_concurrent_trials": 2},
 }
-KEEP = ["trial_started_at", "first_step_at", "reported_at", "startup_s", "load_s", "model_reused", "worker_pid",
-        "gpus", "first_step_reward", "reward", "eval_accuracy", "step", "sft_seconds", "gpu_max_allocated_gib"]
 
 
 def main() -> None:
@@ -58,9 +57,19 @@ def main() -> None:
         spec = apply_overrides(base, MODES[mode] | {"name": f"warm-{mode}", "search.num_samples": int(n)})
         t0 = time.time()
         print(f"== {mode}: {n} trials", flush=True)
+        run_dir = f"{spec.storage}/{spec.name}"
+
+        def on_event(kind: str, data: dict, mode: str = mode, run_dir: str = run_dir) -> None:
+            print(f"[{time.time() - t0:7.1f}s] {kind}", {k: v for k, v in data.items() if k != "config"}, flush=True)
+            if kind in ("complete", "error"):  # a lease can end mid-sweep: keep what is done so far
+                try:
+                    result["modes"][mode] = {"partial": True, **snapshot(run_dir)}
+                except FileNotFoundError:  # Tune has not written its first snapshot yet
+                    return
+                Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+
         try:
-            out = run_sweep(spec, progress=print, on_event=lambda kind, data: print(
-                f"[{time.time() - t0:7.1f}s] {kind}", {k: v for k, v in data.items() if k != 'config'}, flush=True))
+            out = run_sweep(spec, progress=print, on_event=on_event)
         except Exception as e:  # record it and go on to the next mode: the lease is short
             result["modes"][mode] = {"error": f"{type(e).__name__}: {e}"[-2000:], "wall_s": time.time() - t0}
             Path(args.out).write_text(json.dumps(result, indent=1, default=str))

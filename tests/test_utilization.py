@@ -35,6 +35,12 @@ def test_a_fresh_process_hands_over_from_the_trial_before_it_on_its_gpu():
     assert u["handoff_s"]["max"] == 90 and u["startup_s"]["warm"] is None
 
 
+def test_cpu_trials_share_their_node():
+    # No GPU ids: two fresh processes one after the other on one node are one device, 5 s apart.
+    u = utilization([_t(0, 1, 10, 1, False, gpus=""), _t(12, 15, 20, 2, False, gpus="")])
+    assert u["devices"] == 1 and u["handoff_s"]["max"] == 5 and u["busy_fraction"] == pytest.approx(0.7, abs=1e-4)
+
+
 def test_no_report_yet():
     assert utilization([({"step": 1}, False)]) is None
     assert "no trial has reported" in summary_line(None)

@@ -108,3 +108,26 @@ def test_a_failed_trial_leaves_no_model_behind(tiny_model_dir):
     _, reused = warm.acquire(str(tiny_model_dir), spec)
     assert not reused
     warm.release()
+
+
+def test_a_sweep_runs_its_next_trial_in_the_finished_trials_actor(tmp_path):
+    """A real Ray Tune sweep, one trial at a time: trial 2 runs in trial 1's actor, model loaded."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    doc = yaml.safe_load((REPO / "sweeps" / "smoke.yaml").read_text())
+    doc["search"] |= {"num_samples": 2, "max_concurrent_trials": 1}
+    doc["export"] = {"enabled": False}
+    spec_file = tmp_path / "one_at_a_time.yaml"
+    spec_file.write_text(yaml.safe_dump(doc))
+    r = subprocess.run([sys.executable, "-m", "grpo_ray.cli", "sweep", str(spec_file), "--storage", str(tmp_path)],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    trials = sorted((t["metrics"] for t in json.loads((tmp_path / "smoke" / "trials.json").read_text())),
+                    key=lambda m: m["trial_started_at"])
+    assert [m["model_reused"] for m in trials] == [0.0, 1.0]
+    assert trials[0]["worker_pid"] == trials[1]["worker_pid"]
+    assert trials[1]["load_s"] < trials[0]["load_s"]

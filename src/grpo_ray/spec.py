@@ -247,7 +247,16 @@ class SearchSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
-    gpu: float = Field(1.0, ge=0, description="GPUs per trial; a fraction packs trials onto one GPU.")
+    gpu: Union[float, Literal["auto"]] = Field(
+        "auto", description="GPUs per trial; a fraction packs trials onto one GPU (0.5: two per GPU). auto: 0 on a "
+        "machine without GPUs, 0.5 when the model's weights are at most 2% of the GPU's memory, else 1 (packing.py).")
+
+    @field_validator("gpu", mode="before")
+    @classmethod
+    def _gpu(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError("expected a number >= 0 (0.5 packs two trials per GPU) or 'auto'")
     cpu: float = Field(4.0, gt=0)
 
 
@@ -353,7 +362,8 @@ class SweepSpec(_Strict):
         """vLLM's ``gpu_memory_utilization``: the spec's share of this trial's slice of the GPU, so
         trials packed on one card (``resources.gpu`` below 1) split its memory instead of each
         reserving the same share of the whole card."""
-        return self.model.gpu_memory_utilization * min(1.0, self.resources.gpu or 1.0)
+        gpu = self.resources.gpu
+        return self.model.gpu_memory_utilization * (min(1.0, gpu) if isinstance(gpu, float) and gpu > 0 else 1.0)
 
     def max_grpo_steps(self) -> int:
         """The most GRPO steps any trial can run (early stopping's horizon)."""

@@ -291,8 +291,15 @@ def run_sweep(spec: SweepSpec, storage_root: str | None = None, resume: bool = F
     """The main job: search, select, export."""
     from grpo_ray.search import run_search
 
+    from grpo_ray.packing import resolve_resources
+    from grpo_ray.search import init_ray
+
     root = storage.normalize(storage_root or spec.storage)
     preflight(spec)
+    init_ray()  # before the resources: `auto` looks at the cluster's GPUs
+    spec, why = resolve_resources(spec)
+    if why:
+        progress(why)
     # Written now too, so `status` and `report` of a running sweep know its objectives and space;
     # and a storage that cannot be written fails here, before any GPU time is spent.
     try:

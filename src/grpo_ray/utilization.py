@@ -17,7 +17,7 @@ a running sweep too:
   for a fresh actor, on the same device, to this trial's first step;
 - ``trials_per_device_hour``: finished trials per wall hour per device.
 
-A device is a (node, GPU ids) pair; on a machine without GPUs, each worker process is one.
+A device is a (node, GPU ids) pair; trials without a GPU count their node's CPUs as one device.
 """
 
 from __future__ import annotations
@@ -44,9 +44,8 @@ def _trial(m: dict[str, Any], finished: bool) -> _Trial | None:
     except (KeyError, TypeError, ValueError):
         return None  # no report yet (or from a grpo-ray before these metrics)
     node, gpus, pid = m.get("node", "?"), str(m.get("gpus") or ""), str(m.get("worker_pid", "?"))
-    worker = f"{node}/pid{pid}"
-    return _Trial(started, first, end, bool(m.get("model_reused")), f"{node}/gpu{gpus}" if gpus else worker,
-                  worker, finished)
+    return _Trial(started, first, end, bool(m.get("model_reused")), f"{node}/gpu{gpus}" if gpus else f"{node}/cpu",
+                  f"{node}/pid{pid}", finished)
 
 
 def _union(intervals: Iterable[tuple[float, float]], lo: float, hi: float) -> float:
