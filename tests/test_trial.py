@@ -130,6 +130,8 @@ def test_a_retried_trial_resumes_from_its_checkpoint(trial_run, tmp_path):
     # SFT was not run again: its numbers (down to the wall time it took) are the first attempt's.
     for key in ["sft_seconds", "sft_loss", "sft_eval_accuracy"]:
         assert final[key] == reports[0][0][key], key
+    # But its timings are its own, not the checkpoint's (utilization.py counts each attempt).
+    assert final["trial_started_at"] > reports[-1][0]["reported_at"]
     a = load_file(step2 / "adapter_model.safetensors")
     b = load_file(resumed[-1][1] / "adapter_model.safetensors")
     assert set(a) == set(b) and all((a[k] == b[k]).all() for k in a)

@@ -147,7 +147,6 @@ def finish(spec: SweepSpec, storage_root: str, trials: list[TrialRecord], second
                          f"trials.json are in {run_dir}")
     info = export_best(spec, run_dir, trials, best, progress)
     info["sweep_seconds"] = round(seconds, 1)
-    info["utilization"] = use
     storage.write_text(storage.join(run_dir, "best", "best.json"), json.dumps(info, indent=2, default=str))
     return SweepOutcome(run_dir=run_dir, best=best, best_json=info, trials=trials, seconds=seconds, utilization=use)
 
@@ -166,6 +165,7 @@ def export_best(spec: SweepSpec, run_dir: str, trials: list[TrialRecord], best: 
         + "; then highest eval_accuracy, then the objectives in order, then lowest trial id",
         "pareto_front": [t.trial_id for t in pareto_front(trials, objectives)],
         "trials": {"total": len(trials), "errored": sum(1 for t in trials if t.error)},
+        "utilization": _utilization(run_dir),
     }
     if spec.export.enabled:
         t0 = time.time()
@@ -173,6 +173,12 @@ def export_best(spec: SweepSpec, run_dir: str, trials: list[TrialRecord], best: 
         info["export_seconds"] = round(time.time() - t0, 1)
     storage.write_text(storage.join(best_dir, "README.md"), model_card(spec, info))
     return info
+
+
+def _utilization(run_dir: str) -> dict[str, Any] | None:
+    """The sweep's GPU use that finish wrote, so a later `grpo-ray export` keeps it in best.json."""
+    path = storage.join(run_dir, "utilization.json")
+    return json.loads(storage.read_text(path)) if storage.exists(path) else None  # a run older than it
 
 
 def model_card(spec: SweepSpec, info: dict[str, Any]) -> str:

@@ -161,12 +161,9 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
     # When the GPU starts working for this trial: its first training step or evaluation.
     # Start-up is everything before it (model load or adapter reset, data, trainer set-up).
     busy = FirstStep()
-    fixed: dict[str, float] = {
-        "eval_size": float(len(data.eval)),
-        "trial_started_at": t0,
-        "load_s": t_loaded - t0,
-        "model_reused": float(reused),
-    } | (context or {})
+    fixed: dict[str, float] = {"eval_size": float(len(data.eval))}  # kept in checkpoints for a retry
+    # This attempt's own timings and place; a retry reports its own, not the checkpoint's.
+    attempt = {"trial_started_at": t0, "load_s": t_loaded - t0, "model_reused": float(reused)} | (context or {})
 
     def held_out():  # greedy, on the same held-out set every time
         busy.mark()
@@ -196,7 +193,7 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
 
     def report_window(step: int, metrics: dict[str, float]) -> None:
         ev = held_out()
-        metrics |= fixed | busy.metrics(t0) | {
+        metrics |= fixed | attempt | busy.metrics(t0) | {
             "step": step,
             "eval_accuracy": ev.accuracy,
             "eval_format_rate": ev.format_rate,
