@@ -6,6 +6,7 @@ OptunaSearch subclass on a real journal-file study; one test runs a real (small)
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -147,7 +148,7 @@ def test_a_missing_previous_run_fails_before_any_trial(tmp_path):
     (tmp_path / "w.yaml").write_text(yaml.safe_dump(spec))
     r = subprocess.run([sys.executable, "-m", "grpo_ray.cli", "sweep", str(tmp_path / "w.yaml"),
                         "--storage", str(tmp_path / "runs")], capture_output=True, text=True, cwd=REPO,
-                       env={"COLUMNS": "300", **__import__("os").environ}, timeout=300, check=False)
+                       env={**os.environ, "COLUMNS": "300"}, timeout=300, check=False)
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"search.warm_start: {tmp_path / 'nope'}: no such run directory" in r.stderr, r.stderr
     assert not (tmp_path / "runs" / "w").exists()
@@ -168,7 +169,7 @@ def test_a_warm_started_sweep_runs_its_own_trials_after_the_previous_ones(tmp_pa
     (tmp_path / "warm.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     r = subprocess.run([sys.executable, "-m", "grpo_ray.cli", "sweep", str(tmp_path / "warm.yaml"),
                         "--storage", str(tmp_path / "runs")], capture_output=True, text=True, cwd=REPO,
-                       env={"COLUMNS": "300", **__import__("os").environ}, timeout=600, check=False)
+                       env={**os.environ, "COLUMNS": "300"}, timeout=600, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout + r.stderr
     assert "warm start: 2 trial(s) from 1 previous run(s) given to Optuna as COMPLETE; skipped 1 (1 failed)" in out

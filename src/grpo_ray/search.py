@@ -14,13 +14,16 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from grpo_ray import storage
 from grpo_ray.report import trial_cause
 from grpo_ray.select import TrialRecord
 from grpo_ray.spec import (Choice, IntRange, LogUniform, SpecError, SweepSpec, Uniform, _in_domain, _slot,
                            parse_spec)
+
+if TYPE_CHECKING:
+    from grpo_ray.early_stop import PruningOptunaSearch
 
 # Receives ("start" | "result" | "complete" | "error", event data) from Tune's callback (see
 # tune_progress.py), and ("note", {"message": str}) for a line about the search itself.
@@ -154,7 +157,8 @@ def load_warm_start(spec: SweepSpec) -> WarmStart:
     return warm
 
 
-def make_searcher(spec: SweepSpec, storage_root: str | None = None, on_event: ProgressFn | None = None):
+def make_searcher(spec: SweepSpec, storage_root: str | None = None,
+                  on_event: ProgressFn | None = None) -> PruningOptunaSearch:
     import optuna
 
     from grpo_ray.early_stop import PruningOptunaSearch
