@@ -65,6 +65,9 @@ class _Display:
         self.task = self.progress.add_task("trials", total=total)
 
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "note":  # about the search, not a trial (e.g. search.warm_start)
+            self.progress.console.print(data["message"], highlight=False, markup=False)
+            return
         tid = data["trial_id"]
         if kind == "start":
             cfg = ", ".join(f"{k}={_fmt(v)}" for k, v in data["config"].items())

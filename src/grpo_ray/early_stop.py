@@ -69,7 +69,36 @@ class MarkStoppedEarly(Callback):
 
 
 class PruningOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna a trial stopped early as PRUNED, not COMPLETE."""
+    """OptunaSearch that tells Optuna a trial stopped early as PRUNED, not COMPLETE.
+
+    ``warm_start``: (params, objective values, source) of trials a previous sweep finished
+    (search.py, ``search.warm_start``), added to the study as COMPLETE when it is created.
+    Ray's own ``evaluated_rewards`` cannot carry them: it passes one ``value`` to Optuna
+    (a TypeError with several objectives) and turns every ``points_to_evaluate`` entry into an
+    evaluated trial, so the baseline could no longer be queued beside them.
+    """
+
+    WARM_START_ATTR = "warm_start"  # user attr naming the previous run and trial
+
+    def __init__(self, *args: Any, warm_start: list[tuple[dict[str, Any], list[float], str]] | None = None,
+                 **kwargs: Any) -> None:
+        self._warm_start = warm_start or []  # set first: the base class creates the study when given a space
+        super().__init__(*args, **kwargs)
+
+    def _setup_study(self, mode: str | list[str]) -> None:
+        import optuna
+
+        super()._setup_study(mode)  # Tune calls this once it passed the space (set_search_properties)
+        # A study loaded from storage (a rerun into the same journal or database) has them already.
+        have = {t.user_attrs.get(self.WARM_START_ATTR) for t in self._ot_study.get_trials(deepcopy=False)}
+        for params, values, source in self._warm_start:
+            if source in have:
+                continue
+            self._ot_study.add_trial(optuna.trial.create_trial(
+                params=params, distributions={k: self._space[k] for k in params},
+                values=values,
+                user_attrs={self.WARM_START_ATTR: source},
+            ))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if error or not result or not result.get(STOPPED_EARLY) or trial_id in self._completed_trials:

@@ -9,15 +9,24 @@ from their last checkpoint (see trial/run.py).
 
 from __future__ import annotations
 
+import json
+import math
 import os
-from typing import Any, Callable
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 from grpo_ray import storage
 from grpo_ray.report import trial_cause
 from grpo_ray.select import TrialRecord
-from grpo_ray.spec import Choice, IntRange, LogUniform, SweepSpec, Uniform
+from grpo_ray.spec import (Choice, IntRange, LogUniform, SpecError, SweepSpec, Uniform, _in_domain, _slot,
+                           parse_spec)
 
-# Receives ("start" | "result" | "complete" | "error", event data); see tune_progress.py.
+if TYPE_CHECKING:
+    from grpo_ray.early_stop import PruningOptunaSearch
+
+# Receives ("start" | "result" | "complete" | "error", event data) from Tune's callback (see
+# tune_progress.py), and ("note", {"message": str}) for a line about the search itself.
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
 
@@ -56,7 +65,100 @@ def study_storage(spec: SweepSpec, storage_root: str):
     return optuna.storages.JournalStorage(JournalFileBackend(os.path.join(run_dir, STUDY_JOURNAL)))
 
 
-def make_searcher(spec: SweepSpec, storage_root: str | None = None):
+@dataclass
+class WarmStart:
+    """The previous runs' trials a new study starts with (``search.warm_start``)."""
+
+    points: list[tuple[dict[str, Any], list[float], str]] = field(default_factory=list)  # params, values, source
+    skipped: Counter = field(default_factory=Counter)  # reason -> trials
+
+    def summary(self, runs: int) -> str:
+        why = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
+        return (f"warm start: {len(self.points)} trial(s) from {runs} previous run(s) given to Optuna as COMPLETE"
+                + (f"; skipped {sum(self.skipped.values())} ({why})" if why else ""))
+
+
+def _value_at(spec: SweepSpec, path: str) -> Any:
+    node, key = _slot(spec.model_dump(mode="python"), path)
+    return node[key]
+
+
+def _previous_spec(run: str) -> SweepSpec | None:
+    """The previous run's resolved spec, for the values its trials held fixed; None if unreadable."""
+    try:
+        return parse_spec(storage.read_text(storage.join(run, "spec.resolved.yaml")))
+    except (OSError, SpecError):
+        return None
+
+
+def _point(spec: SweepSpec, prev: SweepSpec | None, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The previous trial as a point of this space, or None when it is not one.
+
+    A path this sweep searches but the previous one held fixed takes the previous spec's value
+    (what the trial ran with): a trial without it would shrink the intersection space that
+    TPE (multivariate), NSGA-II and GP model jointly, for the whole sweep. A path the previous
+    run searched but this one holds fixed must equal this spec's value.
+    """
+    space = spec.search.space
+    params = {}
+    for path, dom in space.items():
+        if path in config:
+            value = config[path]
+        elif prev is None:
+            return None
+        else:
+            try:
+                value = _value_at(prev, path)
+            except SpecError:
+                return None
+        # Optuna's integer distribution refuses 3.0 where the spec's range check would take it.
+        if not _in_domain(value, dom) or (isinstance(dom, IntRange) and not isinstance(value, int)):
+            return None
+        params[path] = value
+    for path in config.keys() - space.keys():
+        try:
+            if _value_at(spec, path) != config[path]:
+                return None
+        except SpecError:  # a field (e.g. a reward) this spec does not have
+            return None
+    return params
+
+
+def load_warm_start(spec: SweepSpec) -> WarmStart:
+    """Read ``search.warm_start``'s runs; a run without trials.json is a SweepError naming it."""
+    from grpo_ray.sweep import SweepError
+
+    warm = WarmStart()
+    metrics = [o.metric for o in spec.search.objectives]
+    for entry in spec.search.warm_start:
+        run = storage.normalize(entry)
+        if not storage.exists(run):
+            raise SweepError(f"search.warm_start: {entry}: no such run directory")
+        try:
+            rows = json.loads(storage.read_text(storage.join(run, "trials.json")))
+        except (OSError, ValueError) as e:
+            why = "no trials.json (a finished sweep's directory has one)" if isinstance(e, OSError) else f"{e}"
+            raise SweepError(f"search.warm_start: {entry}: {why}") from None
+        if not isinstance(rows, list):
+            raise SweepError(f"search.warm_start: {entry}: trials.json is not a list of trials")
+        prev = _previous_spec(run)
+        for r in rows:
+            values = [(r.get("metrics") or {}).get(m) for m in metrics]
+            if r.get("error"):
+                warm.skipped["failed"] += 1
+            elif r.get("stopped_early"):
+                warm.skipped["stopped early"] += 1  # undertrained numbers: the study keeps them out too
+            elif not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                warm.skipped["without every objective"] += 1
+            elif (params := _point(spec, prev, r.get("config") or {})) is None:
+                warm.skipped["outside the space"] += 1
+            else:
+                warm.points.append((params, [float(v) for v in values], f"{entry}#{r.get('trial_id')}"))
+    return warm
+
+
+def make_searcher(spec: SweepSpec, storage_root: str | None = None,
+                  on_event: ProgressFn | None = None) -> PruningOptunaSearch:
     import optuna
 
     from grpo_ray.early_stop import PruningOptunaSearch
@@ -70,8 +172,15 @@ def make_searcher(spec: SweepSpec, storage_root: str | None = None):
     }
     metrics = [o.metric for o in s.objectives]
     modes = [o.mode for o in s.objectives]
-    # The seed recipe goes first, so every sweep is measured against it.
+    note = (lambda msg: on_event("note", {"message": msg})) if on_event else (lambda msg: None)
+    warm = load_warm_start(spec)
+    if s.warm_start:
+        note(warm.summary(len(s.warm_start)))
+    # The seed recipe goes first, so every sweep is measured against it; unless a previous run measured it.
     baseline = spec.baseline_point() if s.baseline_first else None
+    if baseline is not None and any(params == baseline for params, _, _ in warm.points):
+        note("baseline_first: the spec's own values were already evaluated in a previous run; not run again")
+        baseline = None
     return PruningOptunaSearch(  # OptunaSearch, plus: a trial stopped early is PRUNED in the study
         metric=metrics[0] if len(metrics) == 1 else metrics,
         mode=modes[0] if len(modes) == 1 else modes,
@@ -79,6 +188,7 @@ def make_searcher(spec: SweepSpec, storage_root: str | None = None):
         points_to_evaluate=[baseline] if baseline else None,
         study_name=spec.name,
         storage=study_storage(spec, storage_root) if storage_root else None,
+        warm_start=warm.points,
     )
 
 
@@ -148,7 +258,7 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
             trainable,
             param_space=param_space(spec),
             tune_config=tune.TuneConfig(
-                search_alg=make_searcher(spec, storage_root),
+                search_alg=make_searcher(spec, storage_root, on_event),
                 # ASHA carries its own single metric; the searcher keeps the objectives.
                 scheduler=scheduler,
                 num_samples=spec.search.num_samples,

@@ -232,6 +232,22 @@ class SearchSpec(_Strict):
         True, description="Run the spec's own values (the seed recipe) as the first trial, when inside the space."
     )
     early_stopping: EarlyStopping | None = Field(None, description="Stop poor trials early (ASHA); off by default.")
+    warm_start: list[str] = Field(
+        default_factory=list, description="Previous runs (<storage>/<name>: a directory or URI) whose trials.json "
+        "the Optuna study starts with: each finished trial inside this space that reported every objective is "
+        "added as COMPLETE, so the sampler exploits it instead of exploring again. Checked before any trial starts."
+    )
+
+    @field_validator("warm_start")
+    @classmethod
+    def _distinct_runs(cls, v: list[str]) -> list[str]:
+        # A run listed twice would add its trials twice and weigh them double in the sampler.
+        if any(not r.strip() for r in v):
+            raise ValueError("expected run directories or URIs (<storage>/<name>), got an empty entry")
+        dupes = sorted({r for r in v if v.count(r) > 1})
+        if dupes:
+            raise ValueError(f"run listed twice: {', '.join(dupes)}")
+        return v
 
     @field_validator("space", mode="before")
     @classmethod

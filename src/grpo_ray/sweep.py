@@ -278,17 +278,20 @@ def export_run(run_dir: str, trial_id: str | None = None,
 
 
 def preflight(spec: SweepSpec) -> None:
-    """Catch user errors before any trial starts: data files, columns, rewards, model path.
+    """Catch user errors before any trial starts: data files, columns, rewards, model path,
+    the previous runs of ``search.warm_start``.
 
     Inside a trial these would only surface as N identical trial failures after start-up.
     """
     from grpo_ray.data import load_datasets
     from grpo_ray.models import check_model_source
     from grpo_ray.rewards import resolve_rewards
+    from grpo_ray.search import load_warm_start
 
     check_model_source(spec.model.source)
     resolve_rewards([r.name for r in spec.rewards], spec.format.to_format(), None)
     load_datasets(spec.data)
+    load_warm_start(spec)  # the searcher reads them again when Tune starts; here only a missing run fails
 
 
 def run_sweep(spec: SweepSpec, storage_root: str | None = None, resume: bool = False,
