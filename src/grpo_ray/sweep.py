@@ -298,17 +298,15 @@ def run_sweep(spec: SweepSpec, storage_root: str | None = None, resume: bool = F
               on_event: Callable[[str, dict[str, Any]], None] | None = None,
               progress: Callable[[str], None] = lambda s: None) -> SweepOutcome:
     """The main job: search, select, export."""
-    from grpo_ray.search import run_search
-
     from grpo_ray.packing import resolve_resources
-    from grpo_ray.search import init_ray
+    from grpo_ray.search import init_ray, run_search
 
     root = storage.normalize(storage_root or spec.storage)
     preflight(spec)
     init_ray()  # before the resources: `auto` looks at the cluster's GPUs
     spec, why = resolve_resources(spec)
-    if why:
-        progress(why)
+    if why and on_event:
+        on_event("note", {"message": why})
     # Written now too, so `status` and `report` of a running sweep know its objectives and space;
     # and a storage that cannot be written fails here, before any GPU time is spent.
     try:
