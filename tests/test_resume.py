@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,3 +58,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     # The finished trial was not trained again: no report was added to its results.
     assert (first / "result.json").read_text().count("\n") == reports_before == 2
     assert (run / "best" / "best.json").exists()
+    # The resumed run's display counts the trials finished before the kill and hears the rest.
+    resumed = re.search(r"resuming: (\d+) trial\(s\) already finished", r.stdout + r.stderr)
+    assert resumed and len(finished) <= int(resumed.group(1)) < 3
+    assert "3/3" in r.stderr and "step 4" in r.stderr

@@ -68,6 +68,10 @@ class _Display:
         if kind == "note":  # about the search, not a trial (e.g. search.warm_start)
             self.progress.console.print(data["message"], highlight=False, markup=False)
             return
+        if kind == "resumed":  # trials an interrupted run finished count as done
+            self.progress.advance(self.task, data["finished"])
+            self.progress.console.print(f"resuming: {data['finished']} trial(s) already finished")
+            return
         tid = data["trial_id"]
         if kind == "start":
             cfg = ", ".join(f"{k}={_fmt(v)}" for k, v in data["config"].items())

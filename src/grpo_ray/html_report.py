@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grpo_ray import storage
-from grpo_ray.report import TrialStatus, read_status
+from grpo_ray.report import TrialStatus, last_line, read_status
 from grpo_ray.select import TrialRecord, pareto_front
 from grpo_ray.spec import (
     Choice,
@@ -85,12 +85,6 @@ def _history(run_dir: str, status: TrialStatus) -> list[dict[str, Any]]:
     return rows
 
 
-def _last_line(error: str) -> str:
-    """Ray's error text ends with the exception the trial raised."""
-    lines = [x.strip() for x in error.strip().splitlines() if x.strip()]
-    return lines[-1] if lines else error
-
-
 def load_run(run_dir: str) -> RunData:
     """Everything the report shows, read from ``run_dir``; FileNotFoundError when it holds no sweep."""
     statuses = read_status(run_dir)
@@ -105,7 +99,7 @@ def load_run(run_dir: str) -> RunData:
         if s.status == "ERROR":
             state = "failed"
             error = (records.get(s.trial_id) or {}).get("error")  # trials.json: written once the sweep ends
-            cause = s.cause or (_last_line(error) if error else "failed (no error text recorded)")
+            cause = s.cause or (last_line(error) if error else "failed (no error text recorded)")
         elif s.status == "TERMINATED" and s.stopped_early:
             state = "stopped early"
             what = f"{es.metric} = {_fmt(s.last.get(es.metric))}" if es else "its metric"

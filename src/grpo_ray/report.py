@@ -68,8 +68,14 @@ def trial_cause(run_dir: str, logdir: str | None) -> str | None:
             continue
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if lines:
-            return lines[-1] if name == "error.txt" else lines[0]
+            return last_line(text) if name == "error.txt" else lines[0]
     return None
+
+
+def last_line(error: str) -> str:
+    """The exception a trial raised: Ray's error text (error.txt, a result's error) ends with it."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else error
 
 
 def status_table(trials: list[TrialStatus]):

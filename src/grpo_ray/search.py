@@ -252,6 +252,12 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
     if scheduler is not None:
         callbacks.append(MarkStoppedEarly(spec.grpo.max_steps))
     if resume and tune.Tuner.can_restore(path):
+        from grpo_ray.report import read_status
+        from grpo_ray.tune_progress import set_listener
+
+        set_listener(on_event)  # the restored callbacks come without the display
+        if on_event:
+            on_event("resumed", {"finished": sum(t.status == "TERMINATED" for t in read_status(path))})
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space(spec))
     else:
         tuner = tune.Tuner(

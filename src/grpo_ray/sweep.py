@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from grpo_ray import storage
+from grpo_ray.report import last_line
 from grpo_ray.select import TrialRecord, pareto_front, pick_best
 from grpo_ray.spec import SpecError, SweepSpec, apply_overrides, dump_spec
 
@@ -140,9 +141,8 @@ def finish(spec: SweepSpec, storage_root: str, trials: list[TrialRecord], second
     if best is None:
         errors = [t.error for t in trials if t.error]
         cause = ""
-        if errors:  # Ray's error text ends with the exception the trial raised
-            last = [line for line in errors[0].strip().splitlines() if line.strip()][-1]
-            cause = f"; {len(errors)} of {len(trials)} trials failed, the first with: {last.strip()[:300]}"
+        if errors:
+            cause = f"; {len(errors)} of {len(trials)} trials failed, the first with: {last_line(errors[0])[:300]}"
         raise SweepError(f"no trial finished with all objectives reported{cause}; trial logs and "
                          f"trials.json are in {run_dir}")
     info = export_best(spec, run_dir, trials, best, progress)

@@ -2,7 +2,9 @@
 
 Tune pickles its run config (callbacks included) into the experiment directory for
 ``--resume``; the listener (a rich display holding locks) stays out of the pickled state,
-and the class lives at module level so it pickles by reference.
+and the class lives at module level so it pickles by reference. A callback restored by
+``Tuner.restore`` has no listener of its own: it reports to the one this process set with
+:func:`set_listener` (search.py does, before a resumed sweep runs).
 """
 
 from __future__ import annotations
@@ -14,6 +16,14 @@ from ray.tune import Callback
 from grpo_ray.search import ProgressFn
 
 
+_listener: ProgressFn | None = None  # for callbacks restored from a pickled run config
+
+
+def set_listener(on_event: ProgressFn | None) -> None:
+    global _listener
+    _listener = on_event
+
+
 class ProgressCallback(Callback):
     def __init__(self, on_event: ProgressFn | None) -> None:
         self.on_event = on_event
@@ -22,8 +32,9 @@ class ProgressCallback(Callback):
         return {"on_event": None}
 
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
-        if self.on_event is not None:
-            self.on_event(kind, data)
+        listener = self.on_event or _listener
+        if listener is not None:
+            listener(kind, data)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._emit("start", {"trial_id": trial.trial_id, "config": dict(trial.config)})
