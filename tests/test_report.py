@@ -50,6 +50,9 @@ def test_report_shows_every_trial_the_plots_and_why_trials_ended(asha_run, tmp_p
             row = rf"<td>{tid}</td><td>stopped early</td><td>ASHA stopped it at step 2: reward_weighted"
             assert re.search(row, page)
     assert "early stopping: ASHA on reward_weighted (max), grace period 2 steps" in page
+    # GPU use (here: the node's CPUs), from the trials' reported timings.
+    use = json.loads((run_dir / "utilization.json").read_text())
+    assert "<h2>GPU use</h2>" in page and f"<td>trials per device-hour</td><td>{use['trials_per_device_hour']:.4g}" in page
 
     out = tmp_path / "elsewhere" / "r.html"
     r = subprocess.run([*CLI, "report", str(run_dir), "-o", str(out)], capture_output=True, text=True, cwd=REPO,

@@ -119,6 +119,7 @@ def test_status_lists_every_trial_from_storage(smoke_run):
     r = subprocess.run([sys.executable, "-m", "grpo_ray.cli", "status", str(run_dir)],
                        capture_output=True, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
     assert r.returncode == 0 and all(tid in r.stdout for tid in trials) and "TERMINATED" in r.stdout
+    assert "utilization: busy" in r.stdout and "trials per device-hour" in r.stdout
 
 
 def test_the_optuna_study_lives_in_the_run_directory(smoke_run):
