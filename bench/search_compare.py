@@ -67,7 +67,7 @@ KEEP = ["step", OBJECTIVE, HELD_OUT, "eval_accuracy", "sft_format_rate", "format
 
 
 def _round(v: Any) -> Any:
-    return round(v, 4) if isinstance(v, float) else v
+    return float(f"{v:.4g}") if isinstance(v, float) else v  # 4 significant digits: learning rates are small
 
 
 def _cpu_seconds(pid: int) -> float | None:
