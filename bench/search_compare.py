@@ -194,12 +194,47 @@ def aggregate(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
             a, b = r["tpe_asha"][f"best_{OBJECTIVE}"], r["random"][f"best_{OBJECTIVE}"]
             wins[seed] = "tie" if a == b else ("tpe_asha" if (a if a is not None else -1e9) > (
                 b if b is not None else -1e9) else "random")
-            # TPE samples at random until Optuna's n_startup_trials (10): compare the configs drawn
-            ca = [t["config"] for t in r["tpe_asha"]["trial_list"]]
-            cb = [t["config"] for t in r["random"]["trial_list"]]
-            r["same_configs_both_methods"] = ca == cb
+            r["paired"] = paired(r["tpe_asha"]["trial_list"], r["random"]["trial_list"])
     agg["higher_best_by_seed"] = wins
     return agg
+
+
+def paired(ours: list[dict[str, Any]], rand: list[dict[str, Any]]) -> dict[str, Any]:
+    """What one seed's two sweeps share, and what ASHA's stops cost.
+
+    TPE draws its first n_startup_trials (Optuna's default: 10) from the same seeded random
+    sampler as ``search.sampler: random``, so both methods start with the same configurations;
+    a trial is deterministic on CPU (same configuration, same numbers), so the random sweep
+    shows the final reward each trial ASHA stopped would have reached.
+    """
+    same = 0
+    for a, b in zip(ours, rand):
+        if a["config"] != b["config"]:
+            break
+        same += 1
+    stopped = [{"trial": i + 1, "reward_at_stop": ours[i][OBJECTIVE], "step": ours[i]["step"],
+                "final_reward_in_random_sweep": rand[i][OBJECTIVE]}
+               for i in range(same) if ours[i]["stopped_early"]]
+    best_ours = max((t[OBJECTIVE] for t in ours if not t["stopped_early"] and not t["error"]
+                     and t[OBJECTIVE] is not None), default=None)
+    lost = [s for s in stopped if best_ours is not None and s["final_reward_in_random_sweep"] is not None
+            and s["final_reward_in_random_sweep"] > best_ours]
+    identical = sum(1 for i in range(same) if not ours[i]["stopped_early"]
+                    and ours[i][OBJECTIVE] == rand[i][OBJECTIVE])
+
+    def finished_mean(ts: list[dict[str, Any]]) -> float | None:
+        vals = [t[OBJECTIVE] for t in ts if not t["stopped_early"] and not t["error"] and t[OBJECTIVE] is not None]
+        return round(sum(vals) / len(vals), 3) if vals else None
+
+    return {"same_config_trials": same,
+            "finished_in_both_same_reward": identical,
+            "stopped_early_in_shared_trials": stopped,
+            "stopped_would_have_beaten_our_best": len(lost),
+            # after the shared start: TPE's model-guided draws against more random ones
+            "after_shared": {"trials": len(ours) - same,
+                             "tpe_asha_mean_finished_reward": finished_mean(ours[same:]),
+                             "tpe_asha_finished": sum(1 for t in ours[same:] if not t["stopped_early"]),
+                             "random_mean_reward": finished_mean(rand[same:])}}
 
 
 # Single trials (run_trial in-process, no Ray) behind the choice of objective: a configuration
@@ -237,7 +272,16 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "search_compare_cpu.json"))
     ap.add_argument("--check", action="store_true", help="first run the single trials of CHECK (a few minutes)")
+    ap.add_argument("--reaggregate", metavar="RESULT_JSON",
+                    help="recompute 'aggregate' and 'paired' of a finished result file in place (no trials run)")
     args = ap.parse_args()
+    if args.reaggregate:
+        result = json.loads(Path(args.reaggregate).read_text())
+        result["aggregate"] = aggregate(result["runs"])
+        result["aggregated_by"] = f"python bench/search_compare.py --reaggregate at commit {commit('bench')}"
+        Path(args.reaggregate).write_text(json.dumps(result, indent=1, default=str) + "\n")
+        print(json.dumps(result["aggregate"], indent=1))
+        return
 
     from grpo_ray.spec import dump_spec, load_spec
 
