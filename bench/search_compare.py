@@ -300,7 +300,7 @@ def main() -> None:
     if args.reaggregate:
         result = json.loads(Path(args.reaggregate).read_text())
         result["aggregate"] = aggregate(result["runs"])
-        result["aggregated_by"] = f"python bench/search_compare.py --reaggregate at commit {commit('bench')}"
+        result["aggregated_by"] = f"python bench/search_compare.py --reaggregate at commit {commit('bench/search_compare.py')}"
         Path(args.reaggregate).write_text(json.dumps(result, indent=1, default=str) + "\n")
         print(json.dumps(result["aggregate"], indent=1))
         return
