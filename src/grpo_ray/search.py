@@ -164,11 +164,13 @@ def make_searcher(spec: SweepSpec, storage_root: str | None = None,
     from grpo_ray.early_stop import PruningOptunaSearch
 
     s = spec.search
+    # Optuna samples its first n_startup_trials (10 by default) at random: a short sweep needs fewer.
+    startup = {"n_startup_trials": s.startup_trials} if s.startup_trials is not None else {}
     samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=s.seed, multivariate=True),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=s.seed, multivariate=True, **startup),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=s.seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=s.seed),
-        "gp": lambda: optuna.samplers.GPSampler(seed=s.seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=s.seed, **startup),
     }
     metrics = [o.metric for o in s.objectives]
     modes = [o.mode for o in s.objectives]

@@ -184,7 +184,7 @@ Domain = Union[Choice, Uniform, LogUniform, IntRange]
 
 
 class Objective(_Strict):
-    metric: Literal["reward", "eval_accuracy", "format_rate", "reward_weighted"]
+    metric: Literal["reward", "eval_accuracy", "format_rate", "reward_weighted", "eval_format_rate"]
     mode: Literal["max", "min"] = "max"
 
 
@@ -221,6 +221,11 @@ class SearchSpec(_Strict):
     num_samples: int = Field(40, gt=0)
     max_concurrent_trials: int = Field(4, gt=0)
     seed: int = 3407
+    startup_trials: int | None = Field(
+        None, ge=1, description="Trials the tpe and gp samplers draw at random before they model the results; "
+        "null: Optuna's default, 10, which makes a sweep of 10 trials or fewer a random search "
+        "(bench/results/search_compare_cpu.json)."
+    )
     space: dict[str, Domain] = Field(default_factory=dict, description="Dotted spec path -> domain.")
     study_storage: str | None = Field(
         None, description="Where the Optuna study lives: an RDB URL (sqlite:///..., postgresql://...) shared "
