@@ -121,7 +121,8 @@ def test_status_lists_every_trial_from_storage(smoke_run):
     assert r.returncode == 0 and all(tid in r.stdout for tid in trials) and "TERMINATED" in r.stdout
     assert "utilization: busy" in r.stdout and "trials per device-hour" in r.stdout
     # TensorBoard logs through Tune: one event file per trial beside its result.json.
-    assert all(list(d.glob("events.out.tfevents.*")) for d in run_dir.glob("tune_trainable_*"))
+    trial_dirs = list(run_dir.glob("tune_trainable_*"))
+    assert len(trial_dirs) == 3 and all(list(d.glob("events.out.tfevents.*")) for d in trial_dirs)
 
 
 def test_the_optuna_study_lives_in_the_run_directory(smoke_run):
