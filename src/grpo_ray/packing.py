@@ -13,8 +13,10 @@ reward scoring and Python overhead with the other's kernels. ``resources.gpu: au
 
 Each packed trial's vLLM engine reserves ``model.gpu_memory_utilization`` of its *slice*
 (SweepSpec.vllm_memory_share), so the engines split the card instead of each claiming 0.7
-of it. What a packed trial measured on an H200 (one trial alone: 38.8 GB in use at 0.25 of
-the card for vLLM, bench/results/warm_sweep_h200.json) fits twice over on a 48 GB card.
+of it. The memory this rests on: one gemma-3-270m trial on an H200 used 38.8 GB with vLLM
+holding 0.25 of the card (35 GB), so training took about 4 GB beside the engine
+(bench/results/warm_sweep_reuse_h200.json); two packed trials on a 48 GB card at the default
+share hold 2 x (0.35 x 48 + 4) = 42 GB. Packed throughput is not measured yet.
 """
 
 from __future__ import annotations
