@@ -63,17 +63,16 @@ def cluster_gpus() -> tuple[int, float | None, bool]:
     import ray
 
     total = int(ray.cluster_resources().get("GPU", 0))
+    alive = [n for n in ray.nodes() if n.get("Alive")]
     mems = []
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
+    for node in alive:
         for key in node.get("Resources", {}):
             if key.startswith("accelerator_type:") and key.split(":", 1)[1] in GPU_MEMORY_GIB:
                 mems.append(GPU_MEMORY_GIB[key.split(":", 1)[1]])
     local = _local_gpu_gib()
     if local is not None:
         mems.append(local)
-    alone = not os.environ.get("RAY_ADDRESS") and len([n for n in ray.nodes() if n.get("Alive")]) == 1
+    alone = not os.environ.get("RAY_ADDRESS") and len(alive) == 1
     return total, (min(mems) if mems else None), alone
 
 

@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from grpo_ray import storage
 from grpo_ray.report import trial_cause
 from grpo_ray.select import TrialRecord
-from grpo_ray.spec import (Choice, IntRange, LogUniform, SpecError, SweepSpec, Uniform, _in_domain, _slot,
-                           parse_spec)
+from grpo_ray.spec import Choice, IntRange, LogUniform, SpecError, SweepSpec, Uniform, _in_domain, parse_spec
 
 if TYPE_CHECKING:
     from grpo_ray.early_stop import PruningOptunaSearch
@@ -78,11 +77,6 @@ class WarmStart:
                 + (f"; skipped {sum(self.skipped.values())} ({why})" if why else ""))
 
 
-def _value_at(spec: SweepSpec, path: str) -> Any:
-    node, key = _slot(spec.model_dump(mode="python"), path)
-    return node[key]
-
-
 def _previous_spec(run: str) -> SweepSpec | None:
     """The previous run's resolved spec, for the values its trials held fixed; None if unreadable."""
     try:
@@ -108,7 +102,7 @@ def _point(spec: SweepSpec, prev: SweepSpec | None, config: dict[str, Any]) -> d
             return None
         else:
             try:
-                value = _value_at(prev, path)
+                value = prev.value_at(path)
             except SpecError:
                 return None
         # Optuna's integer distribution refuses 3.0 where the spec's range check would take it.
@@ -117,7 +111,7 @@ def _point(spec: SweepSpec, prev: SweepSpec | None, config: dict[str, Any]) -> d
         params[path] = value
     for path in config.keys() - space.keys():
         try:
-            if _value_at(spec, path) != config[path]:
+            if spec.value_at(path) != config[path]:
                 return None
         except SpecError:  # a field (e.g. a reward) this spec does not have
             return None

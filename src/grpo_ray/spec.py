@@ -402,6 +402,11 @@ class SweepSpec(_Strict):
             point[path] = value
         return point
 
+    def value_at(self, path: str) -> Any:
+        """The value at a dotted spec path (``lora.rank``, ``rewards.<name>.weight``); SpecError if none."""
+        node, key = _slot(self.model_dump(mode="python"), path)
+        return node[key]
+
     def reward_weights(self) -> dict[str, float]:
         return {r.name: r.weight for r in self.rewards}
 
