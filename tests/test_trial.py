@@ -57,6 +57,20 @@ def test_reports_every_window_with_all_metrics(trial_run):
     assert final == reports[-1][0]
 
 
+def test_reports_where_the_trial_time_went(trial_run):
+    """Set-up of each trainer, evaluation and GRPO's per-step time: parts of the trial's wall time."""
+    spec, reports, _ = trial_run
+    for (m, _), (nxt, _) in zip(reports, reports[1:]):
+        assert nxt["eval_seconds"] > m["eval_seconds"]  # one more held-out evaluation per window
+    m = reports[-1][0]
+    for key in ["sft_setup_s", "sft_seconds", "eval_seconds", "grpo_setup_s", "grpo_step_s"]:
+        assert m[key] > 0, key
+    assert m["sft_setup_s"] < m["sft_seconds"]
+    parts = m["sft_seconds"] + m["eval_seconds"] + m["grpo_setup_s"] + m["grpo_step_s"] * spec.grpo.max_steps
+    assert parts <= m["elapsed_s"]
+    assert parts > 0.8 * (m["elapsed_s"] - m["load_s"])  # little of the trial is left unaccounted for
+
+
 def test_objective_reward_uses_spec_weights_not_trial_weights(trial_run):
     _, reports, _ = trial_run
     m = reports[-1][0]

@@ -70,7 +70,7 @@ def test_a_reused_actor_gives_the_same_trial_as_a_fresh_one(b_fresh_and_reused):
     _, reused, fresh = b_fresh_and_reused
     assert [m["step"] for m, _ in reused] == [m["step"] for m, _ in fresh]
     timing = {"trial_started_at", "first_step_at", "reported_at", "startup_s", "load_s", "elapsed_s",
-              "sft_seconds", "model_reused"}
+              "sft_seconds", "model_reused", "sft_setup_s", "eval_seconds", "grpo_setup_s", "grpo_step_s"}
     for (m_r, w_r), (m_f, w_f) in zip(reused, fresh):
         for key in set(m_f) - timing:
             a, b = m_r[key], m_f[key]
@@ -96,6 +96,39 @@ def test_what_shapes_the_loaded_model_is_the_cache_key(tiny_model_dir):
     assert not reused and off is not longer
     _, reused = warm.acquire(model, spec)  # reuse off kept nothing to reuse
     assert not reused
+    warm.release()
+
+
+def test_a_warm_adapter_is_resized_in_place_with_the_wrapping_kept(tiny_model_dir):
+    """The next trial's LoRA is resized inside the same PEFT wrapper (on Unsloth: no re-patching),
+    trainers' forward wrappers are undone, and the init equals a fresh wrap's."""
+    from types import MethodType
+
+    from grpo_ray.trial.common import resize_lora
+
+    spec = load_spec(REPO / "sweeps" / "smoke.yaml")
+    warm.release()
+    backend, _ = warm.acquire(str(tiny_model_dir), spec)
+    peft_model = backend.model
+    # What Accelerate does at each trainer's prepare under bf16: an instance forward wrapping the last.
+    peft_model._original_forward = peft_model.forward
+    peft_model.forward = MethodType(lambda self, *a, **k: None, peft_model)
+    rank4 = apply_overrides(spec, {"lora.rank": 4})
+    again, reused = warm.acquire(str(tiny_model_dir), rank4)
+    assert reused and again.model is peft_model
+    assert "forward" not in peft_model.__dict__ and "_original_forward" not in peft_model.__dict__
+    assert peft_model.peft_config["default"].r == 4
+    resized = {k: v.clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
+    assert all(v.shape[0] == 4 for k, v in resized.items() if "lora_A" in k)
+    warm.release()
+    fresh, _ = warm.acquire(str(tiny_model_dir), rank4)
+    assert fresh.model is not peft_model
+    wrapped = {k: v for k, v in fresh.model.state_dict().items() if "lora_" in k}
+    assert set(wrapped) == set(resized) and all((wrapped[k] == resized[k]).all() for k in wrapped)
+    # Anything but rank and alpha (here the targets) is refused untouched: the caller wraps afresh.
+    other = apply_overrides(rank4, {"lora.target_modules": ["q_proj", "v_proj"], "lora.rank": 8})
+    assert not resize_lora(fresh.model, other)
+    assert fresh.model.peft_config["default"].r == 4
     warm.release()
 
 

@@ -86,6 +86,85 @@ def seed_adapter_init(spec: SweepSpec) -> None:
     set_seed(spec.grpo.seed)
 
 
+ADAPTER = "default"  # the one adapter a trial trains; saved, exported and served under this name
+
+
+def init_lora(model: Any, spec: SweepSpec) -> None:
+    """Initialise every LoRA weight of ``model`` from ``spec``'s seed alone.
+
+    PEFT's init (A: kaiming-uniform, B: zero), drawn from a generator of our own in module
+    order, so a trial's adapter starts the same whichever way it was made: a fresh
+    ``get_peft_model``, or :func:`resize_lora` on a warm actor's model (trial/warm.py).
+    """
+    import math
+
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    gen = torch.Generator().manual_seed(spec.grpo.seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+                a, b = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
+                bound = 1 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT
+                a.copy_(torch.empty(a.shape).uniform_(-bound, bound, generator=gen))
+                b.zero_()
+                a.grad = b.grad = None
+
+
+def resize_lora(model: Any, spec: SweepSpec) -> bool:
+    """Give ``model``'s adapter ``spec``'s rank and alpha in place, keeping the PEFT (and Unsloth)
+    wrapping around it; weights are left for :func:`init_lora`.
+
+    A warm actor's next trial would otherwise unload the LoRA and wrap the model again, which
+    on Unsloth costs seconds of patching per trial. Returns False, changing nothing, when the
+    adapter differs in more than rank and alpha (targets, dropout, DoRA, bias...): the caller
+    then builds it afresh.
+    """
+    import torch
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, PeftModel) or list(model.peft_config) != [ADAPTER]:
+        return False
+    cfg = model.peft_config[ADAPTER]
+    targets = cfg.target_modules
+    if (not isinstance(targets, (set, list, tuple)) or set(targets) != set(spec.lora.target_modules)
+            or cfg.lora_dropout != spec.lora.dropout or cfg.use_dora or cfg.use_rslora or cfg.lora_bias):
+        return False
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers or any(list(m.lora_A) != [ADAPTER] or len(m.lora_embedding_A)
+                         or type(m.lora_A[ADAPTER]) is not torch.nn.Linear for m in layers):
+        return False
+    r, alpha = spec.lora.rank, lora_alpha(spec)
+    for m in layers:
+        if m.r[ADAPTER] != r:
+            a, b = m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight
+            # skip_init: no draw from the global RNG, which a fresh actor would not make either
+            m.lora_A[ADAPTER] = torch.nn.utils.skip_init(
+                torch.nn.Linear, m.in_features, r, bias=False, device=a.device, dtype=a.dtype)
+            m.lora_B[ADAPTER] = torch.nn.utils.skip_init(
+                torch.nn.Linear, r, m.out_features, bias=False, device=b.device, dtype=b.dtype)
+        m.r[ADAPTER], m.lora_alpha[ADAPTER], m.scaling[ADAPTER] = r, alpha, alpha / r
+    cfg.r, cfg.lora_alpha = r, alpha
+    return True
+
+
+def instance_forward(model: Any) -> Any:
+    """The ``forward`` set on ``model`` itself (not its class), to put back with :func:`restore_forward`."""
+    return model.__dict__.get("forward")
+
+
+def restore_forward(model: Any, forward: Any) -> None:
+    """Undo what trainers left on a model's ``forward``: Accelerate wraps it in autocast (bf16)
+    at every trainer's ``prepare``, so a model kept across trials would gather one per trainer."""
+    model.__dict__.pop("_original_forward", None)
+    if forward is None:
+        model.__dict__.pop("forward", None)
+    else:
+        model.forward = forward
+
+
 def lora_alpha(spec: SweepSpec) -> int:
     return spec.lora.alpha or 2 * spec.lora.rank  # the tutorial's alpha = 2 x rank
 
@@ -195,3 +274,13 @@ class FirstStep(TrainerCallback):
         if self.at is None:
             return {}
         return {"first_step_at": self.at, "startup_s": self.at - started_at}
+
+
+class LoopStart(TrainerCallback):
+    """When a trainer's loop began: everything before it in ``train()`` is the trainer's set-up."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.at = time.time()

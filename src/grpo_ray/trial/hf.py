@@ -14,9 +14,13 @@ from grpo_ray.spec import SweepSpec
 from grpo_ray.trial.common import (
     guard_memory,
     grpo_config_kwargs,
+    init_lora,
+    instance_forward,
     load_lora_weights,
     lora_alpha,
     prepare_tokenizer,
+    resize_lora,
+    restore_forward,
     seed_adapter_init,
     sft_config_kwargs,
 )
@@ -28,6 +32,7 @@ class HFBackend:
     def __init__(self) -> None:
         self.model: Any = None
         self.tokenizer: Any = None
+        self._forward: Any = None  # the PEFT model's own forward, before any trainer wrapped it
         self._workdir = Path(tempfile.mkdtemp(prefix="grpo-ray-hf-"))
 
     def load(self, model_dir: str, spec: SweepSpec) -> None:
@@ -44,19 +49,28 @@ class HFBackend:
         self.new_adapter(spec)
 
     def new_adapter(self, spec: SweepSpec) -> None:
-        """Replace the LoRA (if any) with a fresh one of ``spec``'s rank, initialised from its seed."""
+        """Give the model a fresh LoRA of ``spec``'s rank, initialised from its seed.
+
+        A warm model's adapter is resized in place (common.resize_lora); otherwise the LoRA
+        layers come out and PEFT wraps the model again. Both end in the same seeded init.
+        """
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        base = self.model.unload() if isinstance(self.model, PeftModel) else self.model  # LoRA layers out
-        lora = LoraConfig(
-            r=spec.lora.rank,
-            lora_alpha=lora_alpha(spec),
-            lora_dropout=spec.lora.dropout,
-            target_modules=spec.lora.target_modules,
-            task_type="CAUSAL_LM",
-        )
+        if resize_lora(self.model, spec):
+            restore_forward(self.model, self._forward)
+        else:
+            base = self.model.unload() if isinstance(self.model, PeftModel) else self.model  # LoRA layers out
+            lora = LoraConfig(
+                r=spec.lora.rank,
+                lora_alpha=lora_alpha(spec),
+                lora_dropout=spec.lora.dropout,
+                target_modules=spec.lora.target_modules,
+                task_type="CAUSAL_LM",
+            )
+            self.model = get_peft_model(base, lora)
+            self._forward = instance_forward(self.model)
+        init_lora(self.model, spec)
         seed_adapter_init(spec)
-        self.model = get_peft_model(base, lora)
         self.tokenizer = prepare_tokenizer(self.tokenizer, spec)
 
     def sft(self, messages: list[list[dict[str, str]]], spec: SweepSpec, callbacks: list[Any]) -> dict[str, float]:

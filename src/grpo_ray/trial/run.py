@@ -144,7 +144,7 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
         torch.set_num_threads(max(1, int(trial_spec.resources.cpu)))
     from grpo_ray.evaluate import evaluate
     from grpo_ray.rewards import resolve_rewards
-    from grpo_ray.trial.common import FirstStep, StepReporter
+    from grpo_ray.trial.common import FirstStep, LoopStart, StepReporter
     from grpo_ray.trial.guard import TrialGuard
 
     watchdog.beat("loading the model")
@@ -165,9 +165,15 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
     # This attempt's own timings and place; a retry reports its own, not the checkpoint's.
     attempt = {"trial_started_at": t0, "load_s": t_loaded - t0, "model_reused": float(reused)} | (context or {})
 
+    # Where a trial's time goes (seconds), reported with every window: set-up of each trainer,
+    # held-out evaluation, and GRPO's own steps (bench/warm_sweep.py reads them).
+    phases = {"eval_seconds": 0.0}
+
     def held_out():  # greedy, on the same held-out set every time
         busy.mark()
+        t = time.time()
         ev = evaluate(backend, data.eval, fmt, trial_spec.data.eval.max_new_tokens)
+        phases["eval_seconds"] += time.time() - t
         watchdog.beat("a held-out evaluation")
         return ev
 
@@ -182,10 +188,11 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
             ev = held_out()
             fixed |= {"base_eval_accuracy": ev.accuracy, "base_format_rate": ev.format_rate}
         if trial_spec.sft.enabled and data.sft:
-            t_sft = time.time()
+            t_sft, sft_loop = time.time(), LoopStart()
             msgs = [template.sft_messages(e.question, e.reasoning or "", e.answer, fmt) for e in data.sft]
-            fixed |= backend.sft(msgs, trial_spec, [TrialGuard(watchdog, trial_spec, "SFT"), busy])
+            fixed |= backend.sft(msgs, trial_spec, [TrialGuard(watchdog, trial_spec, "SFT"), busy, sft_loop])
             fixed["sft_seconds"] = time.time() - t_sft
+            fixed["sft_setup_s"] = (sft_loop.at or t_sft) - t_sft
         ev = held_out()
         fixed |= {"sft_eval_accuracy": ev.accuracy, "sft_format_rate": ev.format_rate}
 
@@ -193,7 +200,11 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
 
     def report_window(step: int, metrics: dict[str, float]) -> None:
         ev = held_out()
-        metrics |= fixed | attempt | busy.metrics(t0) | {
+        if grpo_loop.at is not None:  # the steps' own time: the loop's, less the evaluations in it
+            steps = max(step - first_step, 1)
+            phases["grpo_setup_s"] = grpo_loop.at - t_grpo
+            phases["grpo_step_s"] = (time.time() - grpo_loop.at - (phases["eval_seconds"] - eval_before_grpo)) / steps
+        metrics |= fixed | attempt | busy.metrics(t0) | phases | {
             "step": step,
             "eval_accuracy": ev.accuracy,
             "eval_format_rate": ev.format_rate,
@@ -210,7 +221,8 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
         last.update(metrics)
 
     reporter = WindowReporter(trial_spec, base_weights, func_names, report_window, first_step)
-    callbacks = [TrialGuard(watchdog, trial_spec, "GRPO"), StepReporter(reporter.on_step), busy]
+    grpo_loop = LoopStart()
+    callbacks = [TrialGuard(watchdog, trial_spec, "GRPO"), StepReporter(reporter.on_step), busy, grpo_loop]
     grpo_spec = trial_spec
     if first_step:
         if first_step >= trial_spec.grpo.max_steps:  # it died after its last report: nothing left to do
@@ -219,7 +231,10 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
         # other than the first attempt's (the same seed would replay its first prompts).
         grpo_spec = apply_overrides(trial_spec, {"grpo.max_steps": trial_spec.grpo.max_steps - first_step,
                                                  "grpo.seed": trial_spec.grpo.seed + first_step})
-    backend.grpo(grpo_rows(data, backend.tokenizer, grpo_spec), funcs, weights, grpo_spec, callbacks)
+    eval_before_grpo = phases["eval_seconds"]
+    rows = grpo_rows(data, backend.tokenizer, grpo_spec)
+    t_grpo = time.time()
+    backend.grpo(rows, funcs, weights, grpo_spec, callbacks)
     reporter.flush(reporter.step)  # a run that ended before max_steps reports its last window too
     return dict(last)
 

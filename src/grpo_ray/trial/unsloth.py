@@ -22,9 +22,13 @@ from grpo_ray.spec import SweepSpec
 from grpo_ray.trial.common import (
     guard_memory,
     grpo_config_kwargs,
+    init_lora,
+    instance_forward,
     load_lora_weights,
     lora_alpha,
     prepare_tokenizer,
+    resize_lora,
+    restore_forward,
     seed_adapter_init,
     sft_config_kwargs,
 )
@@ -36,6 +40,7 @@ class UnslothBackend:
     def __init__(self) -> None:
         self.model: Any = None
         self.tokenizer: Any = None
+        self._forward: Any = None  # the PEFT model's own forward, before any trainer wrapped it
         self._workdir = Path(tempfile.mkdtemp(prefix="grpo-ray-unsloth-"))
         self._spec: SweepSpec | None = None
 
@@ -57,27 +62,35 @@ class UnslothBackend:
         self.new_adapter(spec)
 
     def new_adapter(self, spec: SweepSpec) -> None:
-        """Replace the LoRA (if any) with a fresh one of ``spec``'s rank, initialised from its seed.
+        """Give the model a fresh LoRA of ``spec``'s rank, initialised from its seed.
 
-        The base weights and the vLLM engine that shares them stay loaded (trial/warm.py): PEFT's
-        ``unload`` puts the base layers back, then Unsloth wraps the model again as on a fresh
-        load (Unsloth refuses a second ``get_peft_model`` on a model that still has a LoRA).
+        The base weights and the vLLM engine that shares them stay loaded (trial/warm.py). A
+        warm model's adapter is resized in place (common.resize_lora), keeping Unsloth's
+        patching; otherwise PEFT's ``unload`` puts the base layers back and Unsloth wraps the
+        model again as on a fresh load (it refuses a second ``get_peft_model`` on a model that
+        still has a LoRA). Both end in the same seeded init.
         """
         from peft import PeftModel
         from unsloth import FastLanguageModel
 
         self._spec = spec
-        base = self.model.unload() if isinstance(self.model, PeftModel) else self.model
+        if resize_lora(self.model, spec):
+            restore_forward(self.model, self._forward)
+        else:
+            base = self.model.unload() if isinstance(self.model, PeftModel) else self.model
+            seed_adapter_init(spec)
+            self.model = FastLanguageModel.get_peft_model(
+                base,
+                r=spec.lora.rank,
+                target_modules=spec.lora.target_modules,
+                lora_alpha=lora_alpha(spec),
+                lora_dropout=spec.lora.dropout,
+                use_gradient_checkpointing="unsloth",
+                random_state=spec.grpo.seed,
+            )
+            self._forward = instance_forward(self.model)
+        init_lora(self.model, spec)
         seed_adapter_init(spec)
-        self.model = FastLanguageModel.get_peft_model(
-            base,
-            r=spec.lora.rank,
-            target_modules=spec.lora.target_modules,
-            lora_alpha=lora_alpha(spec),
-            lora_dropout=spec.lora.dropout,
-            use_gradient_checkpointing="unsloth",
-            random_state=spec.grpo.seed,
-        )
         self.tokenizer = prepare_tokenizer(self.tokenizer, spec)
 
     def sft(self, messages: list[list[dict[str, str]]], spec: SweepSpec, callbacks: list[Any]) -> dict[str, float]:
@@ -90,7 +103,10 @@ class UnslothBackend:
         bos = self.tokenizer.bos_token
         if bos and self.tokenizer("x")["input_ids"][:1] == [self.tokenizer.bos_token_id]:
             texts = [t.removeprefix(bos) for t in texts]
-        args = SFTConfig(output_dir=str(self._workdir / "sft"), dataset_text_field="text", **sft_config_kwargs(spec))
+        # dataset_num_proc=1 is Unsloth's "tokenize in-process": left unset it forks a pool of
+        # workers sized to the host's cores for a few hundred short texts, every trial.
+        args = SFTConfig(output_dir=str(self._workdir / "sft"), dataset_text_field="text", dataset_num_proc=1,
+                         **sft_config_kwargs(spec))
         trainer = SFTTrainer(
             model=self.model,
             processing_class=self.tokenizer,
