@@ -19,6 +19,7 @@ def test_one_gpu_with_a_warm_actor():
     assert u["startup_s"]["cold"]["median"] == 100 and u["startup_s"]["warm"]["median"] == 3
     assert u["handoff_s"] == {"n": 2, "mean": 4.0, "median": 4.0, "max": 5.0}
     assert u["trials_per_device_hour"] == pytest.approx(3 / (400 / 3600), rel=1e-3)
+    assert u["trials_per_device_hour_after_first"] == pytest.approx(2 / (200 / 3600), rel=1e-3)
     assert "busy 73%" in summary_line(u)
 
 
@@ -28,6 +29,14 @@ def test_packed_trials_overlap_on_one_gpu_and_gpus_are_apart():
     assert u["devices"] == 2
     assert u["busy_fraction"] == pytest.approx((110 + 60) / (120 * 2), abs=1e-4)  # GPU 0 is busy 10..120, not 200 s
     assert u["handoff_s"] is None  # nobody took over from anybody
+
+
+def test_packed_steady_rate_counts_the_share_of_a_trial_after_the_first():
+    # Two actors on GPU 0; actor 2's first trial ends 50 s after actor 1's (at 100): half of it
+    # (50 of its 100 s) falls after the first trial, then one more trial per actor.
+    u = utilization([_t(0, 10, 100, 1, False), _t(50, 60, 150, 2, False),
+                     _t(100, 102, 200, 1, True), _t(150, 152, 250, 2, True)])
+    assert u["trials_per_device_hour_after_first"] == pytest.approx((0.5 + 1 + 1) / (150 / 3600), rel=1e-3)
 
 
 def test_a_fresh_process_hands_over_from_the_trial_before_it_on_its_gpu():

@@ -15,7 +15,10 @@ a running sweep too:
 - ``startup_s``: trial start to first step, cold (model loaded) and warm (reused) apart;
 - ``handoff_s``: from the end of the trial before it on the same actor (a reused model) or,
   for a fresh actor, on the same device, to this trial's first step;
-- ``trials_per_device_hour``: finished trials per wall hour per device.
+- ``trials_per_device_hour``: finished trials per wall hour per device;
+  ``trials_per_device_hour_after_first``: the same from the end of each device's first trial
+  (the steady rate a longer sweep tends to), a trial counted by the share of its own time
+  that falls in that window (a packed neighbour of the first trial is partly inside it).
 
 A device is a (node, GPU ids) pair; trials without a GPU count their node's CPUs as one device.
 """
@@ -77,7 +80,7 @@ def utilization(trials: Iterable[tuple[dict[str, Any], bool]]) -> dict[str, Any]
     start, end = min(t.started for t in ts), max(t.end for t in ts)
     wall = max(end - start, 1e-9)
     devices = sorted({t.device for t in ts})
-    busy = after_busy = after_wall = 0.0
+    busy = after_busy = after_wall = after_done = 0.0
     handoffs: list[float] = []
     for dev in devices:
         on = sorted((t for t in ts if t.device == dev), key=lambda t: t.first_step)
@@ -85,6 +88,8 @@ def utilization(trials: Iterable[tuple[dict[str, Any], bool]]) -> dict[str, Any]
         first_end = min(t.end for t in on)
         after_wall += end - first_end
         after_busy += _union(((t.first_step, t.end) for t in on), first_end, end)
+        after_done += sum(_union([(t.started, t.end)], first_end, end) / max(t.end - t.started, 1e-9)
+                          for t in on if t.finished)
         for t in on:
             # The trial it took over from: the last to end before it started, on its actor when
             # it reused that actor's model, else on its device.
@@ -103,6 +108,7 @@ def utilization(trials: Iterable[tuple[dict[str, Any], bool]]) -> dict[str, Any]
                       "warm": _stats([t.first_step - t.started for t in ts if t.reused])},
         "handoff_s": _stats(handoffs),
         "trials_per_device_hour": round(sum(t.finished for t in ts) / (wall / 3600 * len(devices)), 2),
+        "trials_per_device_hour_after_first": round(after_done / (after_wall / 3600), 2) if after_wall > 0 else None,
     }
 
 
