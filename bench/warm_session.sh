@@ -2,7 +2,8 @@
 # Issue #4's device lease, after ../shared/device/stage.sh --model and
 # `bash /tmp/dparts/install-on-device.sh`: bench/warm_sweep.py's 12-trial reuse sweep, then the
 # packed one, with GPU utilization sampled by nvidia-smi every 2 s and dynamo recompiles logged
-# (TORCH_LOGS=recompiles) for the start-up analysis. Run detached from a copy of the repo and
+# (TORCH_LOGS=recompiles) and py-spy
+# stacks sampled (bench/spy_sample.sh) for the start-up analysis. Run detached from a copy of the repo and
 # poll /tmp/res (the lease outlasts one call):
 #   cp -r . /tmp/repo && cd /tmp/repo && setsid nohup bash bench/warm_session.sh <commit> > /tmp/res.log 2>&1 &
 set -u
@@ -12,6 +13,8 @@ export PYTHONPATH=/tmp/site:$PWD/src:$PWD/bench HF_HUB_OFFLINE=1 PYTHONUNBUFFERE
 R=/tmp/res
 mkdir -p $R
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 2 > $R/smi.csv 2>&1 &
+# py-spy stacks of the trial actors once a second (bench/spy_summary.py), if py-spy was carried
+PATH=/tmp/site/bin:$PATH setsid bash bench/spy_sample.sh $R > /dev/null 2>&1 &
 python3 bench/warm_sweep.py --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --out $R/warm.json \
   --modes ${MODES:-reuse:12,packed:8} > $R/warm.log 2>&1
 echo "rc=$?" >> $R/warm.log
