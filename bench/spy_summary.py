@@ -18,7 +18,7 @@ import json
 import re
 
 FRAME = re.compile(r"^\s+(\S.*) \((.+?):\d+\)$")
-THREAD = re.compile(r'^Thread \S+ \((\w+)\)')
+THREAD = re.compile(r'^Thread \S+ \(([\w+]+)\)')  # (idle), (active), (active+gil)
 
 
 def samples(path: str):
@@ -38,7 +38,7 @@ def samples(path: str):
                     continue
                 m = THREAD.match(line)
                 if m:
-                    active = m.group(1) == "active"
+                    active = m.group(1).startswith("active")
                     cur = [] if active else None
                     if active:
                         stacks.append(cur)

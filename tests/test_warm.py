@@ -127,8 +127,25 @@ def test_a_warm_adapter_is_resized_in_place_with_the_wrapping_kept(tiny_model_di
     assert set(wrapped) == set(resized) and all((wrapped[k] == resized[k]).all() for k in wrapped)
     # Anything but rank and alpha (here the targets) is refused untouched: the caller wraps afresh.
     other = apply_overrides(rank4, {"lora.target_modules": ["q_proj", "v_proj"], "lora.rank": 8})
-    assert not resize_lora(fresh.model, other)
+    assert not resize_lora(fresh.model, other, made_for=rank4)
+    assert not resize_lora(fresh.model, apply_overrides(rank4, {"lora.rank": 8}), made_for=None)
     assert fresh.model.peft_config["default"].r == 4
+    warm.release()
+
+
+def test_unsloths_regex_targets_are_resized_too(tiny_model_dir):
+    """Unsloth hands PEFT a regex for an explicit target list (its vision-model path, which Gemma 3
+    takes): the H200 run at 0ec4420 showed every warm trial wrapping the model again for it
+    (FastLanguageModel.get_peft_model in 64% of the warm start-up samples). The targets are
+    compared in the specs, so such an adapter is resized in place as well."""
+    spec = load_spec(REPO / "sweeps" / "smoke.yaml")
+    warm.release()
+    backend, _ = warm.acquire(str(tiny_model_dir), spec)
+    peft_model = backend.model
+    names = "|".join(spec.lora.target_modules)  # the shape of unsloth_zoo's get_peft_regex output
+    peft_model.peft_config["default"].target_modules = rf"(?:.*?(?:self_attn|mlp).*?(?:{names}).*?)"
+    again, reused = warm.acquire(str(tiny_model_dir), apply_overrides(spec, {"lora.rank": 4}))
+    assert reused and again.model is peft_model and peft_model.peft_config["default"].r == 4
     warm.release()
 
 

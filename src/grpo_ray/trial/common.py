@@ -112,25 +112,33 @@ def init_lora(model: Any, spec: SweepSpec) -> None:
                 a.grad = b.grad = None
 
 
-def resize_lora(model: Any, spec: SweepSpec) -> bool:
+def resize_lora(model: Any, spec: SweepSpec, made_for: SweepSpec | None) -> bool:
     """Give ``model``'s adapter ``spec``'s rank and alpha in place, keeping the PEFT (and Unsloth)
     wrapping around it; weights are left for :func:`init_lora`.
 
     A warm actor's next trial would otherwise unload the LoRA and wrap the model again, which
-    on Unsloth costs seconds of patching per trial. Returns False, changing nothing, when the
-    adapter differs in more than rank and alpha (targets, dropout, DoRA, bias...): the caller
+    on Unsloth costs seconds of patching per trial. ``made_for``: the spec the model's current
+    adapter was made for. Returns False, changing nothing, when there is none or its LoRA
+    settings differ from ``spec``'s in more than rank and alpha (targets, dropout), or the
+    adapter is of a kind this does not resize (DoRA, rsLoRA, bias, embeddings...): the caller
     then builds it afresh.
+
+    The targets are compared in the two specs, not in the PEFT config: Unsloth hands PEFT a
+    regex of its own for an explicit module list (its vision-model path, which Gemma 3 takes),
+    so the config no longer shows the list, while the same list through the same code wraps
+    the same modules.
     """
     import torch
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    if not isinstance(model, PeftModel) or list(model.peft_config) != [ADAPTER]:
+    if made_for is None or not isinstance(model, PeftModel) or list(model.peft_config) != [ADAPTER]:
+        return False
+    own = {"rank", "alpha"}
+    if made_for.lora.model_dump(exclude=own) != spec.lora.model_dump(exclude=own):
         return False
     cfg = model.peft_config[ADAPTER]
-    targets = cfg.target_modules
-    if (not isinstance(targets, (set, list, tuple)) or set(targets) != set(spec.lora.target_modules)
-            or cfg.lora_dropout != spec.lora.dropout or cfg.use_dora or cfg.use_rslora or cfg.lora_bias):
+    if cfg.use_dora or cfg.use_rslora or cfg.lora_bias:
         return False
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     if not layers or any(list(m.lora_A) != [ADAPTER] or len(m.lora_embedding_A)

@@ -34,6 +34,7 @@ class HFBackend:
         self.tokenizer: Any = None
         self._forward: Any = None  # the PEFT model's own forward, before any trainer wrapped it
         self._workdir = Path(tempfile.mkdtemp(prefix="grpo-ray-hf-"))
+        self._spec: SweepSpec | None = None  # the spec the model's current adapter was made for
 
     def load(self, model_dir: str, spec: SweepSpec) -> None:
         import torch
@@ -56,7 +57,8 @@ class HFBackend:
         """
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        if resize_lora(self.model, spec):
+        made_for, self._spec = self._spec, spec
+        if resize_lora(self.model, spec, made_for):
             restore_forward(self.model, self._forward)
         else:
             base = self.model.unload() if isinstance(self.model, PeftModel) else self.model  # LoRA layers out

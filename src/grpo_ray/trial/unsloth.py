@@ -42,7 +42,7 @@ class UnslothBackend:
         self.tokenizer: Any = None
         self._forward: Any = None  # the PEFT model's own forward, before any trainer wrapped it
         self._workdir = Path(tempfile.mkdtemp(prefix="grpo-ray-unsloth-"))
-        self._spec: SweepSpec | None = None
+        self._spec: SweepSpec | None = None  # the spec the model's current adapter was made for
 
     def load(self, model_dir: str, spec: SweepSpec) -> None:
         from unsloth import FastLanguageModel
@@ -73,8 +73,8 @@ class UnslothBackend:
         from peft import PeftModel
         from unsloth import FastLanguageModel
 
-        self._spec = spec
-        if resize_lora(self.model, spec):
+        made_for, self._spec = self._spec, spec
+        if resize_lora(self.model, spec, made_for):
             restore_forward(self.model, self._forward)
         else:
             base = self.model.unload() if isinstance(self.model, PeftModel) else self.model
