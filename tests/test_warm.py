@@ -114,8 +114,11 @@ def test_a_warm_adapter_is_resized_in_place_with_the_wrapping_kept(tiny_model_di
     peft_model._original_forward = peft_model.forward
     peft_model.forward = MethodType(lambda self, *a, **k: None, peft_model)
     rank4 = apply_overrides(spec, {"lora.rank": 4})
+    linears = [m for n, m in peft_model.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
     again, reused = warm.acquire(str(tiny_model_dir), rank4)
     assert reused and again.model is peft_model
+    # The same Linear modules with new weights (what compiled graphs saw stays the same objects).
+    assert linears and linears == [m for n, m in peft_model.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
     assert "forward" not in peft_model.__dict__ and "_original_forward" not in peft_model.__dict__
     assert peft_model.peft_config["default"].r == 4
     resized = {k: v.clone() for k, v in peft_model.state_dict().items() if "lora_" in k}

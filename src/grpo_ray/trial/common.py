@@ -147,12 +147,14 @@ def resize_lora(model: Any, spec: SweepSpec, made_for: SweepSpec | None) -> bool
     r, alpha = spec.lora.rank, lora_alpha(spec)
     for m in layers:
         if m.r[ADAPTER] != r:
-            a, b = m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight
-            # skip_init: no draw from the global RNG, which a fresh actor would not make either
-            m.lora_A[ADAPTER] = torch.nn.utils.skip_init(
-                torch.nn.Linear, m.in_features, r, bias=False, device=a.device, dtype=a.dtype)
-            m.lora_B[ADAPTER] = torch.nn.utils.skip_init(
-                torch.nn.Linear, r, m.out_features, bias=False, device=b.device, dtype=b.dtype)
+            # New weights of the new shape inside the same Linear modules: the graphs
+            # torch.compile made of the decoder blocks (Unsloth compiles them) are guarded on the
+            # modules they saw, and a rank (shape) seen before is served from the compile cache.
+            # torch.empty: no draw from the global RNG, which a fresh actor would not make either.
+            a, b = m.lora_A[ADAPTER], m.lora_B[ADAPTER]
+            a.weight = torch.nn.Parameter(torch.empty(r, a.in_features, device=a.weight.device, dtype=a.weight.dtype))
+            b.weight = torch.nn.Parameter(torch.empty(b.out_features, r, device=b.weight.device, dtype=b.weight.dtype))
+            a.out_features = b.in_features = r
         m.r[ADAPTER], m.lora_alpha[ADAPTER], m.scaling[ADAPTER] = r, alpha, alpha / r
     cfg.r, cfg.lora_alpha = r, alpha
     return True
