@@ -1,12 +1,16 @@
 """Where a trial actor's time went, from bench/spy_sample.sh's py-spy dumps (one sample per second).
 
     python bench/spy_summary.py spy.txt.gz [--warm warm.json] [--top 25]
+    python bench/spy_summary.py spy.txt.gz --warm warm.json --per-trial
 
 Prints, per sampled process, the functions most often on the active threads' stacks (inclusive:
 a sample counts for every function on its stack). With ``--warm`` (bench/warm_sweep.py's JSON),
 samples are split by trial phase: ``startup`` (a trial's start to its first step), ``steps``
 (first step to its last report) and ``between`` (last report to the next trial's start on that
-process), which is what the hand-over target is about.
+process), which is what the hand-over target is about. ``--per-trial`` prints, per trial, the
+share of its readable samples spent in torch.compile (Dynamo tracing or Inductor), SFT, GRPO,
+autograd's backward and vLLM generation. py-spy's non-blocking dumps fail on a share of samples
+(a stack changing while read); those are counted apart, not guessed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,60 @@ import re
 
 FRAME = re.compile(r"^\s+(\S.*) \((.+?):\d+\)$")
 THREAD = re.compile(r'^Thread \S+ \(([\w+]+)\)')  # (idle), (active), (active+gil)
+
+
+# --per-trial: what a sample is doing, by a function on any of its threads' stacks (active or not).
+MARKS = {
+    "compile": ("convert_frame.py", "compile_fx", "async_compile"),
+    "sft": ("UnslothBackend.sft", "HFBackend.sft"),
+    "grpo": ("UnslothBackend.grpo", "HFBackend.grpo"),
+    "backward": ("_engine_run_backward",),
+    "vllm_generate": ("LLMEngine.step", "_run_engine"),
+    "eval": ("evaluate (grpo_ray",),
+}
+
+
+def raw_samples(path: str):
+    """(time, pid, the dump's text) per sample."""
+    with gzip.open(path, "rt", errors="replace") as f:
+        text = []
+        try:
+            for line in f:
+                text.append(line)
+        except EOFError:  # copied while the sampler was still writing it
+            pass
+    for block in "".join(text).split("=== ")[1:]:
+        head, _, body = block.partition("\n")
+        ts, pid = head.split()
+        yield float(ts), int(pid), body
+
+
+def per_trial(path: str, trials: list[dict]) -> None:
+    def trial_at(t: float, pid: int) -> dict | None:
+        for x in trials:
+            if x.get("worker_pid") == pid and x.get("trial_started_at") and \
+                    x["trial_started_at"] <= t <= (x.get("reported_at") or float("inf")):
+                return x
+        return None
+
+    rows: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for t, pid, body in raw_samples(path):
+        x = trial_at(t, pid)
+        if x is None:
+            continue
+        c = rows[x["trial_id"]]
+        c["samples"] += 1
+        if "Error:" in body:
+            c["unreadable"] += 1
+            continue
+        c["read"] += 1
+        for mark, needles in MARKS.items():
+            c[mark] += any(n in body for n in needles)
+    cols = ["samples", "unreadable", *MARKS]
+    print(f"{'trial':>9} " + " ".join(f"{c:>13}" for c in cols), "(shares of the readable samples)")
+    for tid, c in rows.items():
+        print(f"{tid:>9} {c['samples']:13d} {c['unreadable']:13d} "
+              + " ".join(f"{100 * c[m] / max(c['read'], 1):12.0f}%" for m in MARKS))
 
 
 def samples(path: str):
@@ -77,11 +135,15 @@ def main() -> None:
     ap.add_argument("spy")
     ap.add_argument("--warm")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--per-trial", action="store_true")
     args = ap.parse_args()
     trials = []
     if args.warm:
         for mode in json.load(open(args.warm)).get("modes", {}).values():
             trials += mode.get("trials", [])
+    if args.per_trial:
+        per_trial(args.spy, trials)
+        return
     counts: dict[tuple[int, str], collections.Counter] = collections.defaultdict(collections.Counter)
     n: collections.Counter = collections.Counter()
     for t, pid, stacks in samples(args.spy):

@@ -11,4 +11,4 @@ keep
 grep -E "Recompiling" /tmp/res/warm.log | sed -E 's/^.*(Recompiling function [^ ]+ in [^ ]+).*/\1/' \
   | sort | uniq -c | sort -rn | head -60 > "$OUT"/recompiles.txt
 grep -E "^== |\] (complete|error|note)|rc=|Error|error:" /tmp/res/warm.log | cut -c1-300 | tail -30
-PYTHONPATH=bench python3 bench/warm_summary.py /tmp/res/warm.json 2>&1 | tail -40
+PYTHONPATH=bench python3 bench/warm_summary.py /tmp/res/warm.json --smi /tmp/res/smi.csv 2>&1 | tail -60
