@@ -81,33 +81,20 @@ def per_trial(path: str, trials: list[dict]) -> None:
 
 def samples(path: str):
     """(time, pid, [stack of 'func (file)' innermost first] per active thread)."""
-    t = pid = None
-    stacks: list[list[str]] = []
-    cur: list[str] | None = None
-    active = False
-    with gzip.open(path, "rt", errors="replace") as f:
-        try:
-            for line in f:
-                if line.startswith("=== "):
-                    if t is not None:
-                        yield t, pid, stacks
-                    _, ts, p = line.split()
-                    t, pid, stacks, cur, active = float(ts), int(p), [], None, False
-                    continue
-                m = THREAD.match(line)
-                if m:
-                    active = m.group(1).startswith("active")
-                    cur = [] if active else None
-                    if active:
-                        stacks.append(cur)
-                    continue
-                m = FRAME.match(line)
-                if m and cur is not None:
-                    func, file = m.groups()
-                    cur.append(f"{func} ({_short(file)})")
-        except EOFError:  # copied while the sampler was still writing it
-            pass
-    if t is not None:
+    for t, pid, body in raw_samples(path):
+        stacks: list[list[str]] = []
+        cur: list[str] | None = None
+        for line in body.splitlines():
+            m = THREAD.match(line)
+            if m:
+                cur = [] if m.group(1).startswith("active") else None
+                if cur is not None:
+                    stacks.append(cur)
+                continue
+            m = FRAME.match(line)
+            if m and cur is not None:
+                func, file = m.groups()
+                cur.append(f"{func} ({_short(file)})")
         yield t, pid, stacks
 
 
