@@ -30,18 +30,50 @@ def test_auto_backend_is_unsloth_on_cuda():
     assert choose_backend("auto") == "unsloth"
 
 
-def test_unsloth_trial_reports_and_checkpoints(gemma_gguf, tmp_path):
-    from grpo_ray.trial.run import run_trial
-
+def _short_spec(gemma_gguf):
+    # One spec for the trials of this module: the same load key, so the process keeps one
+    # model and one vLLM engine (trial/warm.py) instead of starting a second engine.
     spec = load_spec(REPO / "bench" / "gemma_learn.yaml")
-    spec = apply_overrides(spec, {
+    return apply_overrides(spec, {
         "model.source": gemma_gguf, "sft.max_steps": 10, "grpo.max_steps": 4, "grpo.report_every": 2,
         "data.eval.size": 16, "data.eval.before_sft": False, "grpo.num_generations": 4,
     })
+
+
+def test_unsloth_trial_reports_and_checkpoints(gemma_gguf, tmp_path):
+    from grpo_ray.trial.run import run_trial
+
+    spec = _short_spec(gemma_gguf)
     reports = []
     final = run_trial({"lora.rank": 16}, spec, report=lambda m, d: reports.append((m, sorted(os.listdir(d)))))
     assert [m["step"] for m, _ in reports] == [2, 4]
     assert "adapter_model.safetensors" in reports[-1][1]
+    assert 0 <= final["eval_accuracy"] <= 1 and final["completion_length"] > 0
+
+
+def test_a_warm_unsloth_model_takes_the_next_trials_lora_in_place(gemma_gguf):
+    """Trial B after trial A in one process (a reused Tune actor): Unsloth's wrapping, the LoRA
+    modules and the vLLM engine stay; B's adapter is its own rank and B trains and evaluates
+    through vLLM. At 0ec4420 Unsloth's regex target_modules made every warm trial wrap the
+    model again (bench/results/warm_sweep_h200_0ec4420.json)."""
+    from safetensors.torch import load_file
+
+    from grpo_ray.trial import warm
+    from grpo_ray.trial.run import run_trial
+
+    spec = _short_spec(gemma_gguf)
+    run_trial({"lora.rank": 16}, spec, report=lambda m, d: None)  # trial A (or the previous test's model)
+    backend = warm._warm.backend
+    peft_model = backend.model
+    linears = [m for n, m in peft_model.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
+    reports = []
+    final = run_trial({"lora.rank": 8, "grpo.learning_rate": 2e-5}, spec,
+                      report=lambda m, d: reports.append((m, load_file(f"{d}/adapter_model.safetensors"))))
+    assert warm._warm.backend is backend and backend.model is peft_model  # no reload, no re-wrap
+    assert linears == [m for n, m in peft_model.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
+    assert all(m["model_reused"] == 1.0 for m, _ in reports)
+    shapes = {tuple(v.shape)[0] for k, v in reports[-1][1].items() if "lora_A" in k}
+    assert shapes == {8}
     assert 0 <= final["eval_accuracy"] <= 1 and final["completion_length"] > 0
 
 
