@@ -6,7 +6,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from grpo_ray.spec import RewardSpec, load_spec
+from grpo_ray.spec import RewardSpec, apply_overrides, load_spec
 from grpo_ray.trial.run import run_trial
 from conftest import REPO
 
@@ -160,3 +160,34 @@ def test_unsloth_compiled_cache_is_shared_by_the_trials_of_a_node(monkeypatch, t
     assert share_compile_caches() == {"UNSLOTH_COMPILE_LOCATION": str(tmp_path / "unsloth_compiled_cache")}
     monkeypatch.setenv("UNSLOTH_COMPILE_LOCATION", "/mine")
     assert share_compile_caches() == {"UNSLOTH_COMPILE_LOCATION": "/mine"}  # the user's choice wins
+
+
+def test_gradient_checkpointing_is_what_the_spec_says(tiny_model_dir):
+    """TRL turns checkpointing on by default; lora.gradient_checkpointing: false must turn it
+    off in the trainers (the fastest steps for a small model): each decoder layer then runs
+    forward once per training pass, not again in the backward pass. A warm model made with
+    the other setting is not reused (Unsloth patches checkpointing into the model it wraps)."""
+    import torch
+
+    from grpo_ray.trial import warm
+
+    spec = load_spec(REPO / "sweeps" / "smoke.yaml")
+    short = {"sft.max_steps": 2, "grpo.max_steps": 2, "grpo.report_every": 2}
+    calls = {}
+    for setting in ("unsloth", False):
+        warm.release()
+        backend, _ = warm.acquire(str(tiny_model_dir), apply_overrides(spec, {"lora.gradient_checkpointing": setting}))
+        layer = next(m for n, m in backend.model.named_modules() if n.endswith("layers.0"))
+        calls[setting] = 0
+
+        def count(module, args, setting=setting):  # forwards that build a graph: training, recompute
+            calls[setting] += torch.is_grad_enabled()
+
+        hook = layer.register_forward_pre_hook(count)
+        final = run_trial({"lora.gradient_checkpointing": setting} | short, spec, report=lambda m, d: None)
+        hook.remove()
+        assert final["step"] == 2 and not math.isnan(final["sft_loss"])
+    assert calls[False] > 0 and calls["unsloth"] >= 1.5 * calls[False], calls  # about 2x
+    key = lambda v: warm.load_key("m", apply_overrides(spec, {"lora.gradient_checkpointing": v}))  # noqa: E731
+    assert key(False) != key("unsloth")
+    warm.release()

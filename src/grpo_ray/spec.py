@@ -127,6 +127,11 @@ class LoraSpec(_Strict):
     alpha: int | None = Field(None, gt=0, description="Default: 2 x rank, as the tutorial.")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    gradient_checkpointing: Literal["unsloth", True, False] = Field(
+        "unsloth", description="Recompute activations in the backward pass instead of keeping them: less GPU "
+        "memory, slower steps. unsloth: Unsloth's offloaded checkpointing (the tutorial's "
+        "use_gradient_checkpointing='unsloth'; plain checkpointing, TRL's default, on the hf backend); true: "
+        "plain; false: none, the fastest steps where the activations fit (a small model on a large GPU).")
 
 
 class SftSpec(_Strict):

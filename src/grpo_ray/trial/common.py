@@ -175,6 +175,14 @@ def restore_forward(model: Any, forward: Any) -> None:
         model.forward = forward
 
 
+def gradient_checkpointing(spec: SweepSpec, backend: str) -> str | bool:
+    """``lora.gradient_checkpointing`` as ``backend`` takes it: "unsloth" (Unsloth's offloaded mode), True or False."""
+    value = spec.lora.gradient_checkpointing
+    if value == "unsloth" and backend != "unsloth":
+        return True  # no offloaded mode without Unsloth: the nearest is plain checkpointing
+    return value
+
+
 def lora_alpha(spec: SweepSpec) -> int:
     return spec.lora.alpha or 2 * spec.lora.rank  # the tutorial's alpha = 2 x rank
 
@@ -204,8 +212,12 @@ def prepare_tokenizer(tokenizer: Any, spec: SweepSpec) -> Any:
 def _common_args(spec: SweepSpec) -> dict[str, Any]:
     import torch
 
+    from grpo_ray.trial.base import choose_backend
+
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return {
+        # TRL turns it on by default; false must reach the trainer too, or it would enable it again.
+        "gradient_checkpointing": gradient_checkpointing(spec, choose_backend(spec.backend)) is not False,
         "report_to": "none",
         "save_strategy": "no",
         "logging_steps": 1,

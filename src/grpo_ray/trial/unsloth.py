@@ -21,6 +21,7 @@ from typing import Any, Callable
 from grpo_ray.spec import SweepSpec
 from grpo_ray.trial.common import (
     guard_memory,
+    gradient_checkpointing,
     grpo_config_kwargs,
     init_lora,
     instance_forward,
@@ -85,7 +86,7 @@ class UnslothBackend:
                 target_modules=spec.lora.target_modules,
                 lora_alpha=lora_alpha(spec),
                 lora_dropout=spec.lora.dropout,
-                use_gradient_checkpointing="unsloth",
+                use_gradient_checkpointing=gradient_checkpointing(spec, self.name),
                 random_state=spec.grpo.seed,
             )
             self._forward = instance_forward(self.model)

@@ -42,8 +42,9 @@ _warm: _Warm | None = None  # this process's loaded model, kept between the tria
 def load_key(model_dir: str, spec: SweepSpec) -> tuple[Any, ...]:
     """What a loaded model depends on; two trials with equal keys can share it."""
     m = spec.model
+    # Checkpointing too: Unsloth patches it into the model it wraps, and unwrapping need not undo it.
     return (choose_backend(spec.backend), model_dir, m.max_seq_length, m.load_in_4bit,
-            m.gpu_memory_utilization, spec.max_lora_rank())
+            m.gpu_memory_utilization, spec.max_lora_rank(), spec.lora.gradient_checkpointing)
 
 
 def acquire(model_dir: str, spec: SweepSpec) -> tuple[Backend, bool]:
