@@ -6,6 +6,7 @@ as real sweeps through ``grpo_ray.sweep.run_sweep`` (Ray Tune + Optuna), one per
     reuse   trial.reuse_model: true, one trial per GPU (the default)
     cold    trial.reuse_model: false: a fresh process, model load and vLLM start per trial
     packed  two trials per GPU (resources.gpu: 0.5), models reused
+    packed-nockpt  the same without gradient checkpointing (lora.gradient_checkpointing: false)
 
 and writes, after each mode, the sweep's utilization (utilization.py: busy fraction, start-up,
 hand-over, trials per GPU-hour) and every trial's timings and first GRPO step reward. The
@@ -33,6 +34,9 @@ MODES = {
     "reuse": {"trial.reuse_model": True},
     "cold": {"trial.reuse_model": False},
     "packed": {"trial.reuse_model": True, "resources.gpu": 0.5, "search.max_concurrent_trials": 2},
+    # packed, activations kept: what gradient checkpointing costs a small model (lora.gradient_checkpointing)
+    "packed-nockpt": {"trial.reuse_model": True, "resources.gpu": 0.5, "search.max_concurrent_trials": 2,
+                      "lora.gradient_checkpointing": False},
 }
 
 
