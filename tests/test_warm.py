@@ -152,6 +152,38 @@ def test_unsloths_regex_targets_are_resized_too(tiny_model_dir):
     warm.release()
 
 
+def test_the_next_trial_reuses_the_prepared_data(tiny_model_dir, monkeypatch):
+    """Data sets and templated, length-filtered GRPO prompts are made once per actor for the
+    settings they depend on; other data settings, or reuse off, make them again."""
+    from grpo_ray.trial import run
+
+    made = {"data": 0, "rows": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            made[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(run, "load_datasets", counted("data", run.load_datasets))
+    monkeypatch.setattr(run, "grpo_rows", counted("rows", run.grpo_rows))
+    spec = apply_overrides(load_spec(REPO / "sweeps" / "smoke.yaml"),
+                           {"sft.max_steps": 1, "grpo.max_steps": 1, "grpo.report_every": 1})
+    warm.release()
+    for config in ({"lora.rank": 8}, {"lora.rank": 4, "grpo.temperature": 0.8}):  # what a trial owns
+        run_trial(config, spec, report=lambda m, d: None)
+    assert made == {"data": 1, "rows": 1}
+    run_trial({"grpo.max_prompt_length": 120}, spec, report=lambda m, d: None)  # same data, other prompts
+    assert made == {"data": 1, "rows": 2}
+    run_trial({"data.grpo.limit": 40}, spec, report=lambda m, d: None)
+    assert made == {"data": 2, "rows": 3}
+    off = apply_overrides(spec, {"trial.reuse_model": False})
+    run_trial({}, off, report=lambda m, d: None)
+    run_trial({}, off, report=lambda m, d: None)
+    assert made == {"data": 4, "rows": 5}
+    warm.release()
+
+
 def test_a_failed_trial_leaves_no_model_behind(tiny_model_dir):
     spec = load_spec(REPO / "sweeps" / "smoke.yaml")
     warm.release()

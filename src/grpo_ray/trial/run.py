@@ -136,7 +136,8 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
 
     t0 = time.time()
     # First: the unsloth backend must be imported before trl. A warm actor's model is reused.
-    backend, reused = warm.acquire(resolve_model(trial_spec.model.source), trial_spec)
+    model_dir = resolve_model(trial_spec.model.source)
+    backend, reused = warm.acquire(model_dir, trial_spec)
     t_loaded = time.time()
     import torch
 
@@ -148,7 +149,9 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
     from grpo_ray.trial.guard import TrialGuard
 
     watchdog.beat("loading the model")
-    data = load_datasets(trial_spec.data)
+    # Data and GRPO prompts depend on these alone; a warm actor's next trial gets them as they were.
+    data_key = (trial_spec.data.model_dump_json(),)
+    data = warm.shared(("data", *data_key), lambda: load_datasets(trial_spec.data), trial_spec)
     fmt = trial_spec.format.to_format()
     eos = backend.tokenizer.eos_token
     names = [r.name for r in trial_spec.rewards]
@@ -232,7 +235,9 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
         grpo_spec = apply_overrides(trial_spec, {"grpo.max_steps": trial_spec.grpo.max_steps - first_step,
                                                  "grpo.seed": trial_spec.grpo.seed + first_step})
     eval_before_grpo = phases["eval_seconds"]
-    rows = grpo_rows(data, backend.tokenizer, grpo_spec)
+    rows_key = ("grpo_rows", *data_key, model_dir, trial_spec.format.model_dump_json(), trial_spec.model.add_bos,
+                trial_spec.grpo.max_prompt_length)
+    rows = warm.shared(rows_key, lambda: grpo_rows(data, backend.tokenizer, grpo_spec), trial_spec)
     t_grpo = time.time()
     backend.grpo(rows, funcs, weights, grpo_spec, callbacks)
     reporter.flush(reporter.step)  # a run that ended before max_steps reports its last window too

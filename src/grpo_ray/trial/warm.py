@@ -12,6 +12,10 @@ loaded in that process, so the next trial pays only for what is its own:
 - its optimizer, learning-rate schedule, sampling settings and reward weights, which every
   trial builds afresh in its own trainers anyway.
 
+What the trials share besides the model is kept too (:func:`shared`): the loaded data sets
+and the GRPO prompts, templated and length-filtered, which on the tutorial's 17k DAPO prompts
+cost seconds of an idle GPU per trial (bench/data_prep.py).
+
 Anything that shapes the loaded model itself (the source, backend, sequence length, 4-bit
 loading, vLLM's memory share, the largest LoRA rank vLLM reserves room for) is the cache key:
 a trial that differs there loads its own model.
@@ -22,7 +26,7 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from grpo_ray.spec import SweepSpec
 from grpo_ray.trial.base import Backend, choose_backend, make_backend
@@ -37,6 +41,23 @@ class _Warm:
 
 
 _warm: _Warm | None = None  # this process's loaded model, kept between the trials Tune runs in it
+_shared: dict[tuple[Any, ...], Any] = {}  # data the trials of this process share (shared())
+_SHARED_MAX = 4  # entries kept: a sweep over data settings would otherwise hold every variant
+T = TypeVar("T")
+
+
+def shared(key: tuple[Any, ...], make: Callable[[], T], spec: SweepSpec) -> T:
+    """``make()``, once per ``key`` in this process while ``spec.trial.reuse_model`` is on.
+
+    ``key`` must hold everything the value depends on; callers must not mutate the value.
+    """
+    if not spec.trial.reuse_model:
+        return make()
+    if key not in _shared:
+        while len(_shared) >= _SHARED_MAX:
+            _shared.pop(next(iter(_shared)))
+        _shared[key] = make()
+    return _shared[key]
 
 
 def load_key(model_dir: str, spec: SweepSpec) -> tuple[Any, ...]:
@@ -68,8 +89,9 @@ def acquire(model_dir: str, spec: SweepSpec) -> tuple[Backend, bool]:
 
 
 def release() -> None:
-    """Drop this process's warm model (a trial that failed may have left it in any state)."""
+    """Drop this process's warm model and shared data (a trial that failed may have left them in any state)."""
     global _warm
+    _shared.clear()
     if _warm is None:
         return
     _warm = None
