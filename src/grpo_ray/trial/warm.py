@@ -17,7 +17,8 @@ and the GRPO prompts, templated and length-filtered, which on the tutorial's 17k
 cost seconds of an idle GPU per trial (bench/data_prep.py).
 
 Anything that shapes the loaded model itself (the source, backend, sequence length, 4-bit
-loading, vLLM's memory share, the largest LoRA rank vLLM reserves room for) is the cache key:
+loading, vLLM's memory share, the largest LoRA rank vLLM reserves room for, gradient
+checkpointing) is the cache key:
 a trial that differs there loads its own model.
 """
 
