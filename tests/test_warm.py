@@ -115,12 +115,16 @@ def test_a_warm_adapter_is_resized_in_place_with_the_wrapping_kept(tiny_model_di
     peft_model.forward = MethodType(lambda self, *a, **k: None, peft_model)
     rank4 = apply_overrides(spec, {"lora.rank": 4})
     linears = [m for n, m in peft_model.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
+    config_a = peft_model.peft_config["default"]
     again, reused = warm.acquire(str(tiny_model_dir), rank4)
     assert reused and again.model is peft_model
     # The same Linear modules with new weights (what compiled graphs saw stays the same objects).
     assert linears and linears == [m for n, m in peft_model.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
     assert "forward" not in peft_model.__dict__ and "_original_forward" not in peft_model.__dict__
     assert peft_model.peft_config["default"].r == 4
+    # A new config object: unsloth_zoo caches the vLLM LoRA config by the config's identity.
+    assert peft_model.peft_config["default"] is not config_a and config_a.r == spec.lora.rank
+    assert peft_model.peft_config["default"].lora_alpha == 8 and peft_model.base_model.peft_config["default"].r == 4
     resized = {k: v.clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
     assert all(v.shape[0] == 4 for k, v in resized.items() if "lora_A" in k)
     warm.release()

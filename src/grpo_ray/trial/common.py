@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -156,7 +157,13 @@ def resize_lora(model: Any, spec: SweepSpec, made_for: SweepSpec | None) -> bool
             b.weight = torch.nn.Parameter(torch.empty(b.out_features, r, device=b.weight.device, dtype=b.weight.dtype))
             a.out_features = b.in_features = r
         m.r[ADAPTER], m.lora_alpha[ADAPTER], m.scaling[ADAPTER] = r, alpha, alpha / r
-    cfg.r, cfg.lora_alpha = r, alpha
+    # A new config object, not the old one edited: unsloth_zoo caches the vLLM LoRA config it
+    # derives from it by identity (vllm_utils._live_lora_config), and would otherwise serve
+    # GRPO's generation the previous trial's rank and alpha.
+    # A shallow copy: dataclasses.replace would run LoraConfig's checks again on what Unsloth set.
+    new = copy.copy(cfg)
+    new.r, new.lora_alpha = r, alpha
+    model.peft_config[ADAPTER] = new
     return True
 
 
