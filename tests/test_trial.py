@@ -191,3 +191,28 @@ def test_gradient_checkpointing_is_what_the_spec_says(tiny_model_dir):
     key = lambda v: warm.load_key("m", apply_overrides(spec, {"lora.gradient_checkpointing": v}))  # noqa: E731
     assert key(False) != key("unsloth")
     warm.release()
+
+
+def test_a_trial_writes_its_tokenizer_once_and_every_checkpoint_holds_it(tiny_model_dir, monkeypatch):
+    """Every report's checkpoint loads on its own (tokenizer and chat template included), but the
+    tokenizer is serialized once, not at every report (Gemma's is 32 MB, about a second each)."""
+    from transformers import AutoTokenizer
+
+    from grpo_ray.trial import warm
+
+    spec = load_spec(REPO / "sweeps" / "smoke.yaml")
+    warm.release()
+    backend, _ = warm.acquire(str(tiny_model_dir), spec)  # the trial below runs on this model
+    saves = []
+    cls = type(backend.tokenizer)
+    original = cls.save_pretrained
+    monkeypatch.setattr(cls, "save_pretrained", lambda self, *a, **k: saves.append(1) or original(self, *a, **k))
+    seen = []
+
+    def report(metrics, ckpt_dir):
+        tok = AutoTokenizer.from_pretrained(ckpt_dir)
+        seen.append("<SOLUTION>" in tok.chat_template and tok.pad_token is not None)
+
+    run_trial({"sft.max_steps": 1, "grpo.max_steps": 3, "grpo.report_every": 1}, spec, report=report)
+    warm.release()
+    assert seen == [True, True, True] and len(saves) == 1

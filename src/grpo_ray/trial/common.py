@@ -79,6 +79,34 @@ def load_lora_weights(model: Any, adapter_dir: Path) -> None:
         raise RuntimeError(f"{adapter_dir}: adapter weights this model has no place for: {unexpected[:3]}")
 
 
+def save_tokenizer(tokenizer: Any, out_dir: Path, cache_dir: Path) -> None:
+    """``tokenizer.save_pretrained(out_dir)``, serialized once per state of the tokenizer.
+
+    Every report's checkpoint carries the tokenizer, so that it loads on its own; Gemma's
+    tokenizer.json is 32 MB and about a second to write, at every report of every trial. The
+    files are written once into ``cache_dir`` and hard-linked (copied across file systems).
+    """
+    import hashlib
+    import os
+    import shutil
+
+    # What our trials and TRL's trainers change on a tokenizer: template, pad token, sides, added tokens.
+    state = "\0".join(str(getattr(tokenizer, a, None)) for a in (
+        "chat_template", "pad_token", "padding_side", "truncation_side", "model_max_length"))
+    state += f"\0{id(tokenizer)}\0{len(tokenizer)}"
+    src = cache_dir / hashlib.sha256(state.encode()).hexdigest()[:16]
+    if not src.is_dir():
+        tmp = cache_dir / f".{src.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer.save_pretrained(str(tmp))
+        tmp.rename(src)
+    for f in src.iterdir():
+        try:
+            os.link(f, out_dir / f.name)
+        except OSError:
+            shutil.copy2(f, out_dir / f.name)
+
+
 def seed_adapter_init(spec: SweepSpec) -> None:
     """Seed every RNG a new LoRA's initialisation draws from, so that a trial's adapter starts
     the same whether its process is fresh or reused from an earlier trial (trial/warm.py)."""

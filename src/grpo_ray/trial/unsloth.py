@@ -30,6 +30,7 @@ from grpo_ray.trial.common import (
     prepare_tokenizer,
     resize_lora,
     restore_forward,
+    save_tokenizer,
     seed_adapter_init,
     sft_config_kwargs,
 )
@@ -176,4 +177,4 @@ class UnslothBackend:
 
     def save_adapter(self, out_dir: Path) -> None:
         self.model.save_pretrained(str(out_dir))
-        self.tokenizer.save_pretrained(str(out_dir))
+        save_tokenizer(self.tokenizer, out_dir, self._workdir / "tokenizer")
