@@ -247,12 +247,11 @@ def prepare_tokenizer(tokenizer: Any, spec: SweepSpec) -> Any:
 def _common_args(spec: SweepSpec) -> dict[str, Any]:
     import torch
 
-    from grpo_ray.trial.base import choose_backend
-
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return {
         # TRL turns it on by default; false must reach the trainer too, or it would enable it again.
-        "gradient_checkpointing": gradient_checkpointing(spec, choose_backend(spec.backend)) is not False,
+        # Any other setting is checkpointing on either backend (see gradient_checkpointing()).
+        "gradient_checkpointing": spec.lora.gradient_checkpointing is not False,
         "report_to": "none",
         "save_strategy": "no",
         "logging_steps": 1,
