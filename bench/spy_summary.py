@@ -51,17 +51,19 @@ def raw_samples(path: str):
         yield float(ts), int(pid), body
 
 
-def per_trial(path: str, trials: list[dict]) -> None:
-    def trial_at(t: float, pid: int) -> dict | None:
-        for x in trials:
-            if x.get("worker_pid") == pid and x.get("trial_started_at") and \
-                    x["trial_started_at"] <= t <= (x.get("reported_at") or float("inf")):
-                return x
-        return None
+def trial_at(t: float, pid: int, trials: list[dict]) -> dict | None:
+    """The trial that process ``pid`` was running at time ``t`` (its start to its last report)."""
+    for x in trials:
+        if x.get("worker_pid") == pid and x.get("trial_started_at") and \
+                x["trial_started_at"] <= t <= (x.get("reported_at") or float("inf")):
+            return x
+    return None
 
+
+def per_trial(path: str, trials: list[dict]) -> None:
     rows: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for t, pid, body in raw_samples(path):
-        x = trial_at(t, pid)
+        x = trial_at(t, pid, trials)
         if x is None:
             continue
         c = rows[x["trial_id"]]
@@ -106,15 +108,12 @@ def _short(file: str) -> str:
 
 
 def phase_of(t: float, pid: int, trials: list[dict]) -> str:
-    mine = sorted((x for x in trials if x.get("worker_pid") == pid and x.get("trial_started_at")),
-                  key=lambda x: x["trial_started_at"])
-    for x in mine:
-        start, first, end = x["trial_started_at"], x.get("first_step_at") or float("inf"), x.get("reported_at") or float("inf")
-        if start <= t < first:
-            return f"startup{'-warm' if x.get('model_reused') else '-cold'}"
-        if first <= t <= end:
-            return "steps"
-    return "between"
+    x = trial_at(t, pid, trials)
+    if x is None:
+        return "between"
+    if t < (x.get("first_step_at") or float("inf")):
+        return f"startup{'-warm' if x.get('model_reused') else '-cold'}"
+    return "steps"
 
 
 def main() -> None:
