@@ -34,6 +34,7 @@ from grpo_ray.trial.common import (
     seed_adapter_init,
     sft_config_kwargs,
 )
+from grpo_ray.trial.engine_lock import one_start_per_gpu, visible_gpus
 
 
 class UnslothBackend:
@@ -60,7 +61,9 @@ class UnslothBackend:
             )
             self.tokenizer = tokenizer
 
-        guard_memory(_load, spec)
+        # A packed neighbour starting its engine at the same time would skew vLLM's memory profile.
+        with one_start_per_gpu(visible_gpus()):
+            guard_memory(_load, spec)
         self.new_adapter(spec)
 
     def new_adapter(self, spec: SweepSpec) -> None:

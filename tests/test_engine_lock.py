@@ -1,0 +1,84 @@
+"""Packed trials start their vLLM engines one at a time per GPU (trial/engine_lock.py).
+
+Real processes and real OS file locks; only the GPU ids are made up, since this machine has
+no GPU (on one, visible_gpus() gives the cards' UUIDs, the same in every process).
+"""
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+from grpo_ray.trial.engine_lock import one_start_per_gpu, visible_gpus
+
+
+def _start(gpus, lock_dir, hold_s, out, entered, timeout_s=1800.0):
+    said = []
+    with one_start_per_gpu(gpus, timeout_s=timeout_s, lock_dir=lock_dir, say=said.append) as waited:
+        t0 = time.time()
+        entered.set()
+        time.sleep(hold_s)
+        out.put((t0, time.time(), waited, said))
+
+
+def _starts(lock_dir, jobs):
+    """Run ``(gpus, hold_s[, timeout_s])`` jobs, each started once the one before holds its locks
+    (or, when it has to wait, has had 0.5 s to reach the lock); their (enter, leave, waited, said) in job order."""
+    ctx = mp.get_context("spawn")
+    out, procs = ctx.Queue(), []
+    for gpus, hold, *rest in jobs:
+        entered = ctx.Event()
+        procs.append(ctx.Process(target=_start, args=(gpus, lock_dir, hold, out, entered, *rest)))
+        procs[-1].start()
+        if not entered.wait(timeout=30):  # waiting for a lock: give it time to ask for it first
+            time.sleep(0.5)
+    got = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    return sorted(got, key=lambda r: r[0])  # entry order is job order wherever a lock decides it
+
+
+def test_two_trials_on_one_gpu_start_one_after_the_other(tmp_path):
+    first, second = _starts(tmp_path, [(["GPU-a"], 2.0), (["GPU-a"], 0.2)])
+    assert second[0] >= first[1] - 0.05  # the second entered only when the first had left
+    assert second[2] > 0.5 and "finish starting its vLLM engine" in second[3][0]
+    assert first[3] == []
+
+
+def test_trials_on_different_gpus_start_together(tmp_path):
+    a, b = _starts(tmp_path, [(["GPU-a"], 3.0), (["GPU-b"], 0.2)])
+    assert b[0] < a[1]  # overlapping start-ups
+    assert a[3] == b[3] == []
+
+
+def test_a_start_holding_two_gpus_waits_for_either(tmp_path):
+    one, two = _starts(tmp_path, [(["GPU-b"], 2.0), (["GPU-a", "GPU-b"], 0.2)])
+    assert two[0] >= one[1] - 0.05 and two[2] > 0.5
+
+
+def test_a_crashed_start_releases_its_gpu(tmp_path):
+    ctx = mp.get_context("spawn")
+    entered, out = ctx.Event(), ctx.Queue()
+    holder = ctx.Process(target=_start, args=(["GPU-a"], tmp_path, 600, out, entered))
+    holder.start()
+    assert entered.wait(timeout=30)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(timeout=10)
+    t0 = time.time()
+    with one_start_per_gpu(["GPU-a"], timeout_s=20, lock_dir=tmp_path, say=lambda m: None):
+        assert time.time() - t0 < 5
+
+
+def test_a_stuck_neighbour_costs_at_most_the_timeout(tmp_path):
+    first, second = _starts(tmp_path, [(["GPU-a"], 5.0), (["GPU-a"], 0.1, 1.0)])
+    assert second[0] < first[1]  # went ahead while the first still held the lock
+    assert 0.9 <= second[2] < 3.0
+    assert "starting without waiting longer" in second[3][-1]
+
+
+def test_no_gpu_no_lock(tmp_path):
+    assert visible_gpus() == []  # this machine (and CI) has no GPU
+    with one_start_per_gpu([], lock_dir=tmp_path) as waited:
+        assert waited < 0.1
+    assert list(tmp_path.iterdir()) == []
