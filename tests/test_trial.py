@@ -216,3 +216,16 @@ def test_a_trial_writes_its_tokenizer_once_and_every_checkpoint_holds_it(tiny_mo
     run_trial({"sft.max_steps": 1, "grpo.max_steps": 3, "grpo.report_every": 1}, spec, report=report)
     warm.release()
     assert seen == [True, True, True] and len(saves) == 1
+
+
+def test_sft_lora_norm_is_where_sft_left_the_adapter(tmp_path, tiny_model_dir):
+    """A GRPO step that barely moves the adapter: its checkpoint still holds SFT's adapter, whose norm is reported."""
+    spec = load_spec(REPO / "sweeps" / "smoke.yaml")
+    reports, report = _keeper(tmp_path)
+    run_trial(CONFIG | {"grpo.learning_rate": 1e-12, "grpo.max_steps": 1, "grpo.report_every": 1}, spec, report=report)
+    (m, ckpt), = reports
+    weights = load_file(ckpt / "adapter_model.safetensors")
+    norm = math.sqrt(sum(float(w.double().pow(2).sum()) for w in weights.values()))
+    assert m["sft_lora_norm"] == pytest.approx(norm, rel=1e-6)
+    b_norm = math.sqrt(sum(float(w.double().pow(2).sum()) for k, w in weights.items() if "lora_B" in k))
+    assert b_norm > 1e-4  # SFT moved B away from its zero init: the norm is of a trained adapter

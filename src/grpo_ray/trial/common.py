@@ -141,6 +141,22 @@ def init_lora(model: Any, spec: SweepSpec) -> None:
                 a.grad = b.grad = None
 
 
+def lora_norm(model: Any) -> float:
+    """L2 norm of the adapter's weights, summed in float64: a fingerprint of where training left it.
+
+    Reported after SFT (``sft_lora_norm``): two trials of one configuration that differ later
+    (a warm actor's and a fresh one's first GRPO rewards) show here whether SFT already differed.
+    """
+    import torch
+
+    total = 0.0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                total += float(p.detach().double().pow(2).sum())
+    return total ** 0.5
+
+
 def resize_lora(model: Any, spec: SweepSpec, made_for: SweepSpec | None) -> bool:
     """Give ``model``'s adapter ``spec``'s rank and alpha in place, keeping the PEFT (and Unsloth)
     wrapping around it; weights are left for :func:`init_lora`.

@@ -145,7 +145,7 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
         torch.set_num_threads(max(1, int(trial_spec.resources.cpu)))
     from grpo_ray.evaluate import evaluate
     from grpo_ray.rewards import resolve_rewards
-    from grpo_ray.trial.common import FirstStep, LoopStart, StepReporter
+    from grpo_ray.trial.common import FirstStep, LoopStart, StepReporter, lora_norm
     from grpo_ray.trial.guard import TrialGuard
 
     watchdog.beat("loading the model")
@@ -194,6 +194,7 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
             t_sft, sft_loop = time.time(), LoopStart()
             msgs = [template.sft_messages(e.question, e.reasoning or "", e.answer, fmt) for e in data.sft]
             fixed |= backend.sft(msgs, trial_spec, [TrialGuard(watchdog, trial_spec, "SFT"), busy, sft_loop])
+            fixed["sft_lora_norm"] = lora_norm(backend.model)
             fixed["sft_seconds"] = time.time() - t_sft
             fixed["sft_setup_s"] = (sft_loop.at or t_sft) - t_sft
         ev = held_out()
