@@ -3,7 +3,7 @@
 # copying its results into $OUT every 20 s (a call cut off by the lease still returns them).
 end=$((SECONDS + ${1:-560}))
 keep() {
-  cp /tmp/res/warm.json /tmp/res/smi.csv /tmp/res/spy.txt.gz "$OUT"/ 2>/dev/null
+  cp /tmp/res/warm.json /tmp/res/smi.csv /tmp/res/spy.txt.gz /tmp/res/gpu_tests.log "$OUT"/ 2>/dev/null
   tail -c 3000000 /tmp/res/warm.log > "$OUT"/warm.log.tail 2>/dev/null
 }
 while [ $SECONDS -lt $end ] && [ ! -f /tmp/res/DONE ]; do sleep 20; keep; done

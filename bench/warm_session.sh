@@ -23,4 +23,10 @@ PATH=/tmp/site/bin:$PATH setsid bash bench/spy_sample.sh $R > /dev/null 2>&1 &
 python3 bench/warm_sweep.py --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --out $R/warm.json \
   --modes ${MODES:-reuse:8} > $R/warm.log 2>&1
 echo "rc=$?" >> $R/warm.log
+# Then, with GPU_TESTS set (a pytest -k expression, e.g. in_place), GPU tests in what is left
+# of the lease: the sweep's Ray and its engines have exited by now.
+if [ -n "${GPU_TESTS:-}" ]; then
+  python3 -m pytest tests/test_gpu.py -m gpu -k "$GPU_TESTS" -x -p no:cacheprovider > $R/gpu_tests.log 2>&1
+  echo "rc=$?" >> $R/gpu_tests.log
+fi
 touch $R/DONE
