@@ -82,3 +82,11 @@ def test_no_gpu_no_lock(tmp_path):
     with one_start_per_gpu([], lock_dir=tmp_path) as waited:
         assert waited < 0.1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_lock_dir_that_cannot_be_made_starts_without_the_lock(tmp_path):
+    (tmp_path / "taken").write_text("a file where the lock directory should be")
+    said = []
+    with one_start_per_gpu(["GPU-a"], lock_dir=tmp_path / "taken" / "locks", say=said.append) as waited:
+        assert waited < 1
+    assert "starting without it" in said[0] and "taken" in said[0]

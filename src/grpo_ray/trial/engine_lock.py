@@ -14,7 +14,8 @@ So a trial holds a lock file per visible GPU, on the node's local disk, while it
 model and starts the engine. The lock is an OS file lock (``filelock``): the kernel releases
 it when its process dies, so a crashed start never blocks the next trial. A trial that waits
 longer than ``timeout_s`` goes on without the lock and says so: a neighbour stuck in its own
-start-up must not hang this one.
+start-up must not hang this one; so does a trial that cannot take it at all (a lock directory
+it cannot write; the files are made writable by all, for sweeps of several users on a node).
 """
 
 from __future__ import annotations
@@ -48,14 +49,14 @@ def one_start_per_gpu(gpus: list[str], timeout_s: float = 1800.0, lock_dir: Path
                       say: Callable[[str], None] = log.warning) -> Iterator[float]:
     """Hold the start-up lock of each of ``gpus`` (none: no lock); yields the seconds spent waiting."""
     lock_dir = lock_dir or LOCK_DIR
-    lock_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     with ExitStack() as held:
         for gpu in sorted(set(gpus)):  # one order everywhere: two trials on two GPUs cannot deadlock
-            lock = FileLock(str(lock_dir / f"gpu-{gpu}.lock"))
-            try:
+            try:  # the lock is a courtesy between trials: a disk that refuses it must not fail the trial
+                lock_dir.mkdir(parents=True, exist_ok=True)
+                lock = FileLock(str(lock_dir / f"gpu-{gpu}.lock"), mode=0o666)
                 lock.acquire(timeout=0)
-            except Timeout:
+            except Timeout:  # before OSError: filelock's Timeout is a TimeoutError, an OSError
                 say(f"waiting for another trial on GPU {gpu} to finish starting its vLLM engine "
                     "(two engines profiling one card at once undercount its free memory)")
                 left = max(0.0, timeout_s - (time.monotonic() - t0))
@@ -64,5 +65,8 @@ def one_start_per_gpu(gpus: list[str], timeout_s: float = 1800.0, lock_dir: Path
                 except Timeout:
                     say(f"GPU {gpu}: still starting after {timeout_s:.0f} s; starting without waiting longer")
                     continue
+            except OSError as e:
+                say(f"GPU {gpu}: cannot take the start-up lock in {lock_dir} ({e}); starting without it")
+                continue
             held.callback(lock.release)
         yield time.monotonic() - t0
