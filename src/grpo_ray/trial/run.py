@@ -194,9 +194,9 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
             t_sft, sft_loop = time.time(), LoopStart()
             msgs = [template.sft_messages(e.question, e.reasoning or "", e.answer, fmt) for e in data.sft]
             fixed |= backend.sft(msgs, trial_spec, [TrialGuard(watchdog, trial_spec, "SFT"), busy, sft_loop])
-            fixed["sft_lora_norm"] = lora_norm(backend.model)
             fixed["sft_seconds"] = time.time() - t_sft
             fixed["sft_setup_s"] = (sft_loop.at or t_sft) - t_sft
+            fixed["sft_lora_norm"] = lora_norm(backend.model)
         ev = held_out()
         fixed |= {"sft_eval_accuracy": ev.accuracy, "sft_format_rate": ev.format_rate}
 
