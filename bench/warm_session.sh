@@ -6,11 +6,13 @@
 # stacks sampled (bench/spy_sample.sh) for the start-up analysis. Run detached from a copy of the repo and
 # poll /tmp/res (the lease outlasts one call):
 #   cp -r . /tmp/repo && cd /tmp/repo && setsid nohup bash bench/warm_session.sh <commit> > /tmp/res.log 2>&1 &
-# MODES (bench/warm_sweep.py --modes) defaults to reuse:8, one trial per GPU at a time: about
-# 20 minutes (a cold first trial 400 s, warm ones about 115 s at c2ff95b's step times). It gives
-# the one-per-GPU rate at the same code as the packed run it is compared with
-# (bench/results/warm_sweep_packed_h200_c2ff95b.json, MODES=packed:12: 19 minutes), and the
-# second configuration warm, which that packed run ran on a fresh actor (first-step reward -3.92).
+# MODES (bench/warm_sweep.py --modes) defaults to reuse:6,packed:2, about 24 minutes (a cold
+# first trial 400 s, warm ones about 115 s at c2ff95b's step times, then two packed cold trials
+# on warm compile caches). reuse:6 gives the one-per-GPU rate at the same code as the packed run
+# it is compared with (bench/results/warm_sweep_packed_h200_c2ff95b.json, MODES=packed:12: 19
+# minutes); packed:2 runs the seed and the second configuration on fresh actors, which reuse:6
+# runs warm: their first-step rewards and sft_lora_norm say whether warm and fresh trials match,
+# and if not, whether SFT already differed.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/bench HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 GRPO_RAY_CACHE=/tmp/grpo-cache \
@@ -21,7 +23,7 @@ nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,nohead
 # py-spy stacks of the trial actors once a second (bench/spy_summary.py), if py-spy was carried
 PATH=/tmp/site/bin:$PATH setsid bash bench/spy_sample.sh $R > /dev/null 2>&1 &
 python3 bench/warm_sweep.py --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --out $R/warm.json \
-  --modes ${MODES:-reuse:8} > $R/warm.log 2>&1
+  --modes ${MODES:-reuse:6,packed:2} > $R/warm.log 2>&1
 echo "rc=$?" >> $R/warm.log
 # Then, with GPU_TESTS set (a pytest -k expression, e.g. in_place), GPU tests in what is left
 # of the lease: the sweep's Ray and its engines have exited by now.
