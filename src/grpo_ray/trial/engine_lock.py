@@ -5,7 +5,7 @@ the card lost meanwhile as its own. Two packed trials that start their engines t
 one card each count the other's allocations too, and the later one can find no memory left
 for its cache blocks. On the H200 that happened to the first of two packed gemma-3-270m
 trials ("No available memory for the cache blocks"); Unsloth retried it with a smaller
-``gpu_memory_utilization`` (0.105 instead of 0.124) and the engine came up 100 s late
+``gpu_memory_utilization`` (0.105 instead of 0.124) after a failed attempt of 64 s
 (bench/results/warm_sweep_packed_h200_c2ff95b.json, trial 68a59a2c: load 145 s against 125 s
 for its neighbour). Without that retry the trial fails; with it the engine is left with less
 memory than the spec asked for.
