@@ -23,7 +23,8 @@ def _start(gpus, lock_dir, hold_s, out, entered, timeout_s=1800.0):
 
 def _starts(lock_dir, jobs):
     """Run ``(gpus, hold_s[, timeout_s])`` jobs, each started once the one before holds its locks
-    (or, when it has to wait, has had 0.5 s to reach the lock); their (enter, leave, waited, said) in job order."""
+    (or, when it has to wait, has had 0.5 s to reach the lock); their (enter, leave, waited, said) in job order.
+    A first job holds for 3 s or more: a spawned process on a busy 2-core CI machine takes a second to start."""
     ctx = mp.get_context("spawn")
     out, procs = ctx.Queue(), []
     for gpus, hold, *rest in jobs:
@@ -40,7 +41,7 @@ def _starts(lock_dir, jobs):
 
 
 def test_two_trials_on_one_gpu_start_one_after_the_other(tmp_path):
-    first, second = _starts(tmp_path, [(["GPU-a"], 2.0), (["GPU-a"], 0.2)])
+    first, second = _starts(tmp_path, [(["GPU-a"], 3.0), (["GPU-a"], 0.2)])
     assert second[0] >= first[1] - 0.05  # the second entered only when the first had left
     assert second[2] > 0.5 and "finish starting its vLLM engine" in second[3][0]
     assert first[3] == []
@@ -53,7 +54,7 @@ def test_trials_on_different_gpus_start_together(tmp_path):
 
 
 def test_a_start_holding_two_gpus_waits_for_either(tmp_path):
-    one, two = _starts(tmp_path, [(["GPU-b"], 2.0), (["GPU-a", "GPU-b"], 0.2)])
+    one, two = _starts(tmp_path, [(["GPU-b"], 3.0), (["GPU-a", "GPU-b"], 0.2)])
     assert two[0] >= one[1] - 0.05 and two[2] > 0.5
 
 
