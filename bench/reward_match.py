@@ -30,9 +30,8 @@ def runs(paths: list[str]) -> dict[tuple, list[dict]]:
                 if t.get("first_step_reward") is None:
                     continue
                 key = tuple(sorted((k, round(v, 6) if isinstance(v, float) else v) for k, v in t["config"].items()))
-                by_config[key].append({"file": Path(path).name, "commit": result.get("commit"), "mode": mode,
-                                       "warm": bool(t.get("model_reused")), "reward": t["first_step_reward"],
-                                       "sft_lora_norm": t.get("sft_lora_norm")})
+                by_config[key].append({"file": Path(path).name, "mode": mode, "warm": bool(t.get("model_reused")),
+                                       "reward": t["first_step_reward"], "sft_lora_norm": t.get("sft_lora_norm")})
     return by_config
 
 
