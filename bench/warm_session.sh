@@ -12,7 +12,9 @@
 # it is compared with (bench/results/warm_sweep_packed_h200_c2ff95b.json, MODES=packed:12: 19
 # minutes); packed:2 runs the seed and the second configuration on fresh actors, which reuse:6
 # runs warm: their first-step rewards and sft_lora_norm say whether warm and fresh trials match,
-# and if not, whether SFT already differed.
+# and if not, whether SFT already differed. OVERRIDES (JSON, bench/warm_sweep.py --overrides)
+# applies to every mode, e.g. OVERRIDES='{"grpo.max_steps": 2}' MODES=cold:2,cold:2,reuse:2 for
+# first-step rewards only: the same configurations on fresh processes twice, then warm.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/bench HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 GRPO_RAY_CACHE=/tmp/grpo-cache \
@@ -23,7 +25,7 @@ nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,nohead
 # py-spy stacks of the trial actors once a second (bench/spy_summary.py), if py-spy was carried
 PATH=/tmp/site/bin:$PATH setsid bash bench/spy_sample.sh $R > /dev/null 2>&1 &
 python3 bench/warm_sweep.py --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --out $R/warm.json \
-  --modes ${MODES:-reuse:6,packed:2} > $R/warm.log 2>&1
+  --modes ${MODES:-reuse:6,packed:2} --overrides "${OVERRIDES:-{\}}" > $R/warm.log 2>&1
 echo "rc=$?" >> $R/warm.log
 # Then, with GPU_TESTS set (a pytest -k expression, e.g. in_place), GPU tests in what is left
 # of the lease: the sweep's Ray and its engines have exited by now.

@@ -56,14 +56,19 @@ def main() -> None:
     result = {"bench": "warm_sweep", "device": device_info(), "commit": commit("src", "bench"),
               "command": "python bench/warm_sweep.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
               "config": json.loads(json.dumps(base.model_dump(mode="json", by_alias=True))), "modes": {}}
+    runs_of: dict[str, int] = {}
     for item in args.modes.split(","):
         mode, n = item.split(":")
-        spec = apply_overrides(base, MODES[mode] | {"name": f"warm-{mode}", "search.num_samples": int(n)})
+        # A mode may come twice (cold:2,cold:2: the same configurations on fresh processes again,
+        # for run-to-run noise); the second is recorded, and runs, as cold-2.
+        runs_of[mode] = runs_of.get(mode, 0) + 1
+        label = mode if runs_of[mode] == 1 else f"{mode}-{runs_of[mode]}"
+        spec = apply_overrides(base, MODES[mode] | {"name": f"warm-{label}", "search.num_samples": int(n)})
         t0 = time.time()
-        print(f"== {mode}: {n} trials", flush=True)
+        print(f"== {label}: {n} trials", flush=True)
         run_dir = f"{spec.storage}/{spec.name}"
 
-        def on_event(kind: str, data: dict, mode: str = mode, run_dir: str = run_dir) -> None:
+        def on_event(kind: str, data: dict, mode: str = label, run_dir: str = run_dir) -> None:
             print(f"[{time.time() - t0:7.1f}s] {kind}", {k: v for k, v in data.items() if k != "config"}, flush=True)
             if kind in ("complete", "error"):  # a lease can end mid-sweep: keep what is done so far
                 try:
@@ -75,13 +80,13 @@ def main() -> None:
         try:
             out = run_sweep(spec, progress=print, on_event=on_event)
         except Exception as e:  # record it and go on to the next mode: the lease is short
-            result["modes"][mode] = {"error": f"{type(e).__name__}: {e}"[-2000:], "wall_s": time.time() - t0}
+            result["modes"][label] = {"error": f"{type(e).__name__}: {e}"[-2000:], "wall_s": time.time() - t0}
             Path(args.out).write_text(json.dumps(result, indent=1, default=str))
             continue
         trials = [{"trial_id": t.trial_id, "config": t.config, "error": (t.error or "")[-300:] or None,
                    **{k: t.metrics.get(k) for k in KEEP}} for t in out.trials]
         trials.sort(key=lambda t: t["trial_started_at"] or 0)
-        result["modes"][mode] = {"overrides": MODES[mode], "trials_requested": int(n), "wall_s": time.time() - t0,
+        result["modes"][label] = {"overrides": MODES[mode], "trials_requested": int(n), "wall_s": time.time() - t0,
                                  "utilization": out.utilization, "trials": trials}
         print(json.dumps(out.utilization), flush=True)
         Path(args.out).write_text(json.dumps(result, indent=1, default=str))
