@@ -4,7 +4,9 @@ Real TRL SFT + GRPO trials of the smoke spec on the tiny Qwen3 (hf backend), in 
 the way Ray Tune runs consecutive trials in one reused actor.
 """
 
+import gc
 import math
+import weakref
 
 import pytest
 from safetensors.torch import load_file
@@ -186,6 +188,31 @@ def test_the_next_trial_reuses_the_prepared_data(tiny_model_dir, monkeypatch):
     run_trial({}, off, report=lambda m, d: None)
     assert made == {"data": 4, "rows": 5}
     warm.release()
+
+
+def test_a_warm_model_is_kept_out_of_the_collectors_way_until_released(tiny_model_dir):
+    """Each trainer's start runs a full gc.collect() (about 1 s a trial on an Unsloth + vLLM heap):
+    a warm actor freezes what its load left, and release() unfreezes it, so a dropped model is
+    collected whole rather than leaked."""
+    spec = load_spec(REPO / "sweeps" / "smoke.yaml")
+    warm.release()
+    gc.unfreeze()
+    off, _ = warm.acquire(str(tiny_model_dir), apply_overrides(spec, {"trial.reuse_model": False}))
+    assert gc.get_freeze_count() == 0  # a process that ends with its trial keeps the GC as it was
+    del off
+    backend, _ = warm.acquire(str(tiny_model_dir), spec)
+    frozen = gc.get_freeze_count()
+    assert frozen > 0
+    again, reused = warm.acquire(str(tiny_model_dir), apply_overrides(spec, {"lora.rank": 4}))
+    # One freeze per load, not per trial (frozen objects that lose their last reference, like the
+    # old adapter's, are still freed: the count may only fall).
+    assert reused and 0 < gc.get_freeze_count() <= frozen
+    model = weakref.ref(backend.model)
+    del backend, again
+    warm.release()
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert model() is None
 
 
 def test_a_failed_trial_leaves_no_model_behind(tiny_model_dir):

@@ -86,7 +86,21 @@ def acquire(model_dir: str, spec: SweepSpec) -> tuple[Backend, bool]:
     backend.load(model_dir, spec)
     if spec.trial.reuse_model:
         _warm = _Warm(key, backend)
+        _freeze_heap()
     return backend, False
+
+
+def _freeze_heap() -> None:
+    """Take what the load left (model, vLLM engine, imported modules) out of the GC's generations.
+
+    Every trial's trainers run a full ``gc.collect()`` as they start (accelerate's
+    ``free_memory``), and on an Unsloth + vLLM heap each took about 1 s of an idle GPU, twice
+    per trial (py-spy, bench/results/warm_sweep_reuse_h200_32d5bab.spy.txt.gz). The loaded
+    objects live as long as the actor, so collections need not walk them; objects a trial
+    makes are still collected. release() unfreezes, so a dropped model is collected whole.
+    """
+    gc.collect()  # garbage of the load itself would otherwise be frozen in until release()
+    gc.freeze()
 
 
 def release() -> None:
@@ -96,6 +110,7 @@ def release() -> None:
     if _warm is None:
         return
     _warm = None
+    gc.unfreeze()  # the model frozen at load (_freeze_heap) is garbage now, cycles and all
     gc.collect()
     _reset_device_stats()
 
