@@ -80,6 +80,7 @@ def acquire(model_dir: str, spec: SweepSpec) -> tuple[Backend, bool]:
             log.warning("could not reuse the loaded model (%s: %s); loading it again", type(e).__name__, e)
         else:
             _reset_device_stats()
+            _freeze_heap()
             return _warm.backend, True
     release()
     backend = make_backend(spec.backend)
@@ -91,15 +92,20 @@ def acquire(model_dir: str, spec: SweepSpec) -> tuple[Backend, bool]:
 
 
 def _freeze_heap() -> None:
-    """Take what the load left (model, vLLM engine, imported modules) out of the GC's generations.
+    """Take what is alive as a trial starts out of the GC's generations, for the trial's length.
 
     Every trial's trainers run a full ``gc.collect()`` as they start (accelerate's
     ``free_memory``), and on an Unsloth + vLLM heap each took about 1 s of an idle GPU, twice
-    per trial (py-spy, bench/results/warm_sweep_reuse_h200_32d5bab.spy.txt.gz). The loaded
-    objects live as long as the actor, so collections need not walk them; objects a trial
-    makes are still collected. release() unfreezes, so a dropped model is collected whole.
+    per trial (py-spy, bench/results/warm_sweep_reuse_h200_32d5bab.spy.txt.gz). What is alive
+    at a trial's start (the model, the engine, torch.compile's graphs, the shared data) outlives
+    the trial, so collections need not walk it; what the trial makes is still collected.
+    Unsloth freezes this way around each ``train()``, but stands aside when anything is
+    frozen already, and vLLM freezes its own start-up heap in-process; so this freezes once
+    per trial, after the previous trial's garbage is gone, whatever they left frozen. An object
+    frozen at one trial's start that later dies in a reference cycle is reclaimed only at
+    release(), which unfreezes, so a dropped model is collected whole.
     """
-    gc.collect()  # garbage of the load itself would otherwise be frozen in until release()
+    gc.collect()  # the previous trial's garbage (or the load's) would otherwise be frozen in
     gc.freeze()
 
 
