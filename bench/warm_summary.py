@@ -13,7 +13,8 @@ import json
 import statistics
 
 COLS = ["model_reused", "load_s", "startup_s", "sft_setup_s", "sft_seconds", "eval_seconds", "grpo_setup_s",
-        "grpo_step_s", "elapsed_s", "first_step_reward", "gpu_max_allocated_gib"]
+        "grpo_step_s", "elapsed_s", "first_step_reward", "gpu_max_allocated_gib", "sft_compile_s", "compile_s",
+        "compiled_graphs"]
 
 
 def _f(v: object) -> str:

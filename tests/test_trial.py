@@ -66,6 +66,9 @@ def test_reports_where_the_trial_time_went(trial_run):
     for key in ["sft_setup_s", "sft_seconds", "eval_seconds", "grpo_setup_s", "grpo_step_s"]:
         assert m[key] > 0, key
     assert m["sft_setup_s"] < m["sft_seconds"]
+    # torch.compile's share (tests/test_compile_clock.py shows it counting real compiles).
+    assert 0 <= m["sft_compile_s"] <= m["sft_seconds"] and 0 <= m["compile_s"] <= m["elapsed_s"]
+    assert m["compiled_graphs"] >= 0
     parts = m["sft_seconds"] + m["eval_seconds"] + m["grpo_setup_s"] + m["grpo_step_s"] * spec.grpo.max_steps
     assert parts <= m["elapsed_s"]
     assert parts > 0.8 * (m["elapsed_s"] - m["load_s"])  # little of the trial is left unaccounted for

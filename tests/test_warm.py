@@ -72,7 +72,8 @@ def test_a_reused_actor_gives_the_same_trial_as_a_fresh_one(b_fresh_and_reused):
     _, reused, fresh = b_fresh_and_reused
     assert [m["step"] for m, _ in reused] == [m["step"] for m, _ in fresh]
     timing = {"trial_started_at", "first_step_at", "reported_at", "startup_s", "load_s", "elapsed_s",
-              "sft_seconds", "model_reused", "sft_setup_s", "eval_seconds", "grpo_setup_s", "grpo_step_s"}
+              "sft_seconds", "model_reused", "sft_setup_s", "eval_seconds", "grpo_setup_s", "grpo_step_s",
+              "compile_s", "sft_compile_s", "compiled_graphs"}
     for (m_r, w_r), (m_f, w_f) in zip(reused, fresh):
         for key in set(m_f) - timing:
             a, b = m_r[key], m_f[key]

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from grpo_ray import template
 from grpo_ray.data import Datasets, load_datasets
 from grpo_ray.spec import SweepSpec, apply_overrides
+from grpo_ray.trial.compile_clock import CompileClock
 
 STATE_FILE = "trial_state.json"  # in each checkpoint: the GRPO step reached and the trial's fixed metrics
 FORMAT_RATE = "format_rate"  # an extra zero-weight reward so TRL logs the format rate per step
@@ -135,6 +136,7 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
     from grpo_ray.trial import warm
 
     t0 = time.time()
+    compile_clock = CompileClock()  # torch.compile's share of this trial, model load included
     # First: the unsloth backend must be imported before trl. A warm actor's model is reused.
     model_dir = resolve_model(trial_spec.model.source)
     backend, reused = warm.acquire(model_dir, trial_spec)
@@ -191,11 +193,12 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
             ev = held_out()
             fixed |= {"base_eval_accuracy": ev.accuracy, "base_format_rate": ev.format_rate}
         if trial_spec.sft.enabled and data.sft:
-            t_sft, sft_loop = time.time(), LoopStart()
+            t_sft, sft_loop, sft_clock = time.time(), LoopStart(), CompileClock()
             msgs = [template.sft_messages(e.question, e.reasoning or "", e.answer, fmt) for e in data.sft]
             fixed |= backend.sft(msgs, trial_spec, [TrialGuard(watchdog, trial_spec, "SFT"), busy, sft_loop])
             fixed["sft_seconds"] = time.time() - t_sft
             fixed["sft_setup_s"] = (sft_loop.at or t_sft) - t_sft
+            fixed["sft_compile_s"] = sft_clock.since()[1]
             fixed["sft_lora_norm"] = lora_norm(backend.model)
         ev = held_out()
         fixed |= {"sft_eval_accuracy": ev.accuracy, "sft_format_rate": ev.format_rate}
@@ -208,7 +211,10 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
             steps = max(step - first_step, 1)
             phases["grpo_setup_s"] = grpo_loop.at - t_grpo
             phases["grpo_step_s"] = (time.time() - grpo_loop.at - (phases["eval_seconds"] - eval_before_grpo)) / steps
+        graphs, compile_s = compile_clock.since()
         metrics |= fixed | attempt | busy.metrics(t0) | phases | {
+            "compiled_graphs": float(graphs),
+            "compile_s": compile_s,
             "step": step,
             "eval_accuracy": ev.accuracy,
             "eval_format_rate": ev.format_rate,

@@ -1,0 +1,45 @@
+"""trial/compile_clock.py: torch.compile's graphs and seconds, read from torch's own counters.
+
+Real torch.compile on CPU: Dynamo with the eager backend (no C compiler involved) for the
+graph count, and Inductor on a one-layer model for the backward graph, which Inductor
+compiles lazily at the first backward, outside Dynamo's frame compile.
+"""
+
+import torch
+
+from grpo_ray.trial.compile_clock import CompileClock
+
+
+def test_it_counts_the_graphs_built_since_it_started_and_none_reused():
+    def f(x):
+        return torch.sin(x) * 2
+
+    g = torch.compile(f, backend="eager")
+    clock = CompileClock()
+    g(torch.randn(3))
+    graphs, seconds = clock.since()
+    assert graphs == 1 and seconds > 0
+    again = CompileClock()
+    g(torch.randn(3))  # same shape: the graph is reused
+    assert again.since() == (0, 0.0)
+    g(torch.randn(5))  # a new shape: Dynamo recompiles (now with a dynamic size)
+    assert again.since()[0] == 1 and clock.since()[0] == 2
+
+
+def test_it_counts_inductors_backward_compile_too():
+    model = torch.compile(torch.nn.Linear(4, 4))
+    x = torch.randn(2, 4, requires_grad=True)
+    clock = CompileClock()
+    loss = model(x).sum()
+    after_forward = clock.since()[1]
+    loss.backward()
+    assert clock.since()[0] >= 1 and clock.since()[1] > after_forward  # the backward's compile counted
+
+
+def test_a_dynamo_reset_never_makes_it_negative():
+    g = torch.compile(lambda x: x + 1, backend="eager")
+    g(torch.randn(2))
+    clock = CompileClock()
+    torch._dynamo.reset()
+    graphs, seconds = clock.since()
+    assert graphs >= 0 and seconds >= 0.0
