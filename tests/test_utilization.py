@@ -53,3 +53,13 @@ def test_cpu_trials_share_their_node():
 def test_no_report_yet():
     assert utilization([({"step": 1}, False)]) is None
     assert "no trial has reported" in summary_line(None)
+
+
+def test_compile_time_cold_and_warm_apart():
+    # The cold trial compiled for 80 s; one warm trial reused every graph, the next recompiled for 12 s.
+    cold, warm1, warm2 = _t(0, 100, 200, 7, False), _t(201, 203, 300, 7, True), _t(301, 305, 400, 7, True)
+    for (m, _), c in zip((cold, warm1, warm2), (80.0, 0.0, 12.0)):
+        m["compile_s"] = c
+    u = utilization([cold, warm1, warm2, _t(0, 50, 90, 8, False, gpus="1")])  # one from before the metric
+    assert u["compile_s"]["cold"] == {"n": 1, "mean": 80.0, "median": 80.0, "max": 80.0}
+    assert u["compile_s"]["warm"] == {"n": 2, "mean": 6.0, "median": 6.0, "max": 12.0}

@@ -403,12 +403,16 @@ def _utilization_html(run: RunData) -> str:
             ["busy fraction after each device's first trial", use["busy_fraction_after_first"]],
             ["trials per device-hour", use["trials_per_device_hour"]]]
     for name, key in [("start-up, cold (s)", ("startup_s", "cold")), ("start-up, reused model (s)", ("startup_s", "warm")),
-                      ("hand-over between trials (s)", ("handoff_s",))]:
+                      ("hand-over between trials (s)", ("handoff_s",)),
+                      ("torch.compile per trial, cold (s)", ("compile_s", "cold")),
+                      ("torch.compile per trial, reused model (s)", ("compile_s", "warm"))]:
         st = use[key[0]] if len(key) == 1 else use[key[0]][key[1]]
         if st:
             rows.append([name, f"median {st['median']:.1f}, max {st['max']:.1f} over {st['n']} trials"])
     note = ("Busy: from a trial's first training step or evaluation to its last report. Start-up: trial start to "
-            "first step. Hand-over: the previous trial's end on the same actor (or device) to this trial's first step.")
+            "first step. Hand-over: the previous trial's end on the same actor (or device) to this trial's first step. "
+            "torch.compile: the trial's time compiling graphs (its model load included); a reused model's trials "
+            "compile only what they recompile.")
     return (f"<p>{html.escape(summary_line(use))}.</p>" + _table(["", "value"], rows)
             + f"<p class='note'>{html.escape(note)}</p>")
 

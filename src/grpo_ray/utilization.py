@@ -13,6 +13,8 @@ a running sweep too:
   ``busy_fraction_after_first``: the same from the end of each device's first trial, where
   a warm actor has nothing left to load;
 - ``startup_s``: trial start to first step, cold (model loaded) and warm (reused) apart;
+- ``compile_s``: each trial's time in torch.compile (``compile_s``, its model load included),
+  cold and warm apart: what warm actors save of compilation, and which warm trials recompiled;
 - ``handoff_s``: from the end of the trial before it on the same actor (a reused model) or,
   for a fresh actor, on the same device, to this trial's first step;
 - ``trials_per_device_hour``: finished trials per wall hour per device;
@@ -39,6 +41,7 @@ class _Trial:
     device: str
     worker: str
     finished: bool
+    compile_s: float | None  # None from a grpo-ray before the metric
 
 
 def _trial(m: dict[str, Any], finished: bool) -> _Trial | None:
@@ -47,8 +50,9 @@ def _trial(m: dict[str, Any], finished: bool) -> _Trial | None:
     except (KeyError, TypeError, ValueError):
         return None  # no report yet (or from a grpo-ray before these metrics)
     node, gpus, pid = m.get("node", "?"), str(m.get("gpus") or ""), str(m.get("worker_pid", "?"))
+    compile_s = m.get("compile_s")
     return _Trial(started, first, end, bool(m.get("model_reused")), f"{node}/gpu{gpus}" if gpus else f"{node}/cpu",
-                  f"{node}/pid{pid}", finished)
+                  f"{node}/pid{pid}", finished, float(compile_s) if compile_s is not None else None)
 
 
 def _union(intervals: Iterable[tuple[float, float]], lo: float, hi: float) -> float:
@@ -107,6 +111,8 @@ def utilization(trials: Iterable[tuple[dict[str, Any], bool]]) -> dict[str, Any]
         "startup_s": {"cold": _stats([t.first_step - t.started for t in ts if not t.reused]),
                       "warm": _stats([t.first_step - t.started for t in ts if t.reused])},
         "handoff_s": _stats(handoffs),
+        "compile_s": {"cold": _stats([t.compile_s for t in ts if not t.reused and t.compile_s is not None]),
+                      "warm": _stats([t.compile_s for t in ts if t.reused and t.compile_s is not None])},
         "trials_per_device_hour": round(sum(t.finished for t in ts) / (wall / 3600 * len(devices)), 2),
         "trials_per_device_hour_after_first": round(after_done / (after_wall / 3600), 2) if after_wall > 0 else None,
     }
