@@ -53,6 +53,10 @@ def test_report_shows_every_trial_the_plots_and_why_trials_ended(asha_run, tmp_p
     # GPU use (here: the node's CPUs), from the trials' reported timings.
     use = json.loads((run_dir / "utilization.json").read_text())
     assert "<h2>GPU use</h2>" in page and f"<td>trials per device-hour</td><td>{use['trials_per_device_hour']:.4g}" in page
+    # Every reporting trial's torch.compile time reached the sweep's numbers (none compiles on the hf backend).
+    compiled = [use["compile_s"][k] for k in ("cold", "warm") if use["compile_s"][k]]
+    assert sum(c["n"] for c in compiled) == use["trials"] and all(c["max"] == 0 for c in compiled)
+    assert "<td>torch.compile per trial, cold (s)</td>" in page
 
     out = tmp_path / "elsewhere" / "r.html"
     r = subprocess.run([*CLI, "report", str(run_dir), "-o", str(out)], capture_output=True, text=True, cwd=REPO,
