@@ -116,7 +116,7 @@ def release() -> None:
     if _warm is None:
         return
     _warm = None
-    gc.unfreeze()  # the model frozen at load (_freeze_heap) is garbage now, cycles and all
+    gc.unfreeze()  # the model frozen at each trial's start (_freeze_heap) is garbage now, cycles and all
     gc.collect()
     _reset_device_stats()
 
