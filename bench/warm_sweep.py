@@ -11,7 +11,9 @@ as real sweeps through ``grpo_ray.sweep.run_sweep`` (Ray Tune + Optuna), one per
 and writes, after each mode, the sweep's utilization (utilization.py: busy fraction, start-up,
 hand-over, trials per GPU-hour) and every trial's timings and first GRPO step reward. The
 modes use the same search seed, so trial k samples the same configuration in each: a warm
-trial's first-step reward can be compared with the same configuration on a fresh process.
+trial's first-step reward can be compared with the same configuration on a fresh process. A
+mode may come more than once (``cold:2,cold:2,reuse:2``: the same configurations on fresh
+processes twice, for run-to-run noise, then warm); the second runs and is recorded as cold-2.
 
 Usage (device, after ../shared/device/stage.sh --model; run detached, it outlasts one call):
     python bench/warm_sweep.py --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --out /tmp/res/warm.json \
