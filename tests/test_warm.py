@@ -193,8 +193,8 @@ def test_the_next_trial_reuses_the_prepared_data(tiny_model_dir, monkeypatch):
 
 def test_a_warm_model_is_kept_out_of_the_collectors_way_until_released(tiny_model_dir):
     """Each trainer's start runs a full gc.collect() (about 1 s a trial on an Unsloth + vLLM heap):
-    a warm actor freezes what is alive as each trial starts, and release() unfreezes it, so a
-    dropped model is collected whole rather than leaked."""
+    a warm actor freezes what its load left, once, and release() unfreezes it, so a dropped
+    model is collected whole rather than leaked."""
     spec = load_spec(REPO / "sweeps" / "smoke.yaml")
     warm.release()
     gc.unfreeze()
@@ -204,11 +204,12 @@ def test_a_warm_model_is_kept_out_of_the_collectors_way_until_released(tiny_mode
     backend, _ = warm.acquire(str(tiny_model_dir), spec)
     frozen = gc.get_freeze_count()
     assert frozen > 0
-    # What a trial makes and keeps (here 1001 lists; in a real actor torch.compile's graphs) is
-    # frozen by the next trial's start, after that trial's garbage is collected.
+    # What a trial makes and keeps is not frozen by the next trial's start: an object alive then
+    # that died later in a cycle would hold its memory until release().
     kept = [[i] for i in range(1000)]
     again, reused = warm.acquire(str(tiny_model_dir), apply_overrides(spec, {"lora.rank": 4}))
-    assert reused and gc.get_freeze_count() - frozen >= 900  # less the old adapter's freed objects
+    # (Frozen objects that lose their last reference, like the old adapter's, are still freed.)
+    assert reused and 0 < gc.get_freeze_count() <= frozen
     del kept
     model = weakref.ref(backend.model)
     del backend, again

@@ -80,7 +80,6 @@ def acquire(model_dir: str, spec: SweepSpec) -> tuple[Backend, bool]:
             log.warning("could not reuse the loaded model (%s: %s); loading it again", type(e).__name__, e)
         else:
             _reset_device_stats()
-            _freeze_heap()
             return _warm.backend, True
     release()
     backend = make_backend(spec.backend)
@@ -92,20 +91,22 @@ def acquire(model_dir: str, spec: SweepSpec) -> tuple[Backend, bool]:
 
 
 def _freeze_heap() -> None:
-    """Take what is alive as a trial starts out of the GC's generations, for the trial's length.
+    """Take what the load left (model, engine, imported modules) out of the GC's generations.
 
     Every trial's trainers run a full ``gc.collect()`` as they start (accelerate's
-    ``free_memory``), and on an Unsloth + vLLM heap each took about 1 s of an idle GPU, twice
-    per trial (py-spy, bench/results/warm_sweep_reuse_h200_32d5bab.spy.txt.gz). What is alive
-    at a trial's start (the model, the engine, torch.compile's graphs, the shared data) outlives
-    the trial, so collections need not walk it; what the trial makes is still collected.
-    Unsloth freezes this way around each ``train()``, but stands aside when anything is
-    frozen already, and vLLM freezes its own start-up heap in-process; so this freezes once
-    per trial, after the previous trial's garbage is gone, whatever they left frozen. An object
-    frozen at one trial's start that later dies in a reference cycle is reclaimed only at
-    release(), which unfreezes, so a dropped model is collected whole.
+    ``free_memory``); on an Unsloth + vLLM heap py-spy caught each at about 1 s, twice per
+    trial (bench/results/warm_sweep_reuse_h200_32d5bab.spy.txt.gz). What a load leaves lives
+    as long as the actor, so collections need not walk it; objects trials make are still
+    collected. release() unfreezes, so a dropped model is collected whole.
+
+    Once per load, not per trial: an object alive at a trial's start that dies in a reference
+    cycle later (a trainer some library still pointed to) would stay frozen, with its GPU
+    memory, until release(); over a night's sweep that could add up. vLLM already freezes
+    its own start-up heap in-process (and Unsloth's freeze around each ``train()`` then
+    stands aside), so on that path this adds Unsloth's wrapping to what is frozen; what the
+    GPU collections still walk is unmeasured.
     """
-    gc.collect()  # the previous trial's garbage (or the load's) would otherwise be frozen in
+    gc.collect()  # garbage of the load itself would otherwise be frozen in until release()
     gc.freeze()
 
 
@@ -116,7 +117,7 @@ def release() -> None:
     if _warm is None:
         return
     _warm = None
-    gc.unfreeze()  # the model frozen at each trial's start (_freeze_heap) is garbage now, cycles and all
+    gc.unfreeze()  # the model frozen at load (_freeze_heap) is garbage now, cycles and all
     gc.collect()
     _reset_device_stats()
 
