@@ -23,9 +23,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import commit, device_info  # bench/ is on sys.path when a script here runs
-
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, commit, device_info  # bench/ is on sys.path when a script here runs
 
 
 def collect_s(repeats: int) -> list[float]:
@@ -48,10 +46,9 @@ def main() -> None:
     import ray  # noqa: F401
     import trl  # noqa: F401
 
+    from grpo_ray.models import resolve_model
     from grpo_ray.spec import apply_overrides, load_spec
     from grpo_ray.trial import warm
-
-    from grpo_ray.models import resolve_model
 
     model = args.model
     if model is None:

@@ -71,8 +71,8 @@ def main() -> None:
             print(f"    {r['file']} [{r['mode']}] {'warm ' if r['warm'] else 'fresh'}  {r['reward']:.10g}{norm}")
         warm = [r["reward"] for r in seen if r["warm"]]
         fresh = [r["reward"] for r in seen if not r["warm"]]
-        if spread(warm) is not None:
-            among_warm.append(spread(warm))
+        if (warm_spread := spread(warm)) is not None:
+            among_warm.append(warm_spread)
         if warm and fresh:
             warm_fresh.append(max(abs(w - f) for w in warm for f in fresh))
     print(f"{same} configuration(s) with one first-step reward everywhere, {differ} with more than one")

@@ -18,8 +18,9 @@ holding 0.25 of the card (35 GB), so training took about 4 GB beside the engine
 (bench/results/warm_sweep_reuse_h200.json); two packed trials on a 48 GB card at the default
 share hold 2 x (0.35 x 48 + 4) = 42 GB. Packed two per H200, 12 gemma-3-270m trials used
 15-17.7 GiB each, none failed, and ran 49.7 trials per GPU-hour after the first ones
-(bench/results/warm_sweep_packed_h200_c2ff95b.json); one at a time at the same commit is not
-measured yet. Packed engines start one at a time (trial/engine_lock.py).
+(bench/results/warm_sweep_packed_h200_c2ff95b.json), against 18.1 one at a time at the same
+trial code (bench/results/warm_sweep_reuse_h200_32d5bab.json). Packed engines start one at a
+time (trial/engine_lock.py).
 """
 
 from __future__ import annotations
