@@ -8,16 +8,20 @@ result files line up. Prints, per configuration seen more than once, every run o
 mode, fresh or warm, first-step reward and, where recorded, the adapter's norm after SFT
 (sft_lora_norm: if that differs too, SFT already differed).
 
-Then two summaries that tell a reuse leak from run-to-run noise:
-- the largest spread of one configuration's first-step reward among its warm runs only, and
-  between its warm and fresh runs: if warm runs on different leases disagree as much as warm
-  and fresh do, reuse is not what moves the reward;
+Then summaries that tell a reuse leak from run-to-run noise, within one result file (one
+lease: one machine, one set of compile caches) and across files:
+- within a lease: the largest |warm - fresh| of one configuration, and the largest spread
+  among its fresh runs. Zero for both means reuse changed nothing there;
+- across leases: the largest spread among one configuration's fresh runs, among its warm runs,
+  and between warm and fresh. If fresh runs on different leases disagree as much as warm and
+  fresh do, reuse is not what moves the reward;
 - sft_lora_norm by LoRA rank, fresh and warm apart. In bench/warm_sweep.yaml's space only
   ``lora.rank`` shapes SFT (the rest is GRPO's), so every trial of one rank runs the same SFT
-  from the same init and should end at the same norm.
+  from the same init and should end at the same norm, up to the kernels torch.compile picked.
 
 Usage: python bench/reward_match.py bench/results/warm_sweep_h200_0ec4420.json \
-           bench/results/warm_sweep_packed_h200_c2ff95b.json bench/results/warm_sweep_reuse_h200_32d5bab.json
+           bench/results/warm_sweep_packed_h200_c2ff95b.json bench/results/warm_sweep_reuse_h200_32d5bab.json \
+           bench/results/warm_sweep_fresh_h200_b00a605.json
 """
 
 from __future__ import annotations
@@ -48,13 +52,31 @@ def spread(values: list[float]) -> float | None:
     return max(values) - min(values) if len(values) > 1 else None
 
 
+def gap(warm: list[float], fresh: list[float]) -> float | None:
+    """The largest |warm - fresh| over every pair, or None without both."""
+    return max(abs(w - f) for w in warm for f in fresh) if warm and fresh else None
+
+
+def rewards_of(seen: list[dict], warm: bool) -> list[float]:
+    return [r["reward"] for r in seen if r["warm"] == warm]
+
+
+def largest(label: str, values: list[float]) -> None:
+    if values:
+        print(f"{label}: {max(values):.6g} ({len(values)} configuration(s))")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("results", nargs="+")
     args = ap.parse_args()
     same = differ = 0
-    among_warm: list[float] = []  # per configuration: spread of its warm runs' rewards
-    warm_fresh: list[float] = []  # per configuration: largest |warm - fresh|
+    # per configuration (and, for the first two, per lease): the spreads the summaries report
+    lease_gap: list[float] = []
+    lease_fresh: list[float] = []
+    among_fresh: list[float] = []
+    among_warm: list[float] = []
+    warm_fresh: list[float] = []
     norms: dict[tuple, list[float]] = defaultdict(list)  # (rank, warm) -> sft_lora_norm of each trial
     for key, seen in runs(args.results).items():
         for r in seen:
@@ -69,17 +91,23 @@ def main() -> None:
         for r in seen:
             norm = f"  sft_lora_norm {r['sft_lora_norm']:.9g}" if r["sft_lora_norm"] is not None else ""
             print(f"    {r['file']} [{r['mode']}] {'warm ' if r['warm'] else 'fresh'}  {r['reward']:.10g}{norm}")
-        warm = [r["reward"] for r in seen if r["warm"]]
-        fresh = [r["reward"] for r in seen if not r["warm"]]
-        if (warm_spread := spread(warm)) is not None:
-            among_warm.append(warm_spread)
-        if warm and fresh:
-            warm_fresh.append(max(abs(w - f) for w in warm for f in fresh))
+        for file in sorted({r["file"] for r in seen}):
+            in_lease = [r for r in seen if r["file"] == file]
+            if (g := gap(rewards_of(in_lease, True), rewards_of(in_lease, False))) is not None:
+                lease_gap.append(g)
+            if (f := spread(rewards_of(in_lease, False))) is not None:
+                lease_fresh.append(f)
+        for values, spreads in ((rewards_of(seen, False), among_fresh), (rewards_of(seen, True), among_warm)):
+            if (s := spread(values)) is not None:
+                spreads.append(s)
+        if (g := gap(rewards_of(seen, True), rewards_of(seen, False))) is not None:
+            warm_fresh.append(g)
     print(f"{same} configuration(s) with one first-step reward everywhere, {differ} with more than one")
-    if among_warm:
-        print(f"largest spread among one configuration's warm runs: {max(among_warm):.6g} ({len(among_warm)} configuration(s))")
-    if warm_fresh:
-        print(f"largest |warm - fresh| of one configuration: {max(warm_fresh):.6g} ({len(warm_fresh)} configuration(s))")
+    largest("within one lease, largest |warm - fresh|", lease_gap)
+    largest("within one lease, largest spread among fresh runs", lease_fresh)
+    largest("across leases, largest spread among fresh runs", among_fresh)
+    largest("across leases, largest spread among warm runs", among_warm)
+    largest("across leases, largest |warm - fresh|", warm_fresh)
     for (rank, warm), values in sorted(norms.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1])):
         print(f"sft_lora_norm, rank {rank}, {'warm ' if warm else 'fresh'}: "
               + ", ".join(f"{v!r} ({values.count(v)} trial(s))" for v in sorted(set(values))))

@@ -1,9 +1,11 @@
 """trial/compile_clock.py: torch.compile's graphs and seconds, read from torch's own counters.
 
 Real torch.compile on CPU: Dynamo with the eager backend (no C compiler involved) for the
-graph count, and Inductor on a one-layer model for the backward graph, which Inductor
-compiles lazily at the first backward, outside Dynamo's frame compile.
+graph count, and Inductor for the backward graphs: compiled lazily at the first backward, or
+eagerly, inside the frame's compile, when the backward needs a dynamic size.
 """
+
+import time
 
 import torch
 
@@ -37,6 +39,20 @@ def test_it_counts_inductors_backward_compile_too():
         after_forward = clock.since()[1]
         loss.backward()
     assert clock.since()[0] >= 1 and clock.since()[1] > after_forward  # the backward's compile counted
+
+
+def test_an_eagerly_compiled_backward_is_counted_once():
+    # dynamic=True: the backward of a sum keeps the input's size, a symbolic int, so AOTAutograd
+    # compiles the backward inside the forward's frame compile. Inductor's bw_compiler timer
+    # then runs nested in Dynamo's, and adding the two would give more compile than wall time.
+    with torch._inductor.config.patch(force_disable_caches=True):
+        f = torch.compile(lambda x: (x * x).sum(), dynamic=True)
+        x = torch.randn(3, requires_grad=True)
+        clock, start = CompileClock(), time.perf_counter()
+        f(x).backward()
+        wall = time.perf_counter() - start
+    graphs, seconds = clock.since()
+    assert graphs == 1 and 0 < seconds <= wall
 
 
 def test_a_dynamo_reset_never_makes_it_negative():

@@ -12,8 +12,12 @@ import sys
 def compile_totals() -> tuple[int, float]:
     """Graphs torch.compile has built in this process so far, and the seconds it took.
 
-    Seconds are Dynamo's frame compiles (which include Inductor's forward graphs) plus
-    Inductor's backward graphs, compiled lazily at the first backward. Read from the counters
+    Seconds are Dynamo's frame compiles (which include Inductor's forward graphs, and the
+    backward graphs AOTAutograd compiles eagerly, inside the frame's compile, when the backward
+    needs a dynamic size) plus the backward graphs compiled lazily at the first backward, apart
+    from any frame compile. Inductor's own ``bw_compiler`` timer would count an eager backward a
+    second time: a dynamic-shape trial's SFT then "compiled" for longer than it ran (seen on the
+    H200, b00a605: 158.8 s of compile in a 140.7 s SFT). Read from the counters
     torch keeps (``torch._dynamo.utils``) only if something already imported them: a process
     that never compiled pays nothing for asking. A warm trial that builds no graph reuses
     every compiled graph of the trials before it; one that builds some recompiled (for a new
@@ -23,7 +27,9 @@ def compile_totals() -> tuple[int, float]:
     if utils is None:
         return 0, 0.0
     times = utils.compilation_time_metrics
-    seconds = sum(times.get("_compile.compile_inner", ())) + sum(times.get("compile_fx.<locals>.bw_compiler", ()))
+    # Both timers are outermost: AOTAutograd's lazy backward runs at backward time, never inside
+    # a frame compile (torch 2.11 and 2.13 alike).
+    seconds = sum(times.get("_compile.compile_inner", ())) + sum(times.get("backward._backward_impl", ()))
     return int(utils.counters["stats"]["unique_graphs"]), float(seconds)
 
 
