@@ -71,7 +71,7 @@ def broken_reward(prompts, completions, **kwargs):
 def test_sweep_whose_trials_all_fail_says_why_and_keeps_the_record(tmp_path):
     spec = tmp_path / "spec.yaml"
     text = (REPO / "sweeps" / "smoke.yaml").read_text()
-    text = text.replace("num_samples: 3", "num_samples: 2").replace("max_concurrent_trials: 2", "max_failures: 0")
+    text = text.replace("num_samples: 3", "num_samples: 2").replace("max_concurrent_trials: auto", "max_failures: 0\n  max_concurrent_trials: auto")
     text += "\nrewards:\n  - {name: test_cli:broken_reward}\n"
     spec.write_text(text.replace("    rewards.check_answer.weight: {uniform: [0.5, 2.0]}\n", ""))
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}

@@ -1,13 +1,16 @@
-"""resources.gpu: auto (packing.py): how many trials share a GPU, from the model's size and the GPU's memory."""
+"""packing.py's auto rules: resources.gpu (how many trials share a GPU, from the model's size and
+the GPU's memory) and search.max_concurrent_trials (how many run at once: the cluster full)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from grpo_ray.packing import gpu_per_trial, weights_gib
+from grpo_ray.packing import autoscaler_gpus, gpu_per_trial, trials_at_once, weights_gib
 from grpo_ray.spec import apply_overrides, load_spec
 from conftest import REPO
 
@@ -47,21 +50,75 @@ RESOLVE = """
 import json, sys, ray
 from grpo_ray.packing import resolve_resources
 from grpo_ray.spec import apply_overrides, load_spec
-ray.init(num_cpus=1, num_gpus=int(sys.argv[1]), resources=json.loads(sys.argv[2]), include_dashboard=False)
-spec = apply_overrides(load_spec("sweeps/smoke.yaml"), {"resources.gpu": "auto"})
-resolved, why = resolve_resources(spec)
-print(json.dumps({"gpu": resolved.resources.gpu, "why": why}))
+ray.init(num_cpus=int(sys.argv[1]), num_gpus=int(sys.argv[2]), resources=json.loads(sys.argv[3]), include_dashboard=False)
+spec = apply_overrides(load_spec("sweeps/smoke.yaml"), {"resources.gpu": "auto", "search.max_concurrent_trials": "auto",
+                                                        **json.loads(sys.argv[4])})
+resolved, notes = resolve_resources(spec)
+print(json.dumps({"gpu": resolved.resources.gpu, "at_once": resolved.search.max_concurrent_trials, "notes": notes}))
 """
+
+
+def resolve(cpus: int, gpus: int, resources: dict, overrides: dict, home: Path | None = None) -> dict:
+    """resolve_resources on a real local Ray of ``cpus`` and ``gpus`` (declared: Ray schedules by
+    declared resources, and nothing runs on them here)."""
+    env = {**os.environ, **({"HOME": str(home)} if home else {})}
+    r = subprocess.run([sys.executable, "-c", RESOLVE, str(cpus), str(gpus), json.dumps(resources), json.dumps(overrides)],
+                       cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("gpus, resources, share, words", [
     (0, {}, 0.0, "no GPU on this machine"),
-    # A real Ray node that declares an H100 (Ray schedules by declared resources; nothing runs on it here).
     (1, {"accelerator_type:H100": 1}, 0.5, "two trials per GPU"),
 ])
 def test_auto_resolves_against_the_real_ray_cluster(gpus, resources, share, words):
-    r = subprocess.run([sys.executable, "-c", RESOLVE, str(gpus), json.dumps(resources)], cwd=REPO,
-                       capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["gpu"] == share and words in out["why"], out
+    out = resolve(1, gpus, resources, {})
+    assert out["gpu"] == share and words in out["notes"][0], out
+
+
+@pytest.mark.parametrize("share, cpu, samples, gpus, cpus, autoscale, expected, words", [
+    (1.0, 4, 40, 8, 64, None, 8, "8 GPU(s) in the cluster at 1 GPU per trial"),
+    (0.5, 4, 40, 8, 64, None, 16, "at 0.5 GPU per trial"),           # packed: twice the trials
+    (0.5, 4, 10, 8, 64, None, 10, "(num_samples)"),                  # never more than the sweep has
+    (1.0, 8, 40, 0, 16, 8, 8, "8 GPU(s) the autoscaler may start"),  # cluster/gpu.yaml at `ray up`: no GPU yet
+    (1.0, 8, 40, 2, 16, 8, 8, "the autoscaler may start"),           # two up, six more to come
+    (1.0, 8, 40, 0, 16, None, 4, "no GPU in the cluster yet"),       # nothing to go by: the old default, said
+    (0.0, 1, 3, 0, 2, None, 2, "2 CPU(s) at 1 CPU per trial"),       # the CPU path of this machine
+    (0.0, 4, 3, 0, 2, None, 1, "2 CPU(s) at 4 CPU per trial"),       # at least one, even if it cannot fit
+])
+def test_concurrency_rule(share, cpu, samples, gpus, cpus, autoscale, expected, words):
+    n, why = trials_at_once(share, cpu, samples, gpus, cpus, autoscale)
+    assert n == expected and words in why, why
+
+
+def test_the_autoscalers_gpus_from_the_config_ray_up_leaves(tmp_path):
+    for cluster in ("gpu.yaml", "gpu-gcp.yaml"):  # gpu_worker: 1 GPU, max_workers 8; the head none
+        assert autoscaler_gpus(str(REPO / "cluster" / cluster)) == 8
+    doc = yaml.safe_load((REPO / "cluster" / "gpu.yaml").read_text())
+    types = doc["available_node_types"]
+    worker = next(n for n, t in types.items() if t.get("resources", {}).get("GPU"))
+    types["quad"] = {**types[worker], "resources": {"CPU": 32, "GPU": 4}, "max_workers": 2}
+    doc["max_workers"] = 4  # all types together: 2 quads and 2 singles at most
+    (tmp_path / "two_types.yaml").write_text(yaml.safe_dump(doc))
+    assert autoscaler_gpus(str(tmp_path / "two_types.yaml")) == 2 * 4 + 2 * 1
+    assert autoscaler_gpus(str(tmp_path / "absent.yaml")) is None
+    (tmp_path / "bad.yaml").write_text("max_workers: [1\n")
+    assert autoscaler_gpus(str(tmp_path / "bad.yaml")) is None
+
+
+def test_concurrency_auto_fills_the_real_ray_cluster(tmp_path):
+    # 2 declared GPUs, packed two per GPU: four trials at once, where a fixed 4 would have been
+    # right only by chance; 1 GPU per trial: two.
+    out = resolve(2, 2, {"accelerator_type:H100": 1}, {"search.num_samples": 40})
+    assert out["gpu"] == 0.5 and out["at_once"] == 4, out
+    out = resolve(2, 2, {}, {"search.num_samples": 40, "resources.gpu": 1})
+    assert out["at_once"] == 2 and "2 GPU(s) in the cluster" in out["notes"][-1], out
+    # A head with no GPU whose autoscaler may start 8 (the repo's cluster/gpu.yaml, where `ray up`
+    # puts it): eight at once, not one per GPU up at the start (none).
+    (tmp_path / "ray_bootstrap_config.yaml").write_text((REPO / "cluster" / "gpu.yaml").read_text())
+    out = resolve(2, 0, {}, {"search.num_samples": 40, "resources.gpu": 1}, home=tmp_path)
+    assert out["at_once"] == 8 and "the autoscaler may start" in out["notes"][-1], out
+    # A number in the spec is the user's: kept.
+    out = resolve(2, 2, {}, {"search.max_concurrent_trials": 1, "resources.gpu": 1})
+    assert out["at_once"] == 1 and out["notes"] == [], out

@@ -21,6 +21,15 @@ share hold 2 x (0.35 x 48 + 4) = 42 GB. Packed two per H200, 12 gemma-3-270m tri
 (bench/results/warm_sweep_packed_h200_c2ff95b.json), against 18.1 one at a time at the same
 trial code (bench/results/warm_sweep_reuse_h200_32d5bab.json). Packed engines start one at a
 time (trial/engine_lock.py).
+
+``search.max_concurrent_trials: auto`` (the default) then fills the cluster: GPUs /
+``resources.gpu`` trials at once (16 on 8 GPUs packed two per GPU), or CPUs /
+``resources.cpu`` on a machine without GPUs, never more than ``search.num_samples``. On a
+cluster that autoscales from no GPU node (cluster/gpu.yaml), the GPUs counted are those its
+autoscaler may start, read from the config ``ray up`` leaves on the head
+(``~/ray_bootstrap_config.yaml``): a limit of the GPUs up at the start would be 0 there. A
+fixed default (4 before) left half of an 8-GPU cluster idle all night at ``resources.gpu: 1``,
+and three quarters of it packed.
 """
 
 from __future__ import annotations
@@ -103,11 +112,75 @@ def gpu_per_trial(weights: float | None, gpus: int, gpu_gib: float | None, alone
     return 1.0, f"one trial per GPU: {weights:.2g} GiB of weights is over {PACK_WEIGHT_SHARE:.0%} of {gpu_gib:.0f} GiB"
 
 
-def resolve_resources(spec: SweepSpec) -> tuple[SweepSpec, str | None]:
-    """``spec`` with ``resources.gpu: auto`` replaced by a number (Ray must be up); and why, if it was auto."""
-    if spec.resources.gpu != "auto":
-        return spec, None
+FALLBACK_CONCURRENCY = 4  # GPUs unknown: no GPU node up and no autoscaler config on this machine
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` puts the cluster config on the head
+
+
+def autoscaler_gpus(path: str = BOOTSTRAP_CONFIG) -> int | None:
+    """GPUs the cluster's autoscaler may start (its worker types' ``resources.GPU`` x
+    ``max_workers``, within the cluster's ``max_workers``), or None without a readable config."""
+    import yaml
+
+    file = Path(path).expanduser()
+    try:
+        config = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(config, dict) or not isinstance(config.get("available_node_types"), dict):
+        return None
+    per_node: list[tuple[float, int]] = []  # (GPUs of a node, how many such nodes)
+    for name, node in config["available_node_types"].items():
+        if not isinstance(node, dict):
+            continue
+        gpus = float((node.get("resources") or {}).get("GPU", 0) or 0)
+        count = 1 if name == config.get("head_node_type") else int(node.get("max_workers", 0) or 0)
+        if gpus > 0 and count > 0:
+            per_node.append((gpus, count))
+    # The cluster's own max_workers bounds the worker nodes of all types together: fill it with
+    # the types that have the most GPUs per node, the most the autoscaler could give.
+    budget = int(config.get("max_workers", 10**6) or 0)
+    total = 0.0
+    for gpus, count in sorted(per_node, reverse=True):
+        take = min(count, budget)
+        total, budget = total + gpus * take, budget - take
+    return int(total) if total > 0 else None
+
+
+def trials_at_once(gpu_share: float, cpu_per_trial: float, num_samples: int, gpus: int, cpus: float,
+                   autoscale_gpus: int | None) -> tuple[int, str]:
+    """The ``max_concurrent_trials: auto`` rule (module docstring): how many trials at once, and why."""
+    if gpu_share > 0:
+        capacity, where = gpus, f"{gpus} GPU(s) in the cluster"
+        if autoscale_gpus is not None and autoscale_gpus > gpus:
+            capacity, where = autoscale_gpus, f"{autoscale_gpus} GPU(s) the autoscaler may start"
+        if capacity == 0:
+            return min(FALLBACK_CONCURRENCY, num_samples), (
+                "no GPU in the cluster yet and no autoscaler config on this machine; set "
+                "search.max_concurrent_trials to GPUs / resources.gpu")
+        slots, per = int(capacity / gpu_share + 1e-9), f"{gpu_share:g} GPU per trial"
+    else:
+        slots, where, per = int(cpus / cpu_per_trial + 1e-9), f"{cpus:g} CPU(s)", f"{cpu_per_trial:g} CPU per trial"
+    n = max(1, min(slots, num_samples))
+    capped = " (num_samples)" if slots > num_samples else ""
+    return n, f"{where} at {per}{capped}"
+
+
+def resolve_resources(spec: SweepSpec) -> tuple[SweepSpec, list[str]]:
+    """``spec`` with ``resources.gpu`` and ``search.max_concurrent_trials`` made numbers where they
+    were ``auto`` (Ray must be up); and, for each, why."""
+    import ray
+
+    notes: list[str] = []
     gpus, gpu_gib, alone = cluster_gpus()
-    share, why = gpu_per_trial(weights_gib(spec.model.source), gpus, gpu_gib, alone)
-    return apply_overrides(spec, {"resources.gpu": share}), f"resources.gpu: auto -> {share:g} ({why})"
+    if spec.resources.gpu == "auto":
+        share, why = gpu_per_trial(weights_gib(spec.model.source), gpus, gpu_gib, alone)
+        spec = apply_overrides(spec, {"resources.gpu": share})
+        notes.append(f"resources.gpu: auto -> {share:g} ({why})")
+    if spec.search.max_concurrent_trials == "auto":
+        assert isinstance(spec.resources.gpu, float | int)  # resolved just above
+        n, why = trials_at_once(float(spec.resources.gpu), spec.resources.cpu, spec.search.num_samples, gpus,
+                                float(ray.cluster_resources().get("CPU", 0)), autoscaler_gpus())
+        spec = apply_overrides(spec, {"search.max_concurrent_trials": n})
+        notes.append(f"search.max_concurrent_trials: auto -> {n} ({why})")
+    return spec, notes
 

@@ -224,7 +224,11 @@ class SearchSpec(_Strict):
         default_factory=lambda: [Objective(metric="reward"), Objective(metric="eval_accuracy")], min_length=1
     )
     num_samples: int = Field(40, gt=0)
-    max_concurrent_trials: int = Field(4, gt=0)
+    max_concurrent_trials: Union[int, Literal["auto"]] = Field(
+        "auto", description="Trials running at once. auto: as many as the cluster holds at resources.gpu per trial "
+        "(GPUs now, or what the autoscaler may start), or at resources.cpu on a machine without GPUs; at most "
+        "num_samples (packing.py)."
+    )
     seed: int = 3407
     startup_trials: int | None = Field(
         None, ge=1, description="Trials the tpe and gp samplers draw at random before they model the results; "
@@ -247,6 +251,13 @@ class SearchSpec(_Strict):
         "the Optuna study starts with: each finished trial inside this space that reported every objective is "
         "added as COMPLETE, so the sampler exploits it instead of exploring again. Checked before any trial starts."
     )
+
+    @field_validator("max_concurrent_trials", mode="before")
+    @classmethod
+    def _concurrency(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ValueError("expected a whole number > 0 or 'auto' (as many as the cluster holds)")
 
     @field_validator("warm_start")
     @classmethod

@@ -303,10 +303,11 @@ def run_sweep(spec: SweepSpec, storage_root: str | None = None, resume: bool = F
 
     root = storage.normalize(storage_root or spec.storage)
     preflight(spec)
-    init_ray()  # before the resources: `auto` looks at the cluster's GPUs
-    spec, why = resolve_resources(spec)
-    if why and on_event:
-        on_event("note", {"message": why})
+    init_ray()  # before the resources: `auto` looks at the cluster's GPUs and CPUs
+    spec, notes = resolve_resources(spec)
+    if on_event:
+        for note in notes:
+            on_event("note", {"message": note})
     # Written now too, so `status` and `report` of a running sweep know its objectives and space;
     # and a storage that cannot be written fails here, before any GPU time is spent.
     try:
