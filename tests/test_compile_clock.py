@@ -5,6 +5,9 @@ graph count, and Inductor for the backward graphs: compiled lazily at the first 
 eagerly, inside the frame's compile, when the backward needs a dynamic size.
 """
 
+import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -62,3 +65,31 @@ def test_a_dynamo_reset_never_makes_it_negative():
     torch._dynamo.reset()
     graphs, seconds = clock.since()
     assert graphs >= 0 and seconds >= 0.0
+
+
+# What importing Unsloth does to torch's logs (unsloth_zoo.patching_utils.patch_torch_compile,
+# at `import unsloth`), done here by hand because Unsloth cannot be imported without a GPU.
+RECOMPILE = """
+import os, sys, logging, torch
+from grpo_ray.trial.compile_clock import restore_torch_logs
+wanted = os.environ.get("TORCH_LOGS")
+os.environ.pop("TORCH_LOGS", None); torch._logging.set_logs(all=logging.CRITICAL)  # Unsloth's import
+if sys.argv[1] == "restore":
+    restore_torch_logs(wanted)
+def double(x):
+    return x * 2
+f = torch.compile(double, backend="eager")
+f(torch.randn(2)); f(torch.randn(3))  # a new shape: a recompile
+"""
+
+
+def test_torch_logs_asked_for_survive_unsloths_import():
+    def run(mode: str) -> str:
+        r = subprocess.run([sys.executable, "-c", RECOMPILE, mode], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "TORCH_LOGS": "recompiles"})
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stderr
+
+    assert "Recompiling function" not in run("unsloth-only")  # what trials had: silence
+    restored = run("restore")
+    assert "Recompiling function double" in restored and "tensor 'x' size mismatch" in restored

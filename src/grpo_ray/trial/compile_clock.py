@@ -6,6 +6,7 @@ Its own module, free of transformers, so a trial can start the clock before the 
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -43,3 +44,22 @@ class CompileClock:
     def since(self) -> tuple[int, float]:
         graphs, seconds = compile_totals()
         return max(graphs - self.graphs, 0), max(seconds - self.seconds, 0.0)
+
+
+def restore_torch_logs(wanted: str | None) -> None:
+    """Put back the ``TORCH_LOGS`` a trial started with (``recompiles``, ``graph_breaks``...).
+
+    Importing Unsloth drops the variable and sets every torch log to CRITICAL (unsloth_zoo's
+    ``patch_torch_compile``), so a user's ``TORCH_LOGS=recompiles`` printed nothing: on the
+    H200 a warm trial built 27 graphs and no log said why. torch reads the variable again in
+    ``_init_logs``, the call it makes at its own import (private, in torch 2.11 and 2.13
+    alike). Its parse is cached by the string, and Unsloth's ``set_logs`` cleared the cached
+    settings object in place, so the cache goes first.
+    """
+    if not wanted:
+        return
+    os.environ["TORCH_LOGS"] = wanted
+    from torch._logging import _internal
+
+    _internal._parse_log_settings.cache_clear()
+    _internal._init_logs()

@@ -12,7 +12,10 @@ anything else touches those packages.
 
 from __future__ import annotations
 
-import unsloth  # noqa: F401  (must come first: it patches transformers, trl and peft)
+import os
+
+_TORCH_LOGS = os.environ.get("TORCH_LOGS")  # Unsloth's import drops it (compile_clock.restore_torch_logs)
+import unsloth  # noqa: E402,F401  (must come first: it patches transformers, trl and peft)
 
 import tempfile
 from pathlib import Path
@@ -34,7 +37,10 @@ from grpo_ray.trial.common import (
     seed_adapter_init,
     sft_config_kwargs,
 )
+from grpo_ray.trial.compile_clock import restore_torch_logs
 from grpo_ray.trial.engine_lock import one_start_per_gpu, visible_gpus
+
+restore_torch_logs(_TORCH_LOGS)
 
 
 class UnslothBackend:
