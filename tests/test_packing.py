@@ -51,21 +51,22 @@ import json, sys, ray
 from grpo_ray.packing import resolve_resources
 from grpo_ray.spec import apply_overrides, load_spec
 ray.init(num_cpus=int(sys.argv[1]), num_gpus=int(sys.argv[2]), resources=json.loads(sys.argv[3]), include_dashboard=False)
-spec = apply_overrides(load_spec("sweeps/smoke.yaml"), {"resources.gpu": "auto", "search.max_concurrent_trials": "auto",
-                                                        **json.loads(sys.argv[4])})
-resolved, notes = resolve_resources(spec)
-print(json.dumps({"gpu": resolved.resources.gpu, "at_once": resolved.search.max_concurrent_trials, "notes": notes}))
+for overrides in json.loads(sys.argv[4]):
+    spec = apply_overrides(load_spec("sweeps/smoke.yaml"),
+                           {"resources.gpu": "auto", "search.max_concurrent_trials": "auto", **overrides})
+    resolved, notes = resolve_resources(spec)
+    print(json.dumps({"gpu": resolved.resources.gpu, "at_once": resolved.search.max_concurrent_trials, "notes": notes}))
 """
 
 
-def resolve(cpus: int, gpus: int, resources: dict, overrides: dict, home: Path | None = None) -> dict:
-    """resolve_resources on a real local Ray of ``cpus`` and ``gpus`` (declared: Ray schedules by
-    declared resources, and nothing runs on them here)."""
+def resolve(cpus: int, gpus: int, resources: dict, *overrides: dict, home: Path | None = None) -> list[dict]:
+    """resolve_resources on one real local Ray of ``cpus`` and ``gpus`` (declared: Ray schedules
+    by declared resources, and nothing runs on them here), once per set of spec overrides."""
     env = {**os.environ, **({"HOME": str(home)} if home else {})}
-    r = subprocess.run([sys.executable, "-c", RESOLVE, str(cpus), str(gpus), json.dumps(resources), json.dumps(overrides)],
-                       cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+    r = subprocess.run([sys.executable, "-c", RESOLVE, str(cpus), str(gpus), json.dumps(resources),
+                        json.dumps(list(overrides))], cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return [json.loads(line) for line in r.stdout.strip().splitlines()[-len(overrides):]]
 
 
 @pytest.mark.parametrize("gpus, resources, share, words", [
@@ -73,7 +74,7 @@ def resolve(cpus: int, gpus: int, resources: dict, overrides: dict, home: Path |
     (1, {"accelerator_type:H100": 1}, 0.5, "two trials per GPU"),
 ])
 def test_auto_resolves_against_the_real_ray_cluster(gpus, resources, share, words):
-    out = resolve(1, gpus, resources, {})
+    [out] = resolve(1, gpus, resources, {})
     assert out["gpu"] == share and words in out["notes"][0], out
 
 
@@ -108,17 +109,16 @@ def test_the_autoscalers_gpus_from_the_config_ray_up_leaves(tmp_path):
 
 
 def test_concurrency_auto_fills_the_real_ray_cluster(tmp_path):
-    # 2 declared GPUs, packed two per GPU: four trials at once, where a fixed 4 would have been
-    # right only by chance; 1 GPU per trial: two.
-    out = resolve(2, 2, {"accelerator_type:H100": 1}, {"search.num_samples": 40})
-    assert out["gpu"] == 0.5 and out["at_once"] == 4, out
-    out = resolve(2, 2, {}, {"search.num_samples": 40, "resources.gpu": 1})
-    assert out["at_once"] == 2 and "2 GPU(s) in the cluster" in out["notes"][-1], out
+    packed, whole, kept = resolve(2, 2, {"accelerator_type:H100": 1},
+                                  {"search.num_samples": 40},
+                                  {"search.num_samples": 40, "resources.gpu": 1},
+                                  {"search.max_concurrent_trials": 1, "resources.gpu": 1})
+    # 2 declared H100s, gemma-sized model packed two per GPU: four trials at once; one per GPU: two.
+    assert packed["gpu"] == 0.5 and packed["at_once"] == 4, packed
+    assert whole["at_once"] == 2 and "2 GPU(s) in the cluster" in whole["notes"][-1], whole
+    assert kept["at_once"] == 1 and kept["notes"] == [], kept  # a number in the spec is the user's
     # A head with no GPU whose autoscaler may start 8 (the repo's cluster/gpu.yaml, where `ray up`
     # puts it): eight at once, not one per GPU up at the start (none).
     (tmp_path / "ray_bootstrap_config.yaml").write_text((REPO / "cluster" / "gpu.yaml").read_text())
-    out = resolve(2, 0, {}, {"search.num_samples": 40, "resources.gpu": 1}, home=tmp_path)
+    [out] = resolve(2, 0, {}, {"search.num_samples": 40, "resources.gpu": 1}, home=tmp_path)
     assert out["at_once"] == 8 and "the autoscaler may start" in out["notes"][-1], out
-    # A number in the spec is the user's: kept.
-    out = resolve(2, 2, {}, {"search.max_concurrent_trials": 1, "resources.gpu": 1})
-    assert out["at_once"] == 1 and out["notes"] == [], out
