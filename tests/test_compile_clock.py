@@ -93,3 +93,17 @@ def test_torch_logs_asked_for_survive_unsloths_import():
     assert "Recompiling function" not in run("unsloth-only")  # what trials had: silence
     restored = run("restore")
     assert "Recompiling function double" in restored and "tensor 'x' size mismatch" in restored
+
+
+def test_a_torch_that_moved_its_private_log_api_costs_the_logs_not_the_trial(monkeypatch, capsys):
+    from torch._logging import _internal
+
+    from grpo_ray.trial.compile_clock import restore_torch_logs
+
+    def moved(*args, **kwargs):
+        raise AttributeError("_init_logs moved")
+
+    monkeypatch.setattr(_internal, "_init_logs", moved)
+    monkeypatch.delenv("TORCH_LOGS", raising=False)
+    restore_torch_logs("recompiles")  # no exception
+    assert "could not restore TORCH_LOGS='recompiles'" in capsys.readouterr().err

@@ -103,6 +103,9 @@ def test_the_autoscalers_gpus_from_the_config_ray_up_leaves(tmp_path):
     doc["max_workers"] = 4  # all types together: 2 quads and 2 singles at most
     (tmp_path / "two_types.yaml").write_text(yaml.safe_dump(doc))
     assert autoscaler_gpus(str(tmp_path / "two_types.yaml")) == 2 * 4 + 2 * 1
+    types["head"]["resources"] = {"CPU": 8, "GPU": 1}  # a head with a GPU: one more, not one worker fewer
+    (tmp_path / "gpu_head.yaml").write_text(yaml.safe_dump(doc))
+    assert autoscaler_gpus(str(tmp_path / "gpu_head.yaml")) == 2 * 4 + 2 * 1 + 1
     assert autoscaler_gpus(str(tmp_path / "absent.yaml")) is None
     (tmp_path / "bad.yaml").write_text("max_workers: [1\n")
     assert autoscaler_gpus(str(tmp_path / "bad.yaml")) is None

@@ -128,18 +128,19 @@ def autoscaler_gpus(path: str = BOOTSTRAP_CONFIG) -> int | None:
         return None
     if not isinstance(config, dict) or not isinstance(config.get("available_node_types"), dict):
         return None
-    per_node: list[tuple[float, int]] = []  # (GPUs of a node, how many such nodes)
+    total = 0.0
+    per_node: list[tuple[float, int]] = []  # worker types: (GPUs of a node, how many such nodes)
     for name, node in config["available_node_types"].items():
         if not isinstance(node, dict):
             continue
         gpus = float((node.get("resources") or {}).get("GPU", 0) or 0)
-        count = 1 if name == config.get("head_node_type") else int(node.get("max_workers", 0) or 0)
-        if gpus > 0 and count > 0:
-            per_node.append((gpus, count))
+        if name == config.get("head_node_type"):
+            total += gpus  # one head, outside the workers' count
+        elif gpus > 0 and int(node.get("max_workers", 0) or 0) > 0:
+            per_node.append((gpus, int(node["max_workers"])))
     # The cluster's own max_workers bounds the worker nodes of all types together: fill it with
     # the types that have the most GPUs per node, the most the autoscaler could give.
     budget = int(config.get("max_workers", 10**6) or 0)
-    total = 0.0
     for gpus, count in sorted(per_node, reverse=True):
         take = min(count, budget)
         total, budget = total + gpus * take, budget - take

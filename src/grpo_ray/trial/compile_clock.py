@@ -59,7 +59,10 @@ def restore_torch_logs(wanted: str | None) -> None:
     if not wanted:
         return
     os.environ["TORCH_LOGS"] = wanted
-    from torch._logging import _internal
+    try:
+        from torch._logging import _internal
 
-    _internal._parse_log_settings.cache_clear()
-    _internal._init_logs()
+        _internal._parse_log_settings.cache_clear()
+        _internal._init_logs()
+    except Exception as e:  # private API: a torch that moved it costs the logs, never the trial
+        print(f"grpo-ray: could not restore TORCH_LOGS={wanted!r} after importing Unsloth ({e!r})", file=sys.stderr)
