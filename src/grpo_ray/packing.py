@@ -172,6 +172,8 @@ def resolve_resources(spec: SweepSpec) -> tuple[SweepSpec, list[str]]:
     import ray
 
     notes: list[str] = []
+    if spec.resources.gpu != "auto" and spec.search.max_concurrent_trials != "auto":
+        return spec, notes  # both set by the user: no need to ask the cluster (or CUDA) anything
     gpus, gpu_gib, alone = cluster_gpus()
     if spec.resources.gpu == "auto":
         share, why = gpu_per_trial(weights_gib(spec.model.source), gpus, gpu_gib, alone)
