@@ -30,6 +30,33 @@ def test_auto_backend_is_unsloth_on_cuda():
     assert choose_backend("auto") == "unsloth"
 
 
+def test_unsloth_config_rewrites_are_caught_by_the_trial(tmp_path):
+    """Unsloth's patched GRPOConfig (2026.10.7) turns group scaling off for dr_grpo; a trial
+    that sampled both must refuse, one that left scale_rewards alone records the change, and the
+    tutorial's explicit defaults come through unchanged (docs/grpo_variants.md)."""
+    import unsloth  # noqa: F401  (patches trl first)
+    from trl import GRPOConfig
+
+    from grpo_ray.trial.common import (GRPO_ARGS, SettingChangedError, effective_settings, grpo_config_kwargs,
+                                       refuse_sampled_changes)
+
+    spec = load_spec(REPO / "sweeps" / "rewards.yaml")
+    for overrides, changed in [({}, []), ({"grpo.loss_type": "dapo"}, []),
+                               ({"grpo.loss_type": "dr_grpo"}, ["grpo.scale_rewards"])]:
+        kwargs = grpo_config_kwargs(apply_overrides(spec, overrides), [1.0] * 4)
+        args = GRPOConfig(output_dir=str(tmp_path), **kwargs)
+        ran, changes = effective_settings(args, kwargs, GRPO_ARGS)
+        assert [c.field for c in changes] == changed, (overrides, changes)
+        assert ran["grpo.loss_type"] == (overrides.get("grpo.loss_type") or "dapo")
+        assert (ran["grpo.epsilon_high"], ran["grpo.mask_truncated_completions"]) == (0.2, False)
+        assert ran["grpo.vllm_importance_sampling_correction"] is False
+    # The last case again, as a search that sampled both values sees it: refused.
+    kwargs = grpo_config_kwargs(apply_overrides(spec, {"grpo.loss_type": "dr_grpo"}), [1.0] * 4)
+    _, changes = effective_settings(GRPOConfig(output_dir=str(tmp_path), **kwargs), kwargs, GRPO_ARGS)
+    with pytest.raises(SettingChangedError, match="grpo.scale_rewards: the search sampled 'group'"):
+        refuse_sampled_changes(changes, {"grpo.loss_type", "grpo.scale_rewards"}, "unsloth", "GRPO")
+
+
 def _short_spec(gemma_gguf):
     # One spec for the trials of this module: the same load key, so the process keeps one
     # model and one vLLM engine (trial/warm.py) instead of starting a second engine.

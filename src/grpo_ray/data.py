@@ -31,6 +31,7 @@ class Example:
     question: str
     answer: str
     reasoning: str | None = None
+    kind: str | None = None  # the problem's kind (data.*.columns.kind): held-out accuracy per kind
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def _clean_reasoning(text: str) -> str:
 def to_examples(ds: DatasetSpec, rows: list[dict[str, Any]]) -> list[Example]:
     """Map columns, drop rows without a usable answer, apply the numeric filter and the limit."""
     cols = ds.columns
-    needed = [c for c in (cols.question, cols.answer, cols.reasoning) if c]
+    needed = [c for c in (cols.question, cols.answer, cols.reasoning, cols.kind) if c]
     if rows:
         missing = [c for c in needed if c not in rows[0]]
         if missing:
@@ -129,7 +130,9 @@ def to_examples(ds: DatasetSpec, rows: list[dict[str, Any]]) -> list[Example]:
         if ds.numeric_only and parse_number(a) is None:
             continue
         r = row.get(cols.reasoning) if cols.reasoning else None
-        out.append(Example(q, a, _clean_reasoning(r) if isinstance(r, str) else None))
+        kind = row.get(cols.kind) if cols.kind else None
+        out.append(Example(q, a, _clean_reasoning(r) if isinstance(r, str) else None,
+                           str(kind) if kind is not None else None))
     if not out:
         raise DataError(f"{ds.source}: no usable rows (after the numeric filter: {ds.numeric_only})")
     return out

@@ -7,7 +7,7 @@ same number as the reference answer; format rate counts completions in the exact
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from grpo_ray import template
 from grpo_ray.data import Example
@@ -20,6 +20,11 @@ class EvalResult:
     format_rate: float
     n: int
     samples: list[tuple[str, str, str]]  # (question, reference, completion) for the first few
+    by_kind: dict[str, float] = field(default_factory=dict)  # accuracy per problem kind (data columns.kind)
+
+    def accuracy_metrics(self, name: str) -> dict[str, float]:
+        """``{name}`` (the accuracy) and ``{name}/<kind>`` for each problem kind."""
+        return {name: self.accuracy} | {f"{name}/{k}": v for k, v in self.by_kind.items()}
 
 
 def score(completions: list[str], examples: list[Example], fmt: template.Format, eos_token: str | None) -> EvalResult:
@@ -27,16 +32,23 @@ def score(completions: list[str], examples: list[Example], fmt: template.Format,
     exact = make_rewards(fmt, eos_token)["match_format_exactly"]
     formatted = exact(prompts=[None] * len(completions), completions=completions)
     correct = 0
+    kinds: dict[str, list[int]] = {}  # kind -> [solved, seen]
     for completion, ex in zip(completions, examples):
         guess = extract_solution(completion, fmt, eos_token)
         ref = parse_number(ex.answer)
-        correct += int(guess is not None and ref is not None and parse_number(guess) == ref)
+        ok = int(guess is not None and ref is not None and parse_number(guess) == ref)
+        correct += ok
+        if ex.kind is not None:
+            tally = kinds.setdefault(ex.kind, [0, 0])
+            tally[0] += ok
+            tally[1] += 1
     n = len(examples)
     return EvalResult(
         accuracy=correct / n if n else 0.0,
         format_rate=sum(1 for f in formatted if f > 0) / n if n else 0.0,
         n=n,
         samples=[(e.question, e.answer, c) for e, c in list(zip(examples, completions))[:3]],
+        by_kind={k: solved / seen for k, (solved, seen) in sorted(kinds.items())},
     )
 
 

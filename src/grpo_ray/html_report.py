@@ -139,6 +139,11 @@ def _number(v: Any) -> float | None:
     return float(v)
 
 
+# GRPO group diagnostics drawn under the objectives' curves: a share of groups with no
+# gradient near 1, or completions cut at the length limit, says why a trial did not learn.
+DIAGNOSTIC_CURVES = ["zero_std_groups", "truncated_rate", "clip_ratio", "kl"]
+
+
 def curves_png(run: RunData) -> str | None:
     """Reward and held-out accuracy (and the early-stopping metric, if another) per trial, by GRPO step."""
     metrics = ["reward", "eval_accuracy"]
@@ -148,10 +153,18 @@ def curves_png(run: RunData) -> str | None:
     series = [t for t in run.trials if any(_number(r.get("reward")) is not None for r in t.history)]
     if not series:
         return None
+    # A second row: what the groups said (trial/run.py GROUP_DIAGNOSTICS), where any trial reported it.
+    diagnostics = [m for m in DIAGNOSTIC_CURVES if m not in metrics
+                   and any(_number(r.get(m)) is not None for t in series for r in t.history)]
+    cols = max(len(metrics), len(diagnostics))
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
+    rows = 2 if diagnostics else 1
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    for ax in list(axes[0][len(metrics):]) + (list(axes[1][len(diagnostics):]) if diagnostics else []):
+        ax.set_visible(False)
     colors = plt.get_cmap("tab20").colors  # 20 distinct colours before any repeats
-    for ax, metric in zip(axes[0], metrics):
+    panels = list(zip(axes[0], metrics)) + (list(zip(axes[1], diagnostics)) if diagnostics else [])
+    for ax, metric in panels:
         ax.set_prop_cycle(color=colors)
         for t in series:
             pts = [(r.get("step"), _number(r.get(metric))) for r in t.history]
@@ -165,7 +178,7 @@ def curves_png(run: RunData) -> str | None:
         ax.set_title(metric)
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title="trial (- - stopped early)",
+    axes[0][len(metrics) - 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title="trial (- - stopped early)",
                        ncol=1 + len(series) // 25)
     return _png(fig)
 
@@ -348,6 +361,7 @@ def render(run: RunData) -> str:
         keys = [m for m in ["reward", "eval_accuracy", "format_rate", "reward_weighted", "eval_format_rate",
                             "sft_eval_accuracy", "completion_length", "step"] if m in (b.get("metrics") or {})]
         parts.append(_table(["metric (last report)", "value"], [[k, b["metrics"][k]] for k in keys]))
+        parts.append(_effective_html(b.get("metrics") or {}))
     else:
         parts.append("<p class='note'>No best/best.json yet: the sweep is running, did not finish, or its export "
                      "did not finish.</p>")
@@ -383,12 +397,28 @@ def render(run: RunData) -> str:
         parts.append("<p class='note'>None.</p>")
 
     parts.append("<h2>All trials</h2>")
-    metric_cols = list(dict.fromkeys(["reward", "eval_accuracy", "format_rate"] + [o.metric for o in s.objectives]))
+    metric_cols = list(dict.fromkeys(["reward", "eval_accuracy", "format_rate"] + [o.metric for o in s.objectives]
+                                     + ["zero_std_groups", "truncated_rate"]))
     parts.append(_table(["trial", "state", "step", *metric_cols, "hyperparameters"],
                         [[t.trial_id, t.state, t.last.get("step"), *[t.last.get(m) for m in metric_cols],
                           _hp(t.config)] for t in run.trials]))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _effective_html(metrics: dict[str, Any]) -> str:
+    """What the winner's trainers really ran with (trial/run.py EffectiveRecord), and what the backend changed."""
+    ran = {k.removeprefix("effective/"): v for k, v in metrics.items() if k.startswith("effective/")}
+    if not ran:
+        return ""
+    out = ["<h3>The configuration that really ran</h3>",
+           "<p class='note'>Read from the trainers' own arguments, after the backend (Unsloth) and TRL set "
+           "them; every checkpoint holds all of them in effective_config.json.</p>",
+           _table(["field", "value"], [[k, v] for k, v in sorted(ran.items())])]
+    if metrics.get("changed_by_backend"):
+        out.append(f"<p class='note'>Changed by the backend from the spec's values: "
+                   f"{html.escape(str(metrics['changed_by_backend']))}.</p>")
+    return "\n".join(out)
 
 
 def _utilization_html(run: RunData) -> str:

@@ -87,7 +87,10 @@ def status_table(trials: list[TrialStatus]):
     use = utilization((t.last, t.status == "TERMINATED") for t in trials)
     table = Table(title=f"{len(trials)} trials", caption=summary_line(use))
     causes = any(t.cause for t in trials)
-    for col in ["trial", "state", "step", "reward", "eval acc", "format", "hyperparameters"] + (["cause"] if causes else []):
+    # "no-grad": the share of GRPO groups whose rewards were all equal; "cut": completions cut at
+    # max_completion_length (trial/run.py GROUP_DIAGNOSTICS), over the last report window.
+    for col in ["trial", "state", "step", "reward", "eval acc", "format", "no-grad", "cut",
+                "hyperparameters"] + (["cause"] if causes else []):
         table.add_column(col, overflow="fold")
 
     def f(v: Any) -> str:
@@ -98,6 +101,7 @@ def status_table(trials: list[TrialStatus]):
         state = t.status + (f" ({t.failures} failures)" if t.failures else "")
         state += " (stopped early)" if t.stopped_early else ""
         table.add_row(t.trial_id, state, f(t.last.get("step")), f(t.last.get("reward")),
-                      f(t.last.get("eval_accuracy")), f(t.last.get("format_rate")), hp,
+                      f(t.last.get("eval_accuracy")), f(t.last.get("format_rate")),
+                      f(t.last.get("zero_std_groups")), f(t.last.get("truncated_rate")), hp,
                       *([t.cause or ""] if causes else []))
     return table

@@ -46,6 +46,12 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     return space
 
 
+def grid_space(spec: SweepSpec) -> dict[str, list[Any]]:
+    """``search.sampler: grid``'s combinations: every choice, every integer of an int range."""
+    return {path: list(dom.choice) if isinstance(dom, Choice) else list(range(dom.int_[0], dom.int_[1] + 1))
+            for path, dom in spec.search.space.items()}
+
+
 STUDY_JOURNAL = "optuna-journal.log"  # in a local run directory: the study, readable by optuna-dashboard
 
 
@@ -165,6 +171,7 @@ def make_searcher(spec: SweepSpec, storage_root: str | None = None,
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=s.seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=s.seed),
         "gp": lambda: optuna.samplers.GPSampler(seed=s.seed, **startup),
+        "grid": lambda: optuna.samplers.GridSampler(grid_space(spec), seed=s.seed),
     }
     metrics = [o.metric for o in s.objectives]
     modes = [o.mode for o in s.objectives]
@@ -173,7 +180,8 @@ def make_searcher(spec: SweepSpec, storage_root: str | None = None,
     if s.warm_start:
         note(warm.summary(len(s.warm_start)))
     # The seed recipe goes first, so every sweep is measured against it; unless a previous run measured it.
-    baseline = spec.baseline_point() if s.baseline_first else None
+    # A grid visits every combination anyway, the spec's own values among them when they lie inside.
+    baseline = spec.baseline_point() if s.baseline_first and s.sampler != "grid" else None
     if baseline is not None and any(params == baseline for params, _, _ in warm.points):
         note("baseline_first: the spec's own values were already evaluated in a previous run; not run again")
         baseline = None

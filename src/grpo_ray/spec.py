@@ -79,6 +79,8 @@ class Columns(_Strict):
     question: str = Field("question", description="Column holding the problem text.")
     answer: str = Field("answer", description="Column holding the reference answer.")
     reasoning: str | None = Field(None, description="Column with worked reasoning (SFT only).")
+    kind: str | None = Field(None, description="Column naming each problem's kind (eval set only): held-out "
+                             "accuracy is then also reported per kind, as eval_accuracy/<kind>.")
 
 
 class DatasetSpec(_Strict):
@@ -165,6 +167,63 @@ class GrpoSpec(_Strict):
     seed: int = 3407
     report_every: int = Field(5, gt=0, description="Steps between reports to Tune (and eval runs).")
 
+    # --- the GRPO algorithm. Defaults: what the Unsloth tutorial's trainer really ran with
+    # (TRL 1.15 + Unsloth 2026.10.7: an unset loss_type becomes TRL's dapo, an unset beta 0.0,
+    # and the vLLM importance-sampling correction is switched off; see docs/grpo_variants.md).
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = Field(
+        "dapo", description="How token losses are aggregated (TRL's GRPOConfig.loss_type). dapo: normalised by "
+        "the active tokens of the whole accumulated batch (DAPO, arXiv 2503.14476; the tutorial's); grpo: per "
+        "sequence, then averaged (the original GRPO, DeepSeekMath; biased toward short correct answers); "
+        "dr_grpo: by a constant, max_completion_length (Dr. GRPO, arXiv 2503.20783); bnpo: by the active tokens "
+        "of the local batch; cispo: clips the importance weights, not the update (MiniMax-M1, arXiv 2506.13585); "
+        "sapo: a soft, temperature-controlled gate instead of clipping (arXiv 2511.20347); luspo: GSPO scaled by "
+        "length, needs importance_sampling_level: sequence (arXiv 2602.05261); vespo: a smooth Gamma weighting of "
+        "sequence-level weights, needs importance_sampling_level: token (arXiv 2602.10693).")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="token: one importance ratio per token (GRPO, the tutorial's); sequence: one per "
+        "completion, the mean of its tokens' log-ratios (GSPO, arXiv 2507.18071; with loss_type: grpo, as the "
+        "paper).")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="How advantages are scaled: group: by each group's reward std (GRPO, the tutorial's); "
+        "batch: by the whole batch's std (PPO-Lite, arXiv 2508.08221); none: not at all (Dr. GRPO: the std "
+        "favours too easy and too hard questions). Unsloth turns group off for loss_type: dr_grpo (a trial that "
+        "sampled both fails with that message; a default left alone is recorded as changed).")
+    epsilon: float = Field(0.2, gt=0, description="Lower clipping bound of the ratio: 1 - epsilon (PPO, the "
+                           "tutorial's 0.2).")
+    epsilon_high: float | None = Field(
+        None, gt=0, description="Upper clipping bound: 1 + epsilon_high. null: epsilon (the tutorial's), or 5.0 with "
+        "loss_type: cispo, where it caps the importance weight itself (ScaleRL, arXiv 2510.13786, uses 4-8). DAPO's "
+        "clip-higher uses 0.28.")
+    num_iterations: int = Field(1, ge=1, description="Optimizer passes over each generated batch (mu in the GRPO "
+                                "paper); above 1 the ratio and clipping start to matter. The tutorial's: 1.")
+    mask_truncated_completions: bool = Field(
+        False, description="Leave completions cut at max_completion_length out of the loss (DAPO's overlong "
+        "filtering). The tutorial's: false.")
+    vllm_importance_sampling_correction: bool = Field(
+        False, description="Correct for vLLM's sampling probabilities differing from the trainer's (truncated "
+        "importance sampling, TRL's default sequence_mask mode; unsloth backend only: the hf backend samples with "
+        "the trained model itself). The tutorial's: false (Unsloth's default).")
+
+    def effective_epsilon_high(self) -> float:
+        """The upper clipping bound a trial runs with (``epsilon_high`` resolved)."""
+        if self.epsilon_high is not None:
+            return self.epsilon_high
+        return 5.0 if self.loss_type == "cispo" else self.epsilon
+
+    @model_validator(mode="after")
+    def _check_variant(self) -> "GrpoSpec":
+        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            raise _FieldError("grpo.importance_sampling_level", "loss_type luspo is a sequence-level loss: set "
+                              "grpo.importance_sampling_level: sequence, or choose another loss_type")
+        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
+            raise _FieldError("grpo.importance_sampling_level", "loss_type vespo computes sequence weights itself: "
+                              "set grpo.importance_sampling_level: token")
+        if self.loss_type == "cispo" and self.effective_epsilon_high() < 1:
+            raise _FieldError("grpo.epsilon_high", f"{self.epsilon_high} caps every importance weight below 1 with "
+                              "loss_type cispo (the cap is epsilon_high itself, not 1 + epsilon_high); use 4-8, or "
+                              "null for 5.0")
+        return self
+
 
 # --------------------------------------------------------------------------- search
 class Choice(_Strict):
@@ -195,7 +254,7 @@ class Objective(_Strict):
 
 # Metrics every trial reports at each window (trial/run.py) that early stopping can judge by.
 ReportedMetric = Literal["reward", "eval_accuracy", "format_rate", "reward_weighted", "eval_format_rate",
-                         "completion_length"]
+                         "completion_length", "zero_std_groups", "truncated_rate", "clip_ratio", "kl", "entropy"]
 
 
 class EarlyStopping(_Strict):
@@ -219,7 +278,11 @@ class EarlyStopping(_Strict):
 
 
 class SearchSpec(_Strict):
-    sampler: Literal["tpe", "nsga2", "random", "gp"] = "tpe"
+    sampler: Literal["tpe", "nsga2", "random", "gp", "grid"] = Field(
+        "tpe", description="Optuna's sampler. tpe: models the results (multivariate TPE); nsga2: evolutionary, for "
+        "several objectives; random; gp: Gaussian process; grid: every combination of the space's choices once "
+        "(every domain a choice or an int range; num_samples at most the number of combinations), e.g. one "
+        "configuration on several seeds: space: {grpo.seed: {choice: [1, 2, 3]}}.")
     objectives: list[Objective] = Field(
         default_factory=lambda: [Objective(metric="reward"), Objective(metric="eval_accuracy")], min_length=1
     )
@@ -358,6 +421,23 @@ class SweepSpec(_Strict):
                 f"({self.grpo.max_prompt_length} + {self.grpo.max_completion_length}) exceeds "
                 f"model.max_seq_length ({self.model.max_seq_length}): lower one or raise max_seq_length"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_grid(self) -> "SweepSpec":
+        if self.search.sampler != "grid":
+            return self
+        size = 1
+        for path, dom in self.search.space.items():
+            if not isinstance(dom, (Choice, IntRange)):
+                raise _FieldError(f"search.space.{path}", "sampler grid needs every domain to be {choice: [..]} or "
+                                  "{int: [low, high]}; use another sampler for continuous ranges")
+            size *= len(dom.choice) if isinstance(dom, Choice) else dom.int_[1] - dom.int_[0] + 1
+        if not self.search.space:
+            raise _FieldError("search.sampler", "grid needs a search.space to enumerate")
+        if self.search.num_samples > size:
+            raise _FieldError("search.num_samples", f"{self.search.num_samples} exceeds the grid's {size} "
+                              f"combinations: set num_samples: {size}")
         return self
 
     @model_validator(mode="after")

@@ -27,6 +27,13 @@ class Backend(Protocol):
     # one before it is dropped. A warm actor's next trial starts here (trial/warm.py).
     def new_adapter(self, spec: SweepSpec) -> None: ...
 
+    # The TRL config each trainer will get, and the keyword arguments it was built from: a
+    # trial checks, before it trains, that the backend keeps what the search sampled (Unsloth's
+    # patched config classes rewrite some GRPO arguments as they are built).
+    def sft_args(self, spec: SweepSpec) -> tuple[dict[str, Any], Any]: ...
+
+    def grpo_args(self, spec: SweepSpec, reward_weights: list[float]) -> tuple[dict[str, Any], Any]: ...
+
     # ``callbacks``: transformers TrainerCallbacks the trial hands to the trainer (progress
     # reporting, the NaN and hang guards); the backend passes them on unchanged.
     def sft(self, messages: list[list[dict[str, str]]], spec: SweepSpec, callbacks: list[Any]) -> dict[str, float]: ...

@@ -76,11 +76,24 @@ class HFBackend:
         seed_adapter_init(spec)
         self.tokenizer = prepare_tokenizer(self.tokenizer, spec)
 
+    def sft_args(self, spec: SweepSpec) -> tuple[dict[str, Any], Any]:
+        from trl import SFTConfig
+
+        kwargs = sft_config_kwargs(spec)
+        return kwargs, SFTConfig(output_dir=str(self._workdir / "sft"), **kwargs)
+
+    def grpo_args(self, spec: SweepSpec, reward_weights: list[float]) -> tuple[dict[str, Any], Any]:
+        from trl import GRPOConfig
+
+        kwargs = grpo_config_kwargs(spec, reward_weights)
+        kwargs["top_k"] = max(spec.grpo.top_k, 0)  # transformers: 0 disables top-k (vLLM uses -1)
+        return kwargs, GRPOConfig(output_dir=str(self._workdir / "grpo"), **kwargs)
+
     def sft(self, messages: list[list[dict[str, str]]], spec: SweepSpec, callbacks: list[Any]) -> dict[str, float]:
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 
-        args = SFTConfig(output_dir=str(self._workdir / "sft"), **sft_config_kwargs(spec))
+        _, args = self.sft_args(spec)
         trainer = SFTTrainer(
             model=self.model,
             args=args,
@@ -100,11 +113,9 @@ class HFBackend:
         callbacks: list[Any],
     ) -> None:
         from datasets import Dataset
-        from trl import GRPOConfig, GRPOTrainer
+        from trl import GRPOTrainer
 
-        kwargs = grpo_config_kwargs(spec, reward_weights)
-        kwargs["top_k"] = max(spec.grpo.top_k, 0)  # transformers: 0 disables top-k (vLLM uses -1)
-        args = GRPOConfig(output_dir=str(self._workdir / "grpo"), **kwargs)
+        _, args = self.grpo_args(spec, reward_weights)
         trainer = GRPOTrainer(
             model=self.model,
             reward_funcs=reward_funcs,

@@ -25,6 +25,7 @@ from grpo_ray.spec import SweepSpec, apply_overrides
 from grpo_ray.trial.compile_clock import CompileClock
 
 STATE_FILE = "trial_state.json"  # in each checkpoint: the GRPO step reached and the trial's fixed metrics
+EFFECTIVE_FILE = "effective_config.json"  # in each checkpoint: every TRL argument the trainers ran with
 FORMAT_RATE = "format_rate"  # an extra zero-weight reward so TRL logs the format rate per step
 
 
@@ -37,6 +38,23 @@ def _format_rate_reward(fmt: template.Format, eos_token: str | None):
         return [1.0 if s > 0 else 0.0 for s in exact(prompts=prompts, completions=completions, **kwargs)]
 
     return format_rate
+
+
+# What each GRPO step says about its groups, averaged over a report window: reported to Tune
+# (early_stopping.metric can use them), status, trials.json and the report. Names: TRL 1.15's logs.
+GROUP_DIAGNOSTICS: dict[str, tuple[str, ...]] = {
+    # Groups whose completions all got the same reward: zero advantage, no gradient. Near 1:
+    # the problems are too easy or too hard for the model (or the rewards too coarse).
+    "zero_std_groups": ("frac_reward_zero_std",),
+    # Completions cut at grpo.max_completion_length: near 1, raise it (or mask them).
+    "truncated_rate": ("completions/clipped_ratio",),
+    # Tokens whose ratio left the clipping range (cispo: whose weight was capped).
+    "clip_ratio": ("clip_ratio/region_mean", "cispo_clip_ratio"),
+    "clip_ratio_low": ("clip_ratio/low_mean",),
+    "clip_ratio_high": ("clip_ratio/high_mean",),
+    "kl": ("kl",),  # only with grpo.beta > 0
+    "entropy": ("entropy",),
+}
 
 
 def _mean(values: list[float]) -> float:
@@ -72,6 +90,8 @@ class WindowReporter:
         out["reward_weighted"] = _mean([x.get("reward", float("nan")) for x in w])
         out["format_rate"] = _mean([x.get(f"rewards/{FORMAT_RATE}/mean", float("nan")) for x in w])
         out["completion_length"] = _mean([x.get("completions/mean_length", float("nan")) for x in w])
+        for name, keys in GROUP_DIAGNOSTICS.items():
+            out[name] = _mean([next((x[k] for k in keys if k in x), float("nan")) for x in w])
         if self.first_reward is not None:
             out["first_step_reward"] = self.first_reward
         return out
@@ -82,6 +102,60 @@ class WindowReporter:
         metrics = self.metrics()
         self.window, self.last_reported = [], step
         self.report(step, metrics)
+
+
+class EffectiveRecord:
+    """The configuration a trial's trainers really ran with (issue: "the config that really ran").
+
+    Each trainer's TRL config is read after Unsloth's patched classes and TRL's ``__post_init__``
+    had their say: by the spec field it came from (reported as ``effective/<field>``, so
+    ``trials.json`` and the report show it beside the sampled ``config``), in full in each
+    checkpoint's ``effective_config.json``, and every value changed from what the trial passed
+    (``changed_by_backend``). A change to a value the search sampled ends the trial instead
+    (common.refuse_sampled_changes): the search must never be told a result for a
+    configuration that did not run.
+    """
+
+    def __init__(self, sampled: set[str], backend: str) -> None:
+        self.sampled, self.backend = sampled, backend
+        self.ran: dict[str, Any] = {}
+        self.changes: dict[tuple[str, str], str] = {}  # (stage, TRL argument) -> description
+        self.full: dict[str, dict[str, Any]] = {}
+
+    def record(self, stage: str, args: Any, ran: dict[str, Any], changes: list[Any]) -> None:
+        from grpo_ray.trial.common import trl_args_dict
+
+        self.ran |= ran
+        self.full[stage] = trl_args_dict(args)
+        for c in changes:
+            self.changes[(stage, c.argument)] = f"{stage} {c.describe()}"
+
+    def check(self, stage: str, requested: dict[str, Any], args: Any, table: dict[str, str | None]
+              ) -> dict[str, Any]:
+        """Before training: record ``args`` (a TRL config just built) and refuse a sampled value changed.
+        Returns ``requested``, for the trainer's own check (:meth:`callback`)."""
+        from grpo_ray.trial.common import effective_settings, refuse_sampled_changes
+
+        ran, changes = effective_settings(args, requested, table)
+        self.record(stage, args, ran, changes)
+        refuse_sampled_changes(changes, self.sampled, self.backend, stage)
+        return requested
+
+    def callback(self, stage: str, requested: dict[str, Any], table: dict[str, str | None]) -> Any:
+        from grpo_ray.trial.common import EffectiveConfig
+
+        return EffectiveConfig(stage, requested, table, self.sampled, self.backend, self.record)
+
+    def metrics(self) -> dict[str, Any]:
+        # Lists (the reward weights) stay in the file: a metric is a number or a string.
+        out: dict[str, Any] = {f"effective/{k}": v for k, v in self.ran.items() if not isinstance(v, list)}
+        if self.changes:
+            out["changed_by_backend"] = "; ".join(self.changes.values())
+        return out
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps({"by_field": self.ran, "changed_by_backend": list(self.changes.values()),
+                                    "trl": self.full}, indent=1, default=str))
 
 
 def grpo_rows(data: Datasets, tokenizer: Any, spec: SweepSpec) -> list[dict[str, Any]]:
@@ -116,21 +190,24 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, report=None,
     """
     trial_spec = apply_overrides(spec, config)
     from grpo_ray.trial import warm
+    from grpo_ray.trial.common import SettingChangedError
     from grpo_ray.trial.guard import TrialHungError, Watchdog
 
     watchdog = Watchdog(trial_spec.trial.step_timeout_s, write_cause=record_fault)
     try:
         with watchdog:
-            return _run(trial_spec, spec, report or _tune_report, watchdog, resume_from, context)
+            return _run(trial_spec, spec, set(config), report or _tune_report, watchdog, resume_from, context)
     except TrialHungError:
         warm.release()
         raise TrialHungError(watchdog.cause) from None
+    except SettingChangedError:  # refused before any step of the trainer: the model is as it was
+        raise
     except Exception:  # not SystemExit: Tune ends a stopped trial's thread with it, the model is fine
         warm.release()  # a failed trial may leave the model in any state: the next one loads afresh
         raise
 
 
-def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: Path | None,
+def _run(trial_spec: SweepSpec, spec: SweepSpec, sampled: set[str], report, watchdog, resume_from: Path | None,
          context: dict[str, Any] | None) -> dict[str, float]:
     from grpo_ray.models import resolve_model
     from grpo_ray.trial import warm
@@ -147,7 +224,7 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
         torch.set_num_threads(max(1, int(trial_spec.resources.cpu)))
     from grpo_ray.evaluate import evaluate
     from grpo_ray.rewards import resolve_rewards
-    from grpo_ray.trial.common import FirstStep, LoopStart, StepReporter, lora_norm
+    from grpo_ray.trial.common import GRPO_ARGS, SFT_ARGS, FirstStep, LoopStart, StepReporter, lora_norm
     from grpo_ray.trial.guard import TrialGuard
 
     watchdog.beat("loading the model")
@@ -182,6 +259,13 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
         watchdog.beat("a held-out evaluation")
         return ev
 
+    # The configuration that really runs: refused now, before any step, if the backend would
+    # change a sampled value; recorded again by each trainer as its loop starts.
+    effective = EffectiveRecord(sampled, backend.name)
+    run_sft = trial_spec.sft.enabled and bool(data.sft)
+    sft_kwargs = effective.check("SFT", *backend.sft_args(trial_spec), SFT_ARGS) if run_sft else {}
+    grpo_kwargs = effective.check("GRPO", *backend.grpo_args(trial_spec, weights), GRPO_ARGS)
+
     state = _read_state(resume_from)
     first_step = int(state["step"]) if state else 0
     if state:  # a retry: SFT and the first GRPO steps are in the checkpoint's LoRA
@@ -191,17 +275,18 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
     else:
         if trial_spec.data.eval.before_sft:
             ev = held_out()
-            fixed |= {"base_eval_accuracy": ev.accuracy, "base_format_rate": ev.format_rate}
-        if trial_spec.sft.enabled and data.sft:
+            fixed |= ev.accuracy_metrics("base_eval_accuracy") | {"base_format_rate": ev.format_rate}
+        if run_sft:
             t_sft, sft_loop, sft_clock = time.time(), LoopStart(), CompileClock()
             msgs = [template.sft_messages(e.question, e.reasoning or "", e.answer, fmt) for e in data.sft]
-            fixed |= backend.sft(msgs, trial_spec, [TrialGuard(watchdog, trial_spec, "SFT"), busy, sft_loop])
+            fixed |= backend.sft(msgs, trial_spec, [TrialGuard(watchdog, trial_spec, "SFT"), busy, sft_loop,
+                                                    effective.callback("SFT", sft_kwargs, SFT_ARGS)])
             fixed["sft_seconds"] = time.time() - t_sft
             fixed["sft_setup_s"] = (sft_loop.at or t_sft) - t_sft
             fixed["sft_compile_s"] = sft_clock.since()[1]
             fixed["sft_lora_norm"] = lora_norm(backend.model)
         ev = held_out()
-        fixed |= {"sft_eval_accuracy": ev.accuracy, "sft_format_rate": ev.format_rate}
+        fixed |= ev.accuracy_metrics("sft_eval_accuracy") | {"sft_format_rate": ev.format_rate}
 
     last: dict[str, float] = {}
 
@@ -216,8 +301,9 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
             "compiled_graphs": float(graphs),
             "compile_s": compile_s,
             "step": step,
-            "eval_accuracy": ev.accuracy,
+            **ev.accuracy_metrics("eval_accuracy"),
             "eval_format_rate": ev.format_rate,
+            **effective.metrics(),
             "elapsed_s": time.time() - t0,
             "reported_at": time.time(),  # the trial's last report is its end (bench and report: utilization)
         }
@@ -226,13 +312,13 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
         with tempfile.TemporaryDirectory(prefix="grpo-ray-ckpt-") as d:
             backend.save_adapter(Path(d))
             Path(d, STATE_FILE).write_text(json.dumps({"step": step, "fixed": fixed}))
+            effective.write(Path(d, EFFECTIVE_FILE))
             report(metrics, d)
         last.clear()
         last.update(metrics)
 
     reporter = WindowReporter(trial_spec, base_weights, func_names, report_window, first_step)
     grpo_loop = LoopStart()
-    callbacks = [TrialGuard(watchdog, trial_spec, "GRPO"), StepReporter(reporter.on_step), busy, grpo_loop]
     grpo_spec = trial_spec
     if first_step:
         if first_step >= trial_spec.grpo.max_steps:  # it died after its last report: nothing left to do
@@ -241,10 +327,13 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, report, watchdog, resume_from: 
         # other than the first attempt's (the same seed would replay its first prompts).
         grpo_spec = apply_overrides(trial_spec, {"grpo.max_steps": trial_spec.grpo.max_steps - first_step,
                                                  "grpo.seed": trial_spec.grpo.seed + first_step})
+        grpo_kwargs = backend.grpo_args(grpo_spec, weights)[0]
     eval_before_grpo = phases["eval_seconds"]
     rows_key = ("grpo_rows", *data_key, model_dir, trial_spec.format.model_dump_json(), trial_spec.model.add_bos,
                 trial_spec.grpo.max_prompt_length)
     rows = warm.shared(rows_key, lambda: grpo_rows(data, backend.tokenizer, grpo_spec), trial_spec)
+    callbacks = [TrialGuard(watchdog, trial_spec, "GRPO"), StepReporter(reporter.on_step), busy, grpo_loop,
+                 effective.callback("GRPO", grpo_kwargs, GRPO_ARGS)]
     t_grpo = time.time()
     backend.grpo(rows, funcs, weights, grpo_spec, callbacks)
     reporter.flush(reporter.step)  # a run that ended before max_steps reports its last window too

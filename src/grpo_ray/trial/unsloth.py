@@ -104,9 +104,25 @@ class UnslothBackend:
         seed_adapter_init(spec)
         self.tokenizer = prepare_tokenizer(self.tokenizer, spec)
 
+    def sft_args(self, spec: SweepSpec) -> tuple[dict[str, Any], Any]:
+        from trl import SFTConfig  # Unsloth's patched class: it rewrites some arguments as it is built
+
+        # dataset_num_proc=1 is Unsloth's "tokenize in-process": left unset it forks a pool of
+        # workers sized to the host's cores for a few hundred short texts, every trial.
+        kwargs = sft_config_kwargs(spec)
+        return kwargs, SFTConfig(output_dir=str(self._workdir / "sft"), dataset_text_field="text",
+                                 dataset_num_proc=1, **kwargs)
+
+    def grpo_args(self, spec: SweepSpec, reward_weights: list[float]) -> tuple[dict[str, Any], Any]:
+        from trl import GRPOConfig  # Unsloth's patched class: it rewrites some arguments as it is built
+
+        kwargs = grpo_config_kwargs(spec, reward_weights)
+        return kwargs, GRPOConfig(output_dir=str(self._workdir / "grpo"),
+                                  vllm_sampling_params=self._sampling_params(spec), **kwargs)
+
     def sft(self, messages: list[list[dict[str, str]]], spec: SweepSpec, callbacks: list[Any]) -> dict[str, float]:
         from datasets import Dataset
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTTrainer
 
         texts = [self.tokenizer.apply_chat_template(m, tokenize=False) for m in messages]
         # SFTTrainer tokenizes plain text *with* special tokens: where the tokenizer adds BOS
@@ -114,10 +130,7 @@ class UnslothBackend:
         bos = self.tokenizer.bos_token
         if bos and self.tokenizer("x")["input_ids"][:1] == [self.tokenizer.bos_token_id]:
             texts = [t.removeprefix(bos) for t in texts]
-        # dataset_num_proc=1 is Unsloth's "tokenize in-process": left unset it forks a pool of
-        # workers sized to the host's cores for a few hundred short texts, every trial.
-        args = SFTConfig(output_dir=str(self._workdir / "sft"), dataset_text_field="text", dataset_num_proc=1,
-                         **sft_config_kwargs(spec))
+        _, args = self.sft_args(spec)
         trainer = SFTTrainer(
             model=self.model,
             processing_class=self.tokenizer,
@@ -147,13 +160,9 @@ class UnslothBackend:
         callbacks: list[Any],
     ) -> None:
         from datasets import Dataset
-        from trl import GRPOConfig, GRPOTrainer
+        from trl import GRPOTrainer
 
-        args = GRPOConfig(
-            output_dir=str(self._workdir / "grpo"),
-            vllm_sampling_params=self._sampling_params(spec),
-            **grpo_config_kwargs(spec, reward_weights),
-        )
+        _, args = self.grpo_args(spec, reward_weights)
         trainer = GRPOTrainer(
             model=self.model,
             processing_class=self.tokenizer,
