@@ -42,7 +42,7 @@ RERUN_SEEDS = [44, 55, 66]  # fresh: no trial of the sweep or the tutorial ran w
 
 # What a practitioner would search on this recipe. The tutorial's values lie inside (so the
 # sweep's first trial is the tutorial, seed 3407); the ranges are the ones GRPO-on-LoRA
-# practice uses, wider than the tutorial's 5e-6 for a 60-step run.
+# practice uses, wider than the tutorial's 5e-6 for a 40-step run.
 SPACE: dict[str, Any] = {
     "grpo.loss_type": {"choice": ["dapo", "grpo", "dr_grpo", "bnpo"]},
     "grpo.learning_rate": {"loguniform": [2.0e-6, 1.0e-4]},
@@ -104,12 +104,11 @@ def make_specs(out: Path, cpu: bool, gguf: str | None, sweep_trials: int) -> Non
     sweep = copy.deepcopy(base)
     sweep["name"] = "quality-sweep"
     sweep["data"]["eval"]["source"]["source"] = str(REPO / "bench" / "data" / "heldout_val.jsonl")
-    steps = sweep["grpo"]["max_steps"]
     sweep["search"] |= {
         "sampler": "tpe", "num_samples": sweep_trials, "max_concurrent_trials": 4, "startup_trials": 4,
         "space": SPACE if not cpu else {k: v for k, v in SPACE.items() if k != "sft.max_steps"},
-        # Stop a trial whose held-out accuracy is in the lower half at a third of its steps.
-        "early_stopping": {"metric": "eval_accuracy", "mode": "max", "grace_period": steps // 3,
+        # Stop a trial whose held-out accuracy is in the lower half at its first report.
+        "early_stopping": {"metric": "eval_accuracy", "mode": "max", "grace_period": sweep["grpo"]["report_every"],
                            "reduction_factor": 2},
     }
     for name, spec in (("tutorial", tutorial), ("sweep", sweep)):
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("specs", help="write tutorial.yaml and sweep.yaml")
-    s.add_argument("--sweep-trials", type=int, default=8)
+    s.add_argument("--sweep-trials", type=int, default=6)
     r = sub.add_parser("rerun", help="write rerun.yaml from the sweep's best.json")
     r.add_argument("--sweep-run", type=Path, required=True)
     for p in (s, r):

@@ -6,7 +6,7 @@
 # One Ray cluster on the machine; the tutorial's 3 seeds and the sweep run side by side on it (each
 # trial a quarter of the GPU), then the sweep's winner on 3 fresh seeds, then the summary.
 # CPU=1 runs the same pipeline on the tiny model here (the plumbing; nothing is learned).
-# SWEEP_TRIALS (default 8) sizes the sweep.
+# SWEEP_TRIALS (default 6) sizes the sweep.
 set -u
 cd "$(dirname "$0")/.."
 Q=${Q:-/tmp/q}
@@ -18,7 +18,7 @@ CPUFLAG=""; [ "${CPU:-0}" = 1 ] && CPUFLAG="--cpu"
 if [ -z "$CPUFLAG" ]; then
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 5 > $Q/smi.csv 2>&1 &
 fi
-python3 bench/quality.py specs --out $Q $CPUFLAG --sweep-trials ${SWEEP_TRIALS:-8} || exit 1
+python3 bench/quality.py specs --out $Q $CPUFLAG --sweep-trials ${SWEEP_TRIALS:-6} || exit 1
 STORE=$(python3 -c "import yaml,sys; print(yaml.safe_load(open('$Q/sweep.yaml'))['storage'])")
 rm -rf "$STORE"
 # One cluster for both drivers, so the tutorial's trials and the sweep's share the GPU's slots.
