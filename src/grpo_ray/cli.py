@@ -1,19 +1,20 @@
 """grpo-ray: sweep SFT + GRPO recipes with Ray Tune and Optuna; export the best trial.
 
 Commands: validate, sweep, status, report, export, pull. User errors (bad spec, bad data, missing model,
-unsupported export) print one line naming the file, line and field, and exit with code 2.
+unsupported export, a wrong path, a run another sweep holds) print one line naming the file, line and
+field, and exit with code 2. An interrupted sweep (Ctrl-C, SIGTERM) exits 130 (143 for SIGTERM) and
+prints the command that resumes it.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 
-from grpo_ray.spec import SpecError, dump_spec, load_spec
+from grpo_ray.spec import SpecError, dump_spec, load_spec_lines
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
@@ -25,10 +26,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from grpo_ray.data import DataError
     from grpo_ray.models import ModelError
     from grpo_ray.rewards import RewardError
+    from grpo_ray.run_lock import RunLockedError
     from grpo_ray.sweep import SweepError
     from grpo_ray.trial.base import BackendError
 
-    errors: list[type[BaseException]] = [SpecError, DataError, ModelError, RewardError, BackendError, SweepError]
+    errors: list[type[BaseException]] = [SpecError, DataError, ModelError, RewardError, BackendError, SweepError,
+                                         RunLockedError]
     try:
         from grpo_ray.export import ExportError
 
@@ -38,16 +41,38 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _fail(e: BaseException) -> None:
+def _fail(e: BaseException | str) -> None:
     err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
+def _run_path(run: str) -> str:
+    """``run`` normalized; a local path that is missing or not a directory fails in one line."""
+    from grpo_ray import storage as st
+
+    path = st.normalize(run)
+    if not st.is_uri(path):
+        p = Path(path)
+        if not p.exists():
+            _fail(f"{run}: no such directory (expected a sweep's directory: <storage>/<name>)")
+        if not p.is_dir():
+            _fail(f"{run}: not a directory (expected a sweep's directory: <storage>/<name>)")
+    return path
+
+
 @app.command()
 def validate(spec: Path = typer.Argument(..., help="The sweep spec (YAML).")) -> None:
-    """Print the resolved spec (defaults filled in), or what is wrong with it."""
+    """Print the resolved spec (defaults filled in), or what is wrong with it.
+
+    Besides the spec's own fields it checks what a sweep would otherwise fail on later, without a
+    GPU or the network: every value of each search domain, the rewards, local data files (rows left
+    after the filters) and the model path. Hub names are checked for their shape only.
+    """
+    from grpo_ray.sweep import preflight
+
     try:
-        resolved = load_spec(spec)
+        resolved, lines = load_spec_lines(spec)
+        preflight(resolved, lines)
     except SpecError as e:
         _fail(e)
     out.print(dump_spec(resolved), highlight=False, markup=False, end="")
@@ -102,27 +127,47 @@ def sweep(
         help="Results root: a directory or URI (overrides spec.storage)."),
     resume: bool = typer.Option(False, help="Resume an interrupted sweep of the same name from its storage."),
 ) -> None:
-    """Run the sweep (Ray Tune + Optuna), pick the best trial and export it."""
+    """Run the sweep (Ray Tune + Optuna), pick the best trial and export it.
+
+    Ctrl-C or SIGTERM stops the trials, keeps every finished trial and checkpoint, exports nothing
+    and prints the command that resumes; a second Ctrl-C stops at once.
+    """
     try:
-        resolved = load_spec(spec)
+        resolved, lines = load_spec_lines(spec)
     except SpecError as e:
         _fail(e)
+    from grpo_ray.search import SweepInterrupted
     from grpo_ray.sweep import run_sweep
+
+    from grpo_ray.workdirs import shutdown_and_clean
 
     display = _Display(resolved.search.num_samples)
     try:
         with display.progress:
             outcome = run_sweep(
                 resolved, storage, resume=resume, on_event=display.on_event,
-                progress=lambda msg: display.progress.console.print(f"[magenta]export:[/] {msg}"),
+                progress=lambda msg: display.progress.console.print(f"[magenta]export:[/] {msg}"), lines=lines,
             )
     except _user_errors() as e:
+        shutdown_and_clean()
         _fail(e)
+    except SweepInterrupted as e:
+        shutdown_and_clean()  # the trials' temporary directories go; their checkpoints are in the run
+        resume_cmd = f"grpo-ray sweep {spec}" + (f" --storage {storage}" if storage else "") + " --resume"
+        err.print(f"[bold yellow]interrupted[/] ({e.signal_name}): {e.finished} trial(s) finished and every "
+                  f"checkpoint are kept in {e.run_dir}; nothing was exported. Resume with: {resume_cmd}",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(code=e.exit_code) from None
+    shutdown_and_clean()
     from grpo_ray.utilization import summary_line
 
     out.print(summary_line(outcome.utilization), highlight=False)
     best = outcome.best_json or {}
-    out.print(f"[bold green]best trial[/] {best.get('trial_id')}: " + json.dumps(best.get("metrics", {}).get("eval_accuracy")))
+    metrics = best.get("metrics", {})
+    # The objectives the winner was chosen on, then eval_accuracy (the rule's tie-break): named, not bare numbers.
+    names = list(dict.fromkeys([o.metric for o in resolved.search.objectives] + ["eval_accuracy"]))
+    shown = ", ".join(f"{m} {_fmt(metrics.get(m))}" for m in names)
+    out.print(f"[bold green]best trial[/] {best.get('trial_id')}: {shown}", highlight=False)
     out.print(f"results: {outcome.run_dir}/best/ (best.json, lora/, merged16/, *.gguf)", highlight=False)
 
 
@@ -136,13 +181,12 @@ def status(
 
     from rich.live import Live
 
-    from grpo_ray import storage as st
     from grpo_ray.report import read_status, status_table
 
-    run = st.normalize(run)
+    run = _run_path(run)
     try:
         table = status_table(read_status(run))
-    except FileNotFoundError as e:
+    except (OSError, ValueError) as e:  # no snapshot yet, or an unreadable one
         _fail(e)
     if watch <= 0:
         out.print(table)
@@ -164,7 +208,7 @@ def report(
     from grpo_ray.html_report import write_report
 
     try:
-        dest = write_report(st.normalize(run), str(output.resolve()) if output else None)
+        dest = write_report(_run_path(run), str(output.resolve()) if output else None)
     except FileNotFoundError as e:
         _fail(e)
     except SpecError as e:  # a damaged spec.resolved.yaml
@@ -184,7 +228,7 @@ def export(
     from grpo_ray.sweep import export_run
 
     try:
-        info = export_run(st.normalize(run), trial, progress=lambda msg: err.print(f"[magenta]export:[/] {msg}"),
+        info = export_run(_run_path(run), trial, progress=lambda msg: err.print(f"[magenta]export:[/] {msg}"),
                           gguf=[t.strip() for t in gguf.split(",") if t.strip()] if gguf else None)
     except _user_errors() as e:
         _fail(e)
@@ -195,14 +239,36 @@ def export(
 def pull(
     run: str = typer.Argument(..., help="A sweep's directory or URI: <storage>/<name>."),
     dest: Path = typer.Argument(..., help="Local directory to copy the exported best trial into."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty destination whole."),
 ) -> None:
     """Copy <run>/best (best.json, GGUF, merged model, adapter) to a local directory."""
+    import shutil
+    import tempfile
+
     from grpo_ray import storage as st
 
-    src = st.join(st.normalize(run), "best")
+    src = st.join(_run_path(run), "best")
     if not st.exists(st.join(src, "best.json")):
-        _fail(FileNotFoundError(f"{src}: no best.json (the sweep or its export has not finished)"))
-    st.copy_dir(src, str(dest.resolve()))
+        _fail(f"{src}: no best.json (the sweep or its export has not finished)")
+    target = dest.expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        _fail(f"{dest}: exists and is not a directory; give a directory to pull into")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        # Merging would leave the files of an older export (other GGUF types) beside this best.json.
+        _fail(f"{dest}: not empty; pass --force to replace it whole, or pull into a new directory")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Copied beside the target first, then swapped in: an interrupted pull leaves the old one whole.
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.pull-", dir=target.parent))
+    except OSError as e:
+        _fail(f"{dest}: cannot create the destination ({e.strerror or e})")
+    try:
+        st.copy_dir(src, str(staging))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     out.print(f"pulled {src} -> {dest}", highlight=False)
 
 
