@@ -204,7 +204,6 @@ def report(
     = None,
 ) -> None:
     """An HTML page of a sweep: curves per trial, Pareto front, importances, best configuration, failures."""
-    from grpo_ray import storage as st
     from grpo_ray.html_report import write_report
 
     try:

@@ -15,6 +15,7 @@ nothing half-trained is selected or exported. A second one stops at once.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -49,6 +50,13 @@ class SweepInterrupted(Exception):
         return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
+def _no_tune_resume_hint(record: logging.LogRecord) -> bool:
+    """Drop Tune's own stop and resume lines ("Resume experiment with: Tuner.restore(...)"): the
+    CLI prints the grpo-ray command that resumes, and a Python call would only mislead."""
+    msg = record.getMessage()
+    return "Tuner.restore" not in msg and "Stop signal received" not in msg
+
+
 class _StopOnSignal:
     """SIGINT and SIGTERM while Tune runs: the first ends the run gracefully, a second at once.
 
@@ -67,11 +75,13 @@ class _StopOnSignal:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
+        logging.getLogger("ray.tune.tune").addFilter(_no_tune_resume_hint)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        logging.getLogger("ray.tune.tune").removeFilter(_no_tune_resume_hint)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received.append(signum)

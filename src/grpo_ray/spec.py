@@ -13,7 +13,6 @@ This module must not import torch, ray or trl: ``grpo-ray validate`` answers in 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal, Union
 
