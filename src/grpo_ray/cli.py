@@ -114,6 +114,24 @@ class _Display:
                 self.progress.console.print(f"[red]{tid} failed[/] (log: {data.get('error')})")
 
 
+class _Interrupt(KeyboardInterrupt):
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.signum = signum
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise _Interrupt(signum)
+
+
+def _quietly(cleanup: Any) -> None:
+    """Run ``cleanup``; a further Ctrl-C cuts it short instead of printing a traceback."""
+    try:
+        cleanup()
+    except KeyboardInterrupt:
+        pass
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -136,29 +154,40 @@ def sweep(
         resolved, lines = load_spec_lines(spec)
     except SpecError as e:
         _fail(e)
+    import signal
+
     from grpo_ray.search import SweepInterrupted
     from grpo_ray.sweep import run_sweep
-
     from grpo_ray.workdirs import shutdown_and_clean
 
+    resume_cmd = f"grpo-ray sweep {spec}" + (f" --storage {storage}" if storage else "") + " --resume"
     display = _Display(resolved.search.num_samples)
+    # Outside the search (start-up, export) SIGTERM ends the command as Ctrl-C does: through the
+    # `finally`s, so the run's lock is released and the export's staging directory removed.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        with display.progress:
-            outcome = run_sweep(
-                resolved, storage, resume=resume, on_event=display.on_event,
-                progress=lambda msg: display.progress.console.print(f"[magenta]export:[/] {msg}"), lines=lines,
-            )
+        try:
+            with display.progress:
+                outcome = run_sweep(
+                    resolved, storage, resume=resume, on_event=display.on_event,
+                    progress=lambda msg: display.progress.console.print(f"[magenta]export:[/] {msg}"), lines=lines,
+                )
+        finally:
+            _quietly(shutdown_and_clean)  # the trials' temporary directories go; checkpoints are in the run
     except _user_errors() as e:
-        shutdown_and_clean()
         _fail(e)
     except SweepInterrupted as e:
-        shutdown_and_clean()  # the trials' temporary directories go; their checkpoints are in the run
-        resume_cmd = f"grpo-ray sweep {spec}" + (f" --storage {storage}" if storage else "") + " --resume"
-        err.print(f"[bold yellow]interrupted[/] ({e.signal_name}): {e.finished} trial(s) finished and every "
-                  f"checkpoint are kept in {e.run_dir}; nothing was exported. Resume with: {resume_cmd}",
+        err.print(f"[bold yellow]interrupted[/] ({e.signal_name}): {e.finished} finished trial(s) and every "
+                  f"checkpoint kept in {e.run_dir}; nothing exported, no best.json. Resume with: {resume_cmd}",
                   highlight=False, soft_wrap=True)
         raise typer.Exit(code=e.exit_code) from None
-    shutdown_and_clean()
+    except KeyboardInterrupt as e:  # before the search started, or during the export
+        signum = getattr(e, "signum", signal.SIGINT)
+        err.print(f"[bold yellow]interrupted[/] ({signal.Signals(signum).name}): nothing exported, no best.json. "
+                  f"Resume with: {resume_cmd}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=128 + signum) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     from grpo_ray.utilization import summary_line
 
     out.print(summary_line(outcome.utilization), highlight=False)
