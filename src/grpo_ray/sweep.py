@@ -271,12 +271,16 @@ def export_run(run_dir: str, trial_id: str | None = None,
         spec = apply_overrides(spec, {f"export.{k}": v for k, v in changes.items()})
     except SpecError as e:
         raise SweepError(f"--gguf: {e.message}") from None
-    # best.json means "this export finished": it must not describe files being replaced. The
-    # whole directory goes, so files of the previous export (another trial, other GGUF types)
-    # cannot pass as this one's.
-    storage.remove_dir(storage.join(run_dir, "best"))
-    info = export_best(spec, run_dir, trials, best, progress)
-    storage.write_text(storage.join(run_dir, "best", "best.json"), json.dumps(info, indent=2, default=str))
+    from grpo_ray import run_lock
+
+    # Not while a sweep of the run is going: it writes best/ itself when it ends.
+    with run_lock.acquire(run_dir, resume=True, command=" ".join(sys.argv)):
+        # best.json means "this export finished": it must not describe files being replaced. The
+        # whole directory goes, so files of the previous export (another trial, other GGUF types)
+        # cannot pass as this one's.
+        storage.remove_dir(storage.join(run_dir, "best"))
+        info = export_best(spec, run_dir, trials, best, progress)
+        storage.write_text(storage.join(run_dir, "best", "best.json"), json.dumps(info, indent=2, default=str))
     return info
 
 
