@@ -77,3 +77,29 @@ def test_a_lock_taken_over_is_never_released_by_its_former_holder(tmp_path):
     _write(run, token="newer", pid=_dead_pid())  # what a take-over leaves
     lock.release()
     assert json.loads((run / LOCK_FILE).read_text())["token"] == "newer"
+
+
+def test_the_lock_on_object_storage(tmp_path, monkeypatch):
+    """The same rules on an S3 API (moto's server on localhost): no atomic create there, the
+    lock is written and read back."""
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="grpo")
+        from grpo_ray import storage
+
+        run = f"s3://grpo/runs/r?endpoint_override={host}:{port}&scheme=http"
+        lock = run_lock.acquire(run, resume=False)
+        assert json.loads(storage.read_text(storage.join(run, LOCK_FILE)))["pid"] == lock.info.pid
+        assert run_lock.driver_alive(run)
+        with pytest.raises(RunLockedError, match="held by another sweep"):
+            run_lock.acquire(run, resume=True)
+        lock.release()
+        assert not storage.exists(storage.join(run, LOCK_FILE)) and not run_lock.driver_alive(run)
+    finally:
+        server.stop()
