@@ -73,7 +73,7 @@ def validate(spec: Path = typer.Argument(..., help="The sweep spec (YAML).")) ->
     try:
         resolved, lines = load_spec_lines(spec)
         preflight(resolved, lines)
-    except SpecError as e:
+    except _user_errors() as e:
         _fail(e)
     out.print(dump_spec(resolved), highlight=False, markup=False, end="")
 

@@ -302,7 +302,8 @@ def preflight(spec: SweepSpec, lines: SpecLines | None = None) -> None:
     rewards, data files with rows left after the filters, the previous runs of ``search.warm_start``.
 
     Inside a trial these would only surface as N identical trial failures after start-up. Each
-    error is a :class:`SpecError` naming the spec field (and its line when ``lines`` is given).
+    error is a :class:`SpecError` naming the spec field (and its line when ``lines`` is given),
+    or a :class:`SweepError` naming ``search.warm_start`` and the run.
     Nothing here needs a GPU or the network: hub names are checked for their shape only.
     """
     from grpo_ray.data import DataError, load_datasets, load_rows, to_examples
@@ -355,10 +356,7 @@ def preflight(spec: SweepSpec, lines: SpecLines | None = None) -> None:
             field = ("data.eval.size" if "data.eval.size" in msg
                      else "data.sft.columns.reasoning" if "reasoning" in msg else "data")
             raise fail(field, e) from None
-    try:
-        load_warm_start(spec)  # the searcher reads them again when Tune starts; here only a missing run fails
-    except SweepError as e:
-        raise fail("search.warm_start", str(e).removeprefix("search.warm_start: ")) from None
+    load_warm_start(spec)  # a SweepError naming search.warm_start; the searcher reads them again when Tune starts
 
 
 def run_sweep(spec: SweepSpec, storage_root: str | None = None, resume: bool = False,
