@@ -82,10 +82,11 @@ def trial_cause(run_dir: str, logdir: str | None) -> str | None:
 
 
 def trial_log(run_dir: str, logdir: str | None) -> str | None:
-    """Where a failed trial's whole story is: its fault.txt, else Tune's error.txt (full traceback)."""
+    """Where a failed trial's whole story is: Tune's error.txt (every attempt's traceback), else the
+    fault.txt of a trial that had to end its own process."""
     if not logdir:
         return None
-    for name in (FAULT_FILE, "error.txt"):
+    for name in ("error.txt", FAULT_FILE):
         path = storage.join(run_dir, logdir, name)
         if storage.exists(path):
             return path
