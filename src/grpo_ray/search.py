@@ -87,7 +87,7 @@ class _StopOnSignal:
         self.received.append(signum)
         if len(self.received) > 1:
             # Everything finished so far is on storage (trial checkpoints, Tune's last snapshot).
-            print(f"\n{signal.Signals(signum).name} again: stopping at once", file=sys.stderr, flush=True)
+            print(f"\na second signal ({signal.Signals(signum).name}): stopping at once", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
         print(f"\n{signal.Signals(signum).name} received: stopping the trials and saving the sweep's state "
               "(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
