@@ -95,6 +95,9 @@ def test_careless_spec_files_get_one_line(tmp_path):
         f.write("a" * 50_000_000)
     line = _refused("validate", str(big))
     assert "over the limit of 1,000,000 bytes" in line
+    control = tmp_path / "bell.yaml"
+    control.write_text("name: x\ngrpo: \x07\n")
+    assert "bell.yaml:2: invalid YAML: special characters are not allowed (#x0007)" in _refused("validate", str(control))
     assert "is a directory" in _refused("validate", str(tmp_path))
     assert "cannot read spec file" in _refused("sweep", str(tmp_path / "missing.yaml"))
     assert "not UTF-8" in _refused("sweep", str(binary), "--storage", str(tmp_path / "runs"))

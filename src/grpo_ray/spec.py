@@ -583,15 +583,19 @@ def parse_spec(text: str, file: str = "<spec>") -> SweepSpec:
 
 def parse_spec_lines(text: str, file: str = "<spec>") -> tuple[SweepSpec, SpecLines]:
     """:func:`parse_spec`, and where each field stands in ``text``."""
-    loader = _LineLoader(text)
+    try:
+        loader = _LineLoader(text)  # the reader refuses control characters here, before parsing
+    except yaml.reader.ReaderError as e:
+        line = text[: e.position].count("\n") + 1
+        raise SpecError(f"invalid YAML: {e.reason} (#x{ord(e.character) if isinstance(e.character, str) else e.character:04x})", file=file, line=line) from None
     try:
         doc = loader.get_single_data()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
         raise SpecError(f"invalid YAML: {e.problem or e}", file=file, line=line) from None
-    except yaml.YAMLError as e:  # e.g. a control character the reader refuses
-        raise SpecError(f"invalid YAML: {e}", file=file) from None
+    except yaml.YAMLError as e:  # e.g. a control character met while reading
+        raise SpecError(f"invalid YAML: {' '.join(str(e).split())}", file=file) from None
     finally:
         lines = mapping_lines.pop(id(loader), {})
         loader.dispose()
