@@ -125,6 +125,7 @@ class RunLock:
 
     def release(self) -> None:
         self._stop.set()
+        self._thread.join(timeout=10)  # a beat being written must not bring the file back after its removal
         current = read_lock(self.run_dir)
         if current is not None and current.token == self.info.token:
             storage.remove_file(self.path)
