@@ -241,6 +241,8 @@ def report(
         _fail(e)
     except SpecError as e:  # a damaged spec.resolved.yaml
         _fail(e)
+    except OSError as e:  # --output a directory, or somewhere not writable
+        _fail(f"{output or run}: cannot write the report ({e.strerror or e})")
     out.print(f"report: {dest}", highlight=False)
 
 
