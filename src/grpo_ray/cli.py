@@ -54,9 +54,9 @@ def _run_path(run: str) -> str:
     if not st.is_uri(path):
         p = Path(path)
         if not p.exists():
-            _fail(f"{run}: no such directory (expected a sweep's directory: <storage>/<name>)")
+            _fail(f"{run}: no sweep here (no such directory; expected a sweep's directory: <storage>/<name>)")
         if not p.is_dir():
-            _fail(f"{run}: not a directory (expected a sweep's directory: <storage>/<name>)")
+            _fail(f"{run}: no sweep here (not a directory; expected a sweep's directory: <storage>/<name>)")
     return path
 
 
