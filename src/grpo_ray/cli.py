@@ -160,7 +160,10 @@ def sweep(
     from grpo_ray.sweep import run_sweep
     from grpo_ray.workdirs import shutdown_and_clean
 
-    resume_cmd = f"grpo-ray sweep {spec}" + (f" --storage {storage}" if storage else "") + " --resume"
+    import shlex
+
+    resume_cmd = (f"grpo-ray sweep {shlex.quote(str(spec))}" + (f" --storage {shlex.quote(storage)}" if storage else "")
+                  + " --resume")
     display = _Display(resolved.search.num_samples)
     # Outside the search (start-up, export) SIGTERM ends the command as Ctrl-C does: through the
     # `finally`s, so the run's lock is released and the export's staging directory removed.
