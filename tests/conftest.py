@@ -84,16 +84,25 @@ def asha_run(tmp_path_factory: pytest.TempPathFactory):
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """The fault-injection suite's one line (tests/test_faults.py), when it ran."""
+    """The fault-injection suite's one line (tests/test_faults.py, with the interrupted and concurrent
+    sweeps of tests/test_interrupt.py), when it ran."""
     import sys
 
-    faults = sys.modules.get("test_faults")
-    s = getattr(faults, "SUMMARY", None)
+    s: dict = {}
+    lost = []
+    for name in ("test_faults", "test_interrupt"):
+        part = getattr(sys.modules.get(name), "SUMMARY", None) or {}
+        if "lost" in part:
+            lost.append(part["lost"])
+        s |= {k: v for k, v in part.items() if k != "lost"}
     if s:
         terminalreporter.write_line(
             f"fault injection: faults injected {s.get('injected', 0)} in {s.get('finished_sweeps', 0)} finished "
             f"sweep(s); trials ended with their cause {s.get('trials_with_cause', 0)}, retried and recovered "
-            f"{s.get('recovered', 0)}, results lost {s.get('lost', 'n/a')}, secrets leaked "
-            f"{s.get('secrets_leaked', 'n/a')}, unwritable storage refused before any trial "
-            f"{s.get('storage_faults', 0)}"
+            f"{s.get('recovered', 0)}, configuration errors failed without a retry {s.get('config_not_retried', 0)}, "
+            f"secrets leaked {s.get('secrets_leaked', 'n/a')}, unwritable storage refused before any trial "
+            f"{s.get('storage_faults', 0)}, interrupts (SIGINT, SIGTERM + a second signal) that exported nothing "
+            f"{s.get('interrupts', 0)}, second drivers of a running sweep refused {s.get('second_drivers', 0)}, "
+            f"resumes without a configuration run twice {s.get('clean_resumes', 0)}, "
+            f"results lost {sum(lost) if lost else 'n/a'}"
         )

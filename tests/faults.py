@@ -38,7 +38,14 @@ def oom(prompts=None, completions=None, **kw):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
 
 
-_FAULTS = {"boom": boom, "inf": inf, "hang": hang, "hang_native": hang_native, "oom": oom}
+def config(prompts=None, completions=None, **kw):
+    """A configuration error: the same on every attempt (a file the trial reads is missing), so not retried."""
+    from grpo_ray.data import DataError
+
+    raise DataError("answers.jsonl: no such file (injected configuration error)")
+
+
+_FAULTS = {"boom": boom, "inf": inf, "hang": hang, "hang_native": hang_native, "oom": oom, "config": config}
 
 
 def _claim(trial_id: str) -> tuple[int, bool]:

@@ -36,6 +36,7 @@ PLAN = [
     ("oom", "raise|lower model.gpu_memory_utilization"),
     ("sigkill", None),  # retried, then finishes
     ("flaky", None),  # retried, then finishes
+    ("config", r"answers.jsonl: no such file"),  # deterministic: failed at once, not retried
 ]
 SECRETS = {"HF_TOKEN": "hf_PLANTEDsecret0123456789abcdef", "AWS_SECRET_ACCESS_KEY": "PLANTEDawsSecretKey0123456789/+abcdefgh"}
 SUMMARY: dict[str, int] = {}
@@ -90,11 +91,21 @@ def test_every_fault_ends_its_trial_with_its_cause_and_the_sweep_finishes(chaos_
             assert t["metrics"]["step"] == 2, fault
         else:
             assert t["error"] and re.search(cause, t["error"]), (fault, t["error"])
+    for t in trials.values():  # one line each, the whole story in the log it names
+        if t["error"]:
+            assert "\n" not in t["error"] and "\x1b" not in t["error"] and len(t["error"]) < 600, t["error"]
+            assert t["log"] and Path(t["log"]).is_file(), t
+    from grpo_ray.report import read_status
+
+    failures = {s.trial_id: s.failures for s in read_status(str(run_dir))}
+    config_trial = trials[[f for f, _ in PLAN].index("config")]["trial_id"]
+    assert failures[config_trial] == 1, failures  # max_failures is 1: a retry would make it 2
     best = json.loads((run_dir / "best" / "best.json").read_text())
     assert best["trial_id"] in {trials[i]["trial_id"] for i, (_, c) in enumerate(PLAN) if c is None}
     SUMMARY.update(injected=len(PLAN) - 1, finished_sweeps=int(r.returncode == 0),
                    trials_with_cause=sum(1 for i, (_, c) in enumerate(PLAN) if c and trials[i]["error"]),
                    recovered=sum(1 for i, (f, _) in enumerate(PLAN) if f in ("sigkill", "flaky") and not trials[i]["error"]),
+                   config_not_retried=int(failures[config_trial] == 1),
                    lost=len(PLAN) - len(trials))
 
 

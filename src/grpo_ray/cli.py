@@ -1,19 +1,20 @@
 """grpo-ray: sweep SFT + GRPO recipes with Ray Tune and Optuna; export the best trial.
 
 Commands: validate, sweep, status, report, export, pull. User errors (bad spec, bad data, missing model,
-unsupported export) print one line naming the file, line and field, and exit with code 2.
+unsupported export, a wrong path, a run another sweep holds) print one line naming the file, line and
+field, and exit with code 2. An interrupted sweep (Ctrl-C, SIGTERM) exits 130 (143 for SIGTERM) and
+prints the command that resumes it.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 
-from grpo_ray.spec import SpecError, dump_spec, load_spec
+from grpo_ray.spec import SpecError, dump_spec, load_spec_lines
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
@@ -25,10 +26,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from grpo_ray.data import DataError
     from grpo_ray.models import ModelError
     from grpo_ray.rewards import RewardError
+    from grpo_ray.run_lock import RunLockedError
     from grpo_ray.sweep import SweepError
     from grpo_ray.trial.base import BackendError
 
-    errors: list[type[BaseException]] = [SpecError, DataError, ModelError, RewardError, BackendError, SweepError]
+    errors: list[type[BaseException]] = [SpecError, DataError, ModelError, RewardError, BackendError, SweepError,
+                                         RunLockedError]
     try:
         from grpo_ray.export import ExportError
 
@@ -38,17 +41,39 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _fail(e: BaseException) -> None:
+def _fail(e: BaseException | str) -> None:
     err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
+def _run_path(run: str) -> str:
+    """``run`` normalized; a local path that is missing or not a directory fails in one line."""
+    from grpo_ray import storage as st
+
+    path = st.normalize(run)
+    if not st.is_uri(path):
+        p = Path(path)
+        if not p.exists():
+            _fail(f"{run}: no sweep here (no such directory; expected a sweep's directory: <storage>/<name>)")
+        if not p.is_dir():
+            _fail(f"{run}: no sweep here (not a directory; expected a sweep's directory: <storage>/<name>)")
+    return path
+
+
 @app.command()
 def validate(spec: Path = typer.Argument(..., help="The sweep spec (YAML).")) -> None:
-    """Print the resolved spec (defaults filled in), or what is wrong with it."""
+    """Print the resolved spec (defaults filled in), or what is wrong with it.
+
+    Besides the spec's own fields it checks what a sweep would otherwise fail on later, without a
+    GPU or the network: every value of each search domain, the rewards, local data files (rows left
+    after the filters) and the model path. Hub names are checked for their shape only.
+    """
+    from grpo_ray.sweep import preflight
+
     try:
-        resolved = load_spec(spec)
-    except SpecError as e:
+        resolved, lines = load_spec_lines(spec)
+        preflight(resolved, lines)
+    except _user_errors() as e:
         _fail(e)
     out.print(dump_spec(resolved), highlight=False, markup=False, end="")
 
@@ -89,6 +114,24 @@ class _Display:
                 self.progress.console.print(f"[red]{tid} failed[/] (log: {data.get('error')})")
 
 
+class _Interrupt(KeyboardInterrupt):
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.signum = signum
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise _Interrupt(signum)
+
+
+def _quietly(cleanup: Any) -> None:
+    """Run ``cleanup``; a further Ctrl-C cuts it short instead of printing a traceback."""
+    try:
+        cleanup()
+    except KeyboardInterrupt:
+        pass
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -102,27 +145,61 @@ def sweep(
         help="Results root: a directory or URI (overrides spec.storage)."),
     resume: bool = typer.Option(False, help="Resume an interrupted sweep of the same name from its storage."),
 ) -> None:
-    """Run the sweep (Ray Tune + Optuna), pick the best trial and export it."""
+    """Run the sweep (Ray Tune + Optuna), pick the best trial and export it.
+
+    Ctrl-C or SIGTERM stops the trials, keeps every finished trial and checkpoint, exports nothing
+    and prints the command that resumes; a second Ctrl-C stops at once.
+    """
     try:
-        resolved = load_spec(spec)
+        resolved, lines = load_spec_lines(spec)
     except SpecError as e:
         _fail(e)
-    from grpo_ray.sweep import run_sweep
+    import signal
 
+    from grpo_ray.search import SweepInterrupted
+    from grpo_ray.sweep import run_sweep
+    from grpo_ray.workdirs import shutdown_and_clean
+
+    import shlex
+
+    resume_cmd = (f"grpo-ray sweep {shlex.quote(str(spec))}" + (f" --storage {shlex.quote(storage)}" if storage else "")
+                  + " --resume")
     display = _Display(resolved.search.num_samples)
+    # Outside the search (start-up, export) SIGTERM ends the command as Ctrl-C does: through the
+    # `finally`s, so the run's lock is released and the export's staging directory removed.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        with display.progress:
-            outcome = run_sweep(
-                resolved, storage, resume=resume, on_event=display.on_event,
-                progress=lambda msg: display.progress.console.print(f"[magenta]export:[/] {msg}"),
-            )
+        try:
+            with display.progress:
+                outcome = run_sweep(
+                    resolved, storage, resume=resume, on_event=display.on_event,
+                    progress=lambda msg: display.progress.console.print(f"[magenta]export:[/] {msg}"), lines=lines,
+                )
+        finally:
+            _quietly(shutdown_and_clean)  # the trials' temporary directories go; checkpoints are in the run
     except _user_errors() as e:
         _fail(e)
+    except SweepInterrupted as e:
+        err.print(f"[bold yellow]interrupted[/] ({e.signal_name}): {e.finished} finished trial(s) and every "
+                  f"checkpoint kept in {e.run_dir}; nothing exported, no best.json. Resume with: {resume_cmd}",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(code=e.exit_code) from None
+    except KeyboardInterrupt as e:  # before the search started, or during the export
+        signum = getattr(e, "signum", signal.SIGINT)
+        err.print(f"[bold yellow]interrupted[/] ({signal.Signals(signum).name}): nothing exported, no best.json. "
+                  f"Resume with: {resume_cmd}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=128 + signum) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     from grpo_ray.utilization import summary_line
 
     out.print(summary_line(outcome.utilization), highlight=False)
     best = outcome.best_json or {}
-    out.print(f"[bold green]best trial[/] {best.get('trial_id')}: " + json.dumps(best.get("metrics", {}).get("eval_accuracy")))
+    metrics = best.get("metrics", {})
+    # The objectives the winner was chosen on, then eval_accuracy (the rule's tie-break): named, not bare numbers.
+    names = list(dict.fromkeys([o.metric for o in resolved.search.objectives] + ["eval_accuracy"]))
+    shown = ", ".join(f"{m} {_fmt(metrics.get(m))}" for m in names)
+    out.print(f"[bold green]best trial[/] {best.get('trial_id')}: {shown}", highlight=False)
     out.print(f"results: {outcome.run_dir}/best/ (best.json, lora/, merged16/, *.gguf)", highlight=False)
 
 
@@ -136,13 +213,12 @@ def status(
 
     from rich.live import Live
 
-    from grpo_ray import storage as st
     from grpo_ray.report import read_status, status_table
 
-    run = st.normalize(run)
+    run = _run_path(run)
     try:
         table = status_table(read_status(run))
-    except FileNotFoundError as e:
+    except (OSError, ValueError) as e:  # no snapshot yet, or an unreadable one
         _fail(e)
     if watch <= 0:
         out.print(table)
@@ -160,15 +236,16 @@ def report(
     = None,
 ) -> None:
     """An HTML page of a sweep: curves per trial, Pareto front, importances, best configuration, failures."""
-    from grpo_ray import storage as st
     from grpo_ray.html_report import write_report
 
     try:
-        dest = write_report(st.normalize(run), str(output.resolve()) if output else None)
+        dest = write_report(_run_path(run), str(output.resolve()) if output else None)
     except FileNotFoundError as e:
         _fail(e)
     except SpecError as e:  # a damaged spec.resolved.yaml
         _fail(e)
+    except OSError as e:  # --output a directory, or somewhere not writable
+        _fail(f"{output or run}: cannot write the report ({e.strerror or e})")
     out.print(f"report: {dest}", highlight=False)
 
 
@@ -184,7 +261,7 @@ def export(
     from grpo_ray.sweep import export_run
 
     try:
-        info = export_run(st.normalize(run), trial, progress=lambda msg: err.print(f"[magenta]export:[/] {msg}"),
+        info = export_run(_run_path(run), trial, progress=lambda msg: err.print(f"[magenta]export:[/] {msg}"),
                           gguf=[t.strip() for t in gguf.split(",") if t.strip()] if gguf else None)
     except _user_errors() as e:
         _fail(e)
@@ -195,14 +272,36 @@ def export(
 def pull(
     run: str = typer.Argument(..., help="A sweep's directory or URI: <storage>/<name>."),
     dest: Path = typer.Argument(..., help="Local directory to copy the exported best trial into."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty destination whole."),
 ) -> None:
     """Copy <run>/best (best.json, GGUF, merged model, adapter) to a local directory."""
+    import shutil
+    import tempfile
+
     from grpo_ray import storage as st
 
-    src = st.join(st.normalize(run), "best")
+    src = st.join(_run_path(run), "best")
     if not st.exists(st.join(src, "best.json")):
-        _fail(FileNotFoundError(f"{src}: no best.json (the sweep or its export has not finished)"))
-    st.copy_dir(src, str(dest.resolve()))
+        _fail(f"{src}: no best.json (the sweep or its export has not finished)")
+    target = dest.expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        _fail(f"{dest}: exists and is not a directory; give a directory to pull into")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        # Merging would leave the files of an older export (other GGUF types) beside this best.json.
+        _fail(f"{dest}: not empty; pass --force to replace it whole, or pull into a new directory")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Copied beside the target first, then swapped in: an interrupted pull leaves the old one whole.
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.pull-", dir=target.parent))
+    except OSError as e:
+        _fail(f"{dest}: cannot create the destination ({e.strerror or e})")
+    try:
+        st.copy_dir(src, str(staging))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     out.print(f"pulled {src} -> {dest}", highlight=False)
 
 

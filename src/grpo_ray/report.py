@@ -2,24 +2,29 @@
 
 Tune snapshots the experiment every few seconds (``experiment_state-*.json``); each trial's
 status, config and last reported metrics come from the newest snapshot, so ``grpo-ray status``
-works while the sweep runs, after it finished, and after its driver died.
+works while the sweep runs, after it finished, and after its driver died. A trial the newest
+snapshot left unfinished (running, pending, paused) while no live driver holds the run
+(run_lock.py) shows as INTERRUPTED: nothing runs it until ``grpo-ray sweep SPEC --resume``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from grpo_ray import storage
 
 FAULT_FILE = "fault.txt"  # written by a trial into its storage directory when it cannot raise (trial/guard.py)
+UNFINISHED = ("RUNNING", "PENDING", "PAUSED")  # states a trial leaves only while a driver runs the sweep
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 @dataclass(frozen=True)
 class TrialStatus:
     trial_id: str
-    status: str  # PENDING, RUNNING, TERMINATED, ERROR, PAUSED
+    status: str  # PENDING, RUNNING, TERMINATED, ERROR, PAUSED; INTERRUPTED: unfinished and no driver runs it
     config: dict[str, Any]
     last: dict[str, Any]
     failures: int
@@ -38,14 +43,18 @@ def read_status(run_dir: str) -> list[TrialStatus]:
         raise FileNotFoundError(f"{run_dir}: no sweep here yet (no experiment_state-*.json)")
     # Names carry the start time; after --resume a newer file holds every trial.
     state = json.loads(storage.read_text(storage.join(run_dir, sorted(snapshots)[-1])))
+    from grpo_ray.run_lock import driver_alive
+
+    orphaned = not driver_alive(run_dir)  # Tune's snapshot still says RUNNING after its driver died
     out = []
     for entry in state["trial_data"]:
         trial = json.loads(entry[0])
         runtime = json.loads(entry[1]) if len(entry) > 1 else {}
         last = runtime.get("last_result") or {}
+        status = trial["status"]
         out.append(TrialStatus(
             trial_id=trial["trial_id"],
-            status=trial["status"],
+            status="INTERRUPTED" if orphaned and status in UNFINISHED else status,
             config=trial.get("config") or {},
             last={k: v for k, v in last.items() if not isinstance(v, dict)},
             failures=int(runtime.get("num_failures") or 0),
@@ -68,14 +77,37 @@ def trial_cause(run_dir: str, logdir: str | None) -> str | None:
             continue
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if lines:
-            return last_line(text) if name == "error.txt" else lines[0]
+            return last_line(text) if name == "error.txt" else clean_line(lines[0])
     return None
+
+
+def trial_log(run_dir: str, logdir: str | None) -> str | None:
+    """Where a failed trial's whole story is: Tune's error.txt (every attempt's traceback), else the
+    fault.txt of a trial that had to end its own process."""
+    if not logdir:
+        return None
+    for name in ("error.txt", FAULT_FILE):
+        path = storage.join(run_dir, logdir, name)
+        if storage.exists(path):
+            return path
+    return None
+
+
+def clean_line(text: str) -> str:
+    """One line for people: no ANSI colour codes, and a location prefix said once.
+
+    A SpecError crossing Ray's pickling is rebuilt from its message, which already starts with
+    its ``<file>: `` prefix, so the prefix comes back doubled ("SpecError: <spec>: <spec>: ...").
+    """
+    text = _ANSI.sub("", text).strip()
+    return re.sub(r"(?P<p>(?:<spec>|[^\s:]+\.ya?ml(?::\d+)?): )(?P=p)+", r"\g<p>", text)
 
 
 def last_line(error: str) -> str:
     """The exception a trial raised: Ray's error text (error.txt, a result's error) ends with it."""
+    error = _ANSI.sub("", error)
     lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else error
+    return clean_line(lines[-1]) if lines else error
 
 
 def status_table(trials: list[TrialStatus]):

@@ -5,28 +5,95 @@ started by ``ray up`` / ``ray start`` on this machine). Trials run :func:`tune_t
 with the resources of ``spec.resources``. A sweep interrupted (Ctrl-C, lost head node)
 resumes from its storage with ``--resume``: finished trials are kept, unfinished ones go on
 from their last checkpoint (see trial/run.py).
+
+Ctrl-C and SIGTERM (:class:`_StopOnSignal`): the first one asks Tune to end the run the way
+its own Ctrl-C handler does (trials stopped, the experiment state saved, unfinished trials
+left to resume), then :class:`SweepInterrupted` is raised instead of returning the trials, so
+nothing half-trained is selected or exported. A second one stops at once.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import signal
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from grpo_ray import storage
-from grpo_ray.report import trial_cause
+from grpo_ray.report import last_line, trial_cause, trial_log
 from grpo_ray.select import TrialRecord
 from grpo_ray.spec import Choice, IntRange, LogUniform, SpecError, SweepSpec, Uniform, _in_domain, parse_spec
 
 if TYPE_CHECKING:
-    from grpo_ray.early_stop import PruningOptunaSearch
+    from grpo_ray.searcher import BaselineOnceSearch
 
 # Receives ("start" | "result" | "complete" | "error", event data) from Tune's callback (see
 # tune_progress.py), and ("note", {"message": str}) for a line about the search itself.
 ProgressFn = Callable[[str, dict[str, Any]], None]
+
+
+class SweepInterrupted(Exception):
+    """The sweep was stopped by a signal; what finished is kept, nothing is selected or exported."""
+
+    def __init__(self, signum: int, run_dir: str, finished: int) -> None:
+        self.signum, self.run_dir, self.finished = signum, run_dir, finished
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(f"sweep interrupted by {self.signal_name}; {finished} trial(s) finished, kept in {run_dir}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+def _no_tune_resume_hint(record: logging.LogRecord) -> bool:
+    """Drop Tune's own stop and resume lines ("Resume experiment with: Tuner.restore(...)"): the
+    CLI prints the grpo-ray command that resumes, and a Python call would only mislead."""
+    msg = record.getMessage()
+    return "Tuner.restore" not in msg and "Stop signal received" not in msg
+
+
+class _StopOnSignal:
+    """SIGINT and SIGTERM while Tune runs: the first ends the run gracefully, a second at once.
+
+    Tune's own graceful stop is its SIGINT handler, which it also installs for SIGUSR1 (always)
+    and which sets an event the run loop checks; Tune's SIGINT handler is turned off here
+    (``TUNE_DISABLE_SIGINT_HANDLER``) so that SIGTERM and SIGINT take the same road: ours calls
+    Tune's SIGUSR1 handler. Restores the previous handlers on exit.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+        logging.getLogger("ray.tune.tune").addFilter(_no_tune_resume_hint)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        logging.getLogger("ray.tune.tune").removeFilter(_no_tune_resume_hint)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+        if len(self.received) > 1:
+            # Everything finished so far is on storage (trial checkpoints, Tune's last snapshot).
+            print(f"\na second signal ({signal.Signals(signum).name}): stopping at once", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
+        print(f"\n{signal.Signals(signum).name} received: stopping the trials and saving the sweep's state "
+              "(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        tune_handler = signal.getsignal(signal.SIGUSR1)
+        if callable(tune_handler):  # Tune's graceful stop; absent before Tune started: fit() is not called
+            tune_handler(signum, frame)
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
@@ -158,10 +225,10 @@ def load_warm_start(spec: SweepSpec) -> WarmStart:
 
 
 def make_searcher(spec: SweepSpec, storage_root: str | None = None,
-                  on_event: ProgressFn | None = None) -> PruningOptunaSearch:
+                  on_event: ProgressFn | None = None) -> BaselineOnceSearch:
     import optuna
 
-    from grpo_ray.early_stop import PruningOptunaSearch
+    from grpo_ray.searcher import BaselineOnceSearch
 
     s = spec.search
     # Optuna samples its first n_startup_trials (10 by default) at random: a short sweep needs fewer.
@@ -185,7 +252,8 @@ def make_searcher(spec: SweepSpec, storage_root: str | None = None,
     if baseline is not None and any(params == baseline for params, _, _ in warm.points):
         note("baseline_first: the spec's own values were already evaluated in a previous run; not run again")
         baseline = None
-    return PruningOptunaSearch(  # OptunaSearch, plus: a trial stopped early is PRUNED in the study
+    # OptunaSearch, plus: a trial stopped early is PRUNED in the study; the baseline queued once per run.
+    return BaselineOnceSearch(
         metric=metrics[0] if len(metrics) == 1 else metrics,
         mode=modes[0] if len(modes) == 1 else modes,
         sampler=samplers[s.sampler](),
@@ -211,6 +279,49 @@ def keep_credentials_out_of_ray_logs() -> None:
     )
 
 
+def _configuration_errors() -> tuple[type[BaseException], ...]:
+    """Errors a trial's configuration causes (the spec, data, rewards, model, backend): the same
+    every attempt, so a retry would only spend another model load to fail again."""
+    from grpo_ray.data import DataError
+    from grpo_ray.models import ModelError
+    from grpo_ray.rewards import RewardError
+    from grpo_ray.trial.base import BackendError
+
+    return (SpecError, DataError, ModelError, RewardError, BackendError)
+
+
+def no_retry_for_configuration_errors() -> None:
+    """Make Tune fail a trial at once when it raised a configuration error (see above).
+
+    Tune retries every failure up to ``max_failures`` and offers no per-error choice: between
+    counting the failure (``Trial.handle_error``) and deciding on a retry
+    (``Trial.should_recover``) nothing of ours runs. So both are wrapped: the first notes whether
+    the trial's exception (a RayTaskError carrying the trial's own as ``cause``) is a
+    configuration error, in the trial's temporary state (never saved with the experiment), and
+    the second then says no. Other failures (a killed process, a transient error) retry as before.
+    """
+    from ray.exceptions import RayTaskError
+    from ray.tune.experiment.trial import Trial
+
+    if getattr(Trial, "_grpo_ray_no_config_retry", False):
+        return
+    handle_error, should_recover = Trial.handle_error, Trial.should_recover
+    kinds = _configuration_errors()
+
+    def _handle_error(self: Trial, exc: Any = None) -> None:
+        handle_error(self, exc)
+        cause = exc.cause if isinstance(exc, RayTaskError) else None
+        self.temporary_state.configuration_error = isinstance(cause, kinds)
+
+    def _should_recover(self: Trial) -> bool:
+        if getattr(self.temporary_state, "configuration_error", False):
+            return False
+        return should_recover(self)
+
+    Trial.handle_error, Trial.should_recover = _handle_error, _should_recover
+    Trial._grpo_ray_no_config_retry = True
+
+
 def init_ray() -> None:
     """Connect to the cluster if one is there, else start Ray on this machine."""
     import ray
@@ -233,6 +344,15 @@ def experiment_path(spec: SweepSpec, storage_root: str) -> str:
     return storage.join(storage_root, spec.name)
 
 
+def _finished(run_dir: str) -> int:
+    from grpo_ray.report import read_status
+
+    try:
+        return sum(t.status == "TERMINATED" for t in read_status(run_dir))
+    except (OSError, ValueError):
+        return 0
+
+
 def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
                on_event: ProgressFn | None = None) -> list[TrialRecord]:
     """Run (or resume) the sweep; return every trial's final record."""
@@ -242,6 +362,7 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
 
     init_ray()
     keep_credentials_out_of_ray_logs()
+    no_retry_for_configuration_errors()
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, spec=spec),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
@@ -285,15 +406,24 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
             ),
         )
-    grid = tuner.fit()
+    stop = _StopOnSignal()
+    with stop:
+        try:
+            if not stop.received:
+                grid = tuner.fit()
+        except KeyboardInterrupt:  # the second signal
+            pass
+    if stop.received:
+        raise SweepInterrupted(stop.received[0], path, _finished(path))
     records = []
     for r in grid:
         trial_id = (r.metrics or {}).get("trial_id") or os.path.basename(r.path)
-        error = str(r.error) if r.error else None
-        if error:  # a trial that had to end its process (a native hang) left its cause beside Ray's
-            cause = trial_cause(path, os.path.basename(r.path))
-            if cause and cause not in error:
-                error += "\n" + cause
+        error, log = None, None
+        if r.error:
+            # One line: the cause the trial recorded itself (fault.txt: a native hang that ended its
+            # process), else the exception's last line; the whole traceback stays in the log named.
+            error = trial_cause(path, os.path.basename(r.path)) or last_line(str(r.error))
+            log = trial_log(path, os.path.basename(r.path))
         records.append(
             TrialRecord(
                 trial_id=str(trial_id),
@@ -302,7 +432,7 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
                 checkpoint=r.checkpoint.path if r.checkpoint else None,
                 error=error,
                 stopped_early=bool((r.metrics or {}).get("stopped_early")),
-                extra={"path": r.path, "checkpoint_obj": r.checkpoint},
+                extra={"path": r.path, "checkpoint_obj": r.checkpoint, "log": log},
             )
         )
     return records

@@ -13,7 +13,6 @@ This module must not import torch, ray or trl: ``grpo-ray validate`` answers in 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -508,14 +507,33 @@ class SweepSpec(_Strict):
 
 
 def check_space(spec: SweepSpec) -> None:
-    """Every search path names a real spec field and every sampled value validates there."""
+    """Every search path names a real spec field and every value its domain can produce validates
+    there: each choice, and both ends of a range (the field's constraints are intervals, so the
+    ends bound every value in between)."""
     for path, domain in spec.search.space.items():
         field = f"search.space.{path}"
         try:
             _check_domain(domain)
-            apply_overrides(spec, {path: _sample_value(domain)})
-        except (ValueError, SpecError) as e:
-            raise SpecError(e.message if isinstance(e, SpecError) else e.args[0], field=field) from None
+        except ValueError as e:
+            raise SpecError(e.args[0], field=field) from None
+        kind = next(iter(domain.model_dump(by_alias=True)))
+        for value in _domain_values(domain):
+            try:
+                apply_overrides(spec, {path: value})
+            except SpecError as e:
+                if e.field is None or e.field == path:  # a constraint of the field itself
+                    msg = e.message
+                else:  # another field's check that this value trips (e.g. lengths over max_seq_length)
+                    msg = f"{e.field}: {e.message}"
+                raise SpecError(f"{kind} value {value!r}: {msg}", field=field) from None
+
+
+def _domain_values(d: Domain) -> list[Any]:
+    """The values of a domain that bound what a trial can get: all choices, or both ends."""
+    if isinstance(d, Choice):
+        return list(d.choice)
+    lo, hi = next(iter(d.model_dump().values()))
+    return [lo, hi]
 
 
 def _check_domain(d: Domain) -> None:
@@ -532,17 +550,6 @@ def _in_domain(value: Any, d: Domain) -> bool:
         return value in d.choice
     lo, hi = next(iter(d.model_dump().values()))
     return isinstance(value, (int, float)) and lo <= value <= hi
-
-
-def _sample_value(d: Domain) -> Any:
-    """A representative value of a domain, used to check the path and type at load time."""
-    if isinstance(d, Choice):
-        return d.choice[0]
-    if isinstance(d, Uniform):
-        return (d.uniform[0] + d.uniform[1]) / 2
-    if isinstance(d, LogUniform):
-        return math.sqrt(d.loguniform[0] * d.loguniform[1])
-    return d.int_[0]
 
 
 def split_reward_path(path: str) -> tuple[str, str] | None:
@@ -633,15 +640,42 @@ def _from_validation(e: ValidationError, file: str | None, doc: Any, lines: dict
     return SpecError(msg, file=file, line=line, field=field)
 
 
+class SpecLines:
+    """The line of each field of a parsed spec file, for errors found after parsing (``validate``'s
+    checks of data, rewards and model)."""
+
+    def __init__(self, file: str, doc: Any, lines: dict[int, dict[str, int]]) -> None:
+        self.file, self._doc, self._lines = file, doc, lines
+
+    def line(self, field: str) -> int | None:
+        """The line of a dotted field (``data.sft.source``, ``rewards.1.name``), or of its deepest parent."""
+        loc = tuple(int(p) if p.isdigit() else p for p in field.split("."))
+        return _line_of(self._doc, loc, self._lines)
+
+    def error(self, field: str, message: str) -> SpecError:
+        return SpecError(message, file=self.file, line=self.line(field), field=field)
+
+
 def parse_spec(text: str, file: str = "<spec>") -> SweepSpec:
     """Parse and validate spec YAML text; raise :class:`SpecError` on any user error."""
-    loader = _LineLoader(text)
+    return parse_spec_lines(text, file)[0]
+
+
+def parse_spec_lines(text: str, file: str = "<spec>") -> tuple[SweepSpec, SpecLines]:
+    """:func:`parse_spec`, and where each field stands in ``text``."""
+    try:
+        loader = _LineLoader(text)  # the reader refuses control characters here, before parsing
+    except yaml.reader.ReaderError as e:
+        line = text[: e.position].count("\n") + 1
+        raise SpecError(f"invalid YAML: {e.reason} (#x{ord(e.character) if isinstance(e.character, str) else e.character:04x})", file=file, line=line) from None
     try:
         doc = loader.get_single_data()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
         raise SpecError(f"invalid YAML: {e.problem or e}", file=file, line=line) from None
+    except yaml.YAMLError as e:  # e.g. a control character met while reading
+        raise SpecError(f"invalid YAML: {' '.join(str(e).split())}", file=file) from None
     finally:
         lines = mapping_lines.pop(id(loader), {})
         loader.dispose()
@@ -657,17 +691,41 @@ def parse_spec(text: str, file: str = "<spec>") -> SweepSpec:
         path = e.field.split(".", 2)[2]
         line = lines.get(id(doc["search"]["space"]), {}).get(path)
         raise SpecError(e.message, file=file, line=line, field=e.field) from None
-    return spec
+    return spec, SpecLines(file, doc, lines)
+
+
+MAX_SPEC_BYTES = 1_000_000  # a spec is a page of YAML; a bigger file is a mistake (and YAML parsing is slow)
+
+
+def read_spec_text(path: str | Path) -> str:
+    """A spec file's text, or a :class:`SpecError` in one line: missing, a directory, too big, not UTF-8."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raise SpecError("is a directory, expected a spec file (YAML)", file=str(path))
+        size = p.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError(f"{size:,} bytes, over the limit of {MAX_SPEC_BYTES:,} bytes (1 MB) for a spec; "
+                            "keep long texts (a system prompt) short or out of the spec", file=str(path))
+        data = p.read_bytes()
+    except OSError as e:
+        raise SpecError(f"cannot read spec file: {e.strerror or e}", file=str(path)) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise SpecError(f"not UTF-8 text (byte {e.start}: 0x{data[e.start]:02x}); a spec is a YAML file",
+                        file=str(path), line=line) from None
 
 
 def load_spec(path: str | Path) -> SweepSpec:
     """Read a spec file. Relative local data/model paths stay relative to the current directory."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise SpecError(f"cannot read spec file: {e.strerror}", file=str(path)) from None
-    return parse_spec(text, file=str(path))
+    return parse_spec(read_spec_text(path), file=str(path))
+
+
+def load_spec_lines(path: str | Path) -> tuple[SweepSpec, SpecLines]:
+    """:func:`load_spec`, and where each field stands in the file (for later checks' errors)."""
+    return parse_spec_lines(read_spec_text(path), file=str(path))
 
 
 def dump_spec(spec: SweepSpec) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from typing import Any, Callable
 from grpo_ray import storage
 from grpo_ray.report import last_line
 from grpo_ray.select import TrialRecord, pareto_front, pick_best
-from grpo_ray.spec import SpecError, SweepSpec, apply_overrides, dump_spec
+from grpo_ray.spec import SpecError, SpecLines, SweepSpec, apply_overrides, dump_spec
 
 
 class SweepError(RuntimeError):
@@ -46,7 +48,8 @@ def _record_json(t: TrialRecord) -> dict[str, Any]:
         "trial_id": t.trial_id,
         "config": t.config,
         "metrics": {k: _clean(v) for k, v in t.metrics.items() if isinstance(v, (int, float, str, bool))},
-        "error": t.error,
+        "error": t.error,  # one line; the full traceback is in "log"
+        "log": t.extra.get("log"),
         "stopped_early": t.stopped_early,
     }
 
@@ -268,53 +271,131 @@ def export_run(run_dir: str, trial_id: str | None = None,
         spec = apply_overrides(spec, {f"export.{k}": v for k, v in changes.items()})
     except SpecError as e:
         raise SweepError(f"--gguf: {e.message}") from None
-    # best.json means "this export finished": it must not describe files being replaced. The
-    # whole directory goes, so files of the previous export (another trial, other GGUF types)
-    # cannot pass as this one's.
-    storage.remove_dir(storage.join(run_dir, "best"))
-    info = export_best(spec, run_dir, trials, best, progress)
-    storage.write_text(storage.join(run_dir, "best", "best.json"), json.dumps(info, indent=2, default=str))
+    from grpo_ray import run_lock
+
+    # Not while a sweep of the run is going: it writes best/ itself when it ends.
+    with run_lock.acquire(run_dir, resume=True, command=" ".join(sys.argv)):
+        # best.json means "this export finished": it must not describe files being replaced. The
+        # whole directory goes, so files of the previous export (another trial, other GGUF types)
+        # cannot pass as this one's.
+        storage.remove_dir(storage.join(run_dir, "best"))
+        info = export_best(spec, run_dir, trials, best, progress)
+        storage.write_text(storage.join(run_dir, "best", "best.json"), json.dumps(info, indent=2, default=str))
     return info
 
 
-def preflight(spec: SweepSpec) -> None:
-    """Catch user errors before any trial starts: data files, columns, rewards, model path,
-    the previous runs of ``search.warm_start``.
+# A hub repo id: `name` or `org/name` (letters, digits, -, _, .). Validate checks only this shape
+# for hub sources: it never reaches the network (the sweep may run where the hub is, validate elsewhere).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
-    Inside a trial these would only surface as N identical trial failures after start-up.
+
+def _is_local_source(source: str) -> bool:
+    from grpo_ray.data import BUILTIN, LOCAL_SUFFIXES
+
+    p = Path(source).expanduser()
+    return (source in BUILTIN or source.startswith(("builtin:", ".", "/", "~"))
+            or p.suffix.lower() in LOCAL_SUFFIXES or p.exists())
+
+
+def preflight(spec: SweepSpec, lines: SpecLines | None = None) -> None:
+    """Catch user errors before any trial starts (and in ``grpo-ray validate``): model path,
+    rewards, data files with rows left after the filters, the previous runs of ``search.warm_start``.
+
+    Inside a trial these would only surface as N identical trial failures after start-up. Each
+    error is a :class:`SpecError` naming the spec field (and its line when ``lines`` is given),
+    or a :class:`SweepError` naming ``search.warm_start`` and the run.
+    Nothing here needs a GPU or the network: hub names are checked for their shape only.
     """
-    from grpo_ray.data import load_datasets
-    from grpo_ray.models import check_model_source
-    from grpo_ray.rewards import resolve_rewards
+    from grpo_ray.data import DataError, load_datasets, load_rows, to_examples
+    from grpo_ray.models import ModelError, check_model_source
+    from grpo_ray.rewards import RewardError, resolve_rewards
     from grpo_ray.search import load_warm_start
 
-    check_model_source(spec.model.source)
-    resolve_rewards([r.name for r in spec.rewards], spec.format.to_format(), None)
-    load_datasets(spec.data)
-    load_warm_start(spec)  # the searcher reads them again when Tune starts; here only a missing run fails
+    def fail(field: str, e: BaseException | str) -> SpecError:
+        msg = str(e)
+        if lines is not None:
+            return lines.error(field, msg)
+        return SpecError(msg, field=field)
+
+    src = spec.model.source
+    try:
+        check_model_source(src)
+    except ModelError as e:
+        raise fail("model.source", e) from None
+    if not _is_local_source(src) and not _HUB_ID.match(src):
+        raise fail("model.source", f"{src}: no such file or directory, and not a hub model name (org/name)")
+    fmt = spec.format.to_format()
+    for i, r in enumerate(spec.rewards):
+        try:
+            resolve_rewards([r.name], fmt, None)
+        except RewardError as e:
+            raise fail(f"rewards.{i}.name", e) from None
+    sets = [("data.sft", spec.data.sft), ("data.grpo", spec.data.grpo), ("data.eval.source", spec.data.eval.source)]
+    all_local = True
+    for field, ds in sets:
+        if ds is None:
+            continue
+        if not _is_local_source(ds.source):
+            all_local = False
+            if not _HUB_ID.match(ds.source):
+                raise fail(f"{field}.source", f"{ds.source}: no such file, and not a hub data set name (org/name)")
+            continue
+        try:
+            rows = load_rows(ds)
+        except DataError as e:
+            raise fail(f"{field}.source", e) from None
+        try:
+            to_examples(ds, rows)
+        except DataError as e:
+            raise fail(f"{field}.columns" if "missing column" in str(e) else field, e) from None
+    if all_local:  # the held-out split and the SFT reasoning filter: rows left for every set
+        try:
+            load_datasets(spec.data)
+        except DataError as e:
+            msg = str(e)
+            field = ("data.eval.size" if "data.eval.size" in msg
+                     else "data.sft.columns.reasoning" if "reasoning" in msg else "data")
+            raise fail(field, e) from None
+    load_warm_start(spec)  # a SweepError naming search.warm_start; the searcher reads them again when Tune starts
 
 
 def run_sweep(spec: SweepSpec, storage_root: str | None = None, resume: bool = False,
               on_event: Callable[[str, dict[str, Any]], None] | None = None,
-              progress: Callable[[str], None] = lambda s: None) -> SweepOutcome:
-    """The main job: search, select, export."""
+              progress: Callable[[str], None] = lambda s: None, lines: SpecLines | None = None) -> SweepOutcome:
+    """The main job: search, select, export.
+
+    One driver per run: the run's lock (run_lock.py) is held from before the first write to the
+    end, and released however the sweep ends. An interrupted search raises
+    :class:`~grpo_ray.search.SweepInterrupted` before anything is selected or exported.
+    """
+    from grpo_ray import run_lock, workdirs
     from grpo_ray.packing import resolve_resources
     from grpo_ray.search import init_ray, run_search
 
     root = storage.normalize(storage_root or spec.storage)
-    preflight(spec)
-    init_ray()  # before the resources: `auto` looks at the cluster's GPUs and CPUs
-    spec, notes = resolve_resources(spec)
-    if on_event:
-        for note in notes:
-            on_event("note", {"message": note})
-    # Written now too, so `status` and `report` of a running sweep know its objectives and space;
-    # and a storage that cannot be written fails here, before any GPU time is spent.
+    preflight(spec, lines)
+    run_dir = storage.join(root, spec.name)
     try:
-        storage.write_text(storage.join(root, spec.name, "spec.resolved.yaml"), dump_spec(spec))
-    except OSError as e:
+        lock = run_lock.acquire(run_dir, resume, command=" ".join(sys.argv))
+    except OSError as e:  # the lock is the run's first write: a storage that cannot be written fails here
         raise SweepError(f"storage {root}: cannot write the run there ({e}); pass --storage a writable "
                          "directory or bucket URI") from None
-    t0 = time.time()
-    trials = run_search(spec, root, resume=resume, on_event=on_event)
-    return finish(spec, root, trials, time.time() - t0, progress)
+    try:
+        workdirs.remove_orphans()  # left by trial processes of earlier sweeps on this host that were killed
+        init_ray()  # before the resources: `auto` looks at the cluster's GPUs and CPUs
+        spec, notes = resolve_resources(spec)
+        if on_event:
+            for note in notes:
+                on_event("note", {"message": note})
+        # Written now too, so `status` and `report` of a running sweep know its objectives and space;
+        # and a storage that cannot be written fails here, before any GPU time is spent.
+        try:
+            storage.write_text(storage.join(root, spec.name, "spec.resolved.yaml"), dump_spec(spec))
+        except OSError as e:
+            raise SweepError(f"storage {root}: cannot write the run there ({e}); pass --storage a writable "
+                             "directory or bucket URI") from None
+        t0 = time.time()
+        trials = run_search(spec, root, resume=resume, on_event=on_event)
+        return finish(spec, root, trials, time.time() - t0, progress)
+    finally:
+        lock.release()

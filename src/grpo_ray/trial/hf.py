@@ -6,11 +6,11 @@ but every step is plain TRL, so what runs here is what the tests prove.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 from grpo_ray.spec import SweepSpec
+from grpo_ray.workdirs import make_workdir
 from grpo_ray.trial.common import (
     guard_memory,
     grpo_config_kwargs,
@@ -34,7 +34,8 @@ class HFBackend:
         self.model: Any = None
         self.tokenizer: Any = None
         self._forward: Any = None  # the PEFT model's own forward, before any trainer wrapped it
-        self._workdir = Path(tempfile.mkdtemp(prefix="grpo-ray-hf-"))
+        # Removed with this backend, or by the driver once this process is gone (workdirs.py).
+        self._workdir = make_workdir(self, "grpo-ray-hf-")
         self._spec: SweepSpec | None = None  # the spec the model's current adapter was made for
 
     def load(self, model_dir: str, spec: SweepSpec) -> None:

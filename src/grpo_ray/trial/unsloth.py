@@ -17,11 +17,11 @@ import os
 _TORCH_LOGS = os.environ.get("TORCH_LOGS")  # Unsloth's import drops it (compile_clock.restore_torch_logs)
 import unsloth  # noqa: E402,F401  (must come first: it patches transformers, trl and peft)
 
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 from grpo_ray.spec import SweepSpec
+from grpo_ray.workdirs import make_workdir
 from grpo_ray.trial.common import (
     guard_memory,
     gradient_checkpointing,
@@ -50,7 +50,8 @@ class UnslothBackend:
         self.model: Any = None
         self.tokenizer: Any = None
         self._forward: Any = None  # the PEFT model's own forward, before any trainer wrapped it
-        self._workdir = Path(tempfile.mkdtemp(prefix="grpo-ray-unsloth-"))
+        # Removed with this backend, or by the driver once this process is gone (workdirs.py).
+        self._workdir = make_workdir(self, "grpo-ray-unsloth-")
         self._spec: SweepSpec | None = None  # the spec the model's current adapter was made for
 
     def load(self, model_dir: str, spec: SweepSpec) -> None:
