@@ -242,6 +242,9 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
     from grpo_ray.tune_progress import ProgressCallback
 
     callbacks = [ProgressCallback(on_event)] if on_event else []
+    from grpo_ray.tracking import callbacks as tracking_callbacks
+
+    callbacks += tracking_callbacks(spec, path)  # MLflow / W&B runs per trial (spec.tracking)
     from grpo_ray.early_stop import MarkStoppedEarly, make_scheduler
 
     scheduler = make_scheduler(spec)  # ASHA (search.early_stopping) or None: Tune's FIFO
