@@ -118,7 +118,8 @@ def tracked_run(tmp_path_factory: pytest.TempPathFactory):
     Secrets are planted in the environment. The winner is exported (f16 GGUF, no llama.cpp
     check): its best/ is what `grpo-ray push` uploads in test_push.py.
 
-    Returns a dict: run (run directory), mlruns (the file store), wandb (W&B's directory),
+    Returns a dict: run (run directory), mlruns (the file store), wandb (the directory W&B was given:
+    the run directory, its runs under wandb/offline-run-*),
     result (the CLI's completed process), env.
     """
     import subprocess
@@ -146,4 +147,4 @@ def tracked_run(tmp_path_factory: pytest.TempPathFactory):
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = root / "runs" / "tracked"
-    return {"root": root, "run": run, "mlruns": root / "mlruns", "wandb": run / "wandb", "result": r, "env": env}
+    return {"root": root, "run": run, "mlruns": root / "mlruns", "wandb": run, "result": r, "env": env}

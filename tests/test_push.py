@@ -112,7 +112,7 @@ class StandInHub:
                     repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
                     if repo_id in hub.repos:
                         return self._send(409, {"error": "You already created this model repo"})
-                    hub.repos[repo_id] = {"private": bool(req.get("private")), "files": {
+                    hub.repos[repo_id] = {"private": req.get("visibility") == "private" or bool(req.get("private")), "files": {
                         ".gitattributes": b"*.gguf filter=lfs diff=lfs merge=lfs -text\n"}, "commits": []}
                     return self._send(200, {"url": f"http://{self.headers['Host']}/{repo_id}", "name": repo_id})
                 if url.path == "/api/validate-yaml":

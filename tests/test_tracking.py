@@ -1,12 +1,13 @@
 """Tracking for real: one tiny local Ray sweep (conftest.py ``tracked_run``: 2 trials, one fails
 inside its run) tracked into a real MLflow file store, read back with ``mlflow.search_runs``, and
 into Weights & Biases in offline mode, read back from the run directories W&B wrote (its
-transaction log, the ``.wandb`` file, parsed with wandb's own reader). Nothing is mocked.
+transaction log, the ``.wandb`` file, parsed with wandb's own protobuf classes). Nothing is mocked.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ def _trials(run: Path) -> dict[str, dict[str, Any]]:
 
 def _mlflow_runs(tracked: dict[str, Any]) -> tuple[Any, list[Any]]:
     """(the sweep's parent run, its trial runs), through mlflow's public search API."""
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow 3 reads its file store only when asked (as `mlflow ui`)
     mlflow.set_tracking_uri(f"file://{tracked['mlruns']}")
     runs = mlflow.search_runs(experiment_names=["tracked"], output_format="list")
     parents = [r for r in runs if r.data.tags.get("grpo_ray.role") == "sweep"]
@@ -79,17 +81,45 @@ def test_mlflow_best_run_is_tagged_with_best_json_card_and_gguf_names(tracked_ru
     assert (dest / "README.md").read_text() == (run_dir / "best" / "README.md").read_text()
 
 
+def _leveldb_log(path: Path) -> list[bytes]:
+    """The records of a W&B transaction log (``run-<id>.wandb``): a 7-byte header (``:W&B``, magic,
+    version), then LevelDB's log framing, which W&B uses as is: 32 KiB blocks of chunks, each
+    with a crc32c, a little-endian length and a type (1 whole, 2 first, 3 middle, 4 last).
+    wandb >= 0.2x ships no Python reader of its own (wandb-core, in Go, writes and syncs it)."""
+    import struct
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:8]
+    block, pos, parts, out = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a chunk header is zero padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:  # zeros to the end of the block
+            pos += left
+            continue
+        payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            out.append(payload)
+        elif kind == 2:
+            parts = payload
+        elif kind == 3:
+            parts += payload
+        elif kind == 4:
+            out.append(parts + payload)
+    return out
+
+
 def _wandb_records(run_dir: Path) -> dict[str, Any]:
     """What an offline run directory holds, read from its transaction log (the .wandb file that
     `wandb sync` uploads): config, history rows, summary, tags, exit code, group."""
     from wandb.proto import wandb_internal_pb2 as pb
-    from wandb.sdk.internal.datastore import DataStore
 
     (log,) = run_dir.glob("*.wandb")
-    ds = DataStore()
-    ds.open_for_scan(str(log))
     out: dict[str, Any] = {"config": {}, "history": [], "summary": {}, "tags": [], "exit_code": None, "group": None}
-    while (data := ds.scan_data()) is not None:
+    for data in _leveldb_log(log):
         rec = pb.Record()
         rec.ParseFromString(data)
         kind = rec.WhichOneof("record_type")

@@ -51,8 +51,17 @@ def wandb_dir(spec: SweepSpec, run_dir: str) -> str:
 
 def callbacks(spec: SweepSpec, run_dir: str) -> list[Callback]:
     """The Tune callbacks ``spec.tracking`` asks for (none when it names no backend)."""
+    import importlib.util
+
+    from grpo_ray.spec import SpecError
+
     out: list[Callback] = []
     t = spec.tracking
+    # Checked here, before any trial starts: a missing package is a one-line user error.
+    for field, value, package in (("tracking.mlflow_uri", t.mlflow_uri, "mlflow"),
+                                  ("tracking.wandb_project", t.wandb_project, "wandb")):
+        if value and importlib.util.find_spec(package) is None:
+            raise SpecError(f"{package} is not installed: pip install 'grpo-ray[tracking]'", field=field)
     if t.mlflow_uri:
         from grpo_ray.tracking.mlflow import MLflowCallback
 

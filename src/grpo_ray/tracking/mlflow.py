@@ -19,14 +19,19 @@ environment; nothing here reads or stores them.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import threading
 import time
 from typing import Any
 
 from ray.tune import Callback
 
-from grpo_ray.tracking.common import FAILED, STOPPED_EARLY, TrackingError, final_status, metrics_of, params_of
+from grpo_ray.tracking.common import (FAILED, STOPPED_EARLY, TrackingError, final_status, metrics_of, params_of,
+                                      trial_error)
+
+log = logging.getLogger(__name__)
 
 ROLE, SWEEP, RUN_DIR, TRIAL_ID = "grpo_ray.role", "grpo_ray.sweep", "grpo_ray.run_dir", "grpo_ray.trial_id"
 STATUS, ERROR, BEST = "grpo_ray.status", "grpo_ray.error", "grpo_ray.best"
@@ -52,7 +57,12 @@ def client(uri: str) -> Any:
     except ImportError:
         raise TrackingError("tracking.mlflow_uri is set but mlflow is not installed: pip install 'grpo-ray[tracking]'"
                             ) from None
-    return MlflowClient(tracking_uri=tracking_uri(uri))
+    resolved = tracking_uri(uri)
+    if resolved.startswith("file:"):
+        # MLflow 3.x keeps its file store "in maintenance mode" and refuses it unless asked; a
+        # directory is what the spec (and the issue) promise. Set for this process only.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return MlflowClient(tracking_uri=resolved)
 
 
 def experiment_id(c: Any, name: str) -> str:
@@ -88,34 +98,71 @@ def _q(s: str) -> str:
 
 
 class MLflowCallback(Callback):
-    """One MLflow run per Tune trial, nested under the sweep's run."""
+    """One MLflow run per Tune trial, nested under the sweep's run.
+
+    ``import mlflow`` takes seconds (5 s on a busy 2-core machine): :meth:`setup` starts it, the
+    connection and the parent run in a thread, which the first trial's start-up (its actor
+    loading torch) hides; the first event waits for it. A store that fails (a server down)
+    stops this callback with one warning instead of failing the trials: tracking is a view of
+    the sweep, not part of it.
+    """
 
     def __init__(self, uri: str, experiment: str, sweep: str, run_dir: str) -> None:
         self.uri, self.experiment, self.sweep, self.run_dir = uri, experiment, sweep, run_dir
+        self._reset()
+
+    def _reset(self) -> None:
         self._client: Any = None
         self._exp: str | None = None
         self._parent: str | None = None
         self._runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
+        self._connecting: threading.Thread | None = None
+        self._broken: BaseException | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its run config (callbacks included) into the run directory for --resume:
         # settings only; the client and the run ids are found again from the store.
-        return {"uri": self.uri, "experiment": self.experiment, "sweep": self.sweep, "run_dir": self.run_dir,
-                "_client": None, "_exp": None, "_parent": None, "_runs": {}}
+        return {"uri": self.uri, "experiment": self.experiment, "sweep": self.sweep, "run_dir": self.run_dir}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
 
     def setup(self, **info: Any) -> None:
-        self._ensure()
+        self._connecting = threading.Thread(target=self._guarded, args=(self._connect,), daemon=True,
+                                            name="grpo-ray-mlflow-connect")
+        self._connecting.start()
+
+    def _guarded(self, fn: Any, *args: Any) -> None:
+        if self._broken is not None:
+            return
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - see the class docstring
+            if self._broken is None:
+                log.warning("MLflow tracking stopped for this sweep (%s: %s); the sweep goes on",
+                            type(e).__name__, e)
+            self._broken = self._broken or e
+
+    def _connect(self) -> None:
+        c = client(self.uri)
+        self._exp = experiment_id(c, self.experiment)
+        parent = find_parent(c, self._exp, self.run_dir)
+        if parent is None:
+            parent = c.create_run(self._exp, run_name=self.sweep, tags={
+                ROLE: "sweep", SWEEP: self.sweep, RUN_DIR: self.run_dir}).info.run_id
+        elif c.get_run(parent).info.status != "RUNNING":
+            c.update_run(parent, status="RUNNING")  # --resume: the sweep runs again
+        self._parent, self._client = parent, c
 
     def _ensure(self) -> Any:
+        if self._connecting is not None:
+            self._connecting.join()
+            self._connecting = None
+        if self._broken is not None:
+            raise self._broken
         if self._client is None:
-            self._client = client(self.uri)
-            self._exp = experiment_id(self._client, self.experiment)
-            self._parent = find_parent(self._client, self._exp, self.run_dir)
-            if self._parent is None:
-                self._parent = self._client.create_run(self._exp, run_name=self.sweep, tags={
-                    ROLE: "sweep", SWEEP: self.sweep, RUN_DIR: self.run_dir}).info.run_id
-            elif self._client.get_run(self._parent).info.status != "RUNNING":
-                self._client.update_run(self._parent, status="RUNNING")  # --resume: the sweep runs again
+            self._connect()  # a restored callback, or events without setup
         return self._client
 
     def _run_of(self, trial: Any) -> str:
@@ -135,9 +182,12 @@ class MLflowCallback(Callback):
         return self._runs[tid]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._run_of(trial)
+        self._guarded(self._run_of, trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._guarded(self._log, trial, result)
+
+    def _log(self, trial: Any, result: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
         step, values = metrics_of(result)
@@ -154,18 +204,19 @@ class MLflowCallback(Callback):
         c.set_terminated(run, status=_RUN_STATUS.get(status, "FINISHED"))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial, None)
+        self._guarded(self._end, trial, None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from grpo_ray.tracking.common import trial_error
-
-        self._end(trial, trial_error(trial, self.run_dir))
+        self._guarded(lambda: self._end(trial, trial_error(trial, self.run_dir)))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        if self._client is not None and self._parent is not None:
-            failed = sum(1 for t in trials if t.status == "ERROR")
-            self._client.set_tag(self._parent, "grpo_ray.trials", f"{len(trials)} ({failed} failed)")
-            self._client.set_terminated(self._parent, status="FINISHED")
+        self._guarded(self._finish, trials)
+
+    def _finish(self, trials: list) -> None:
+        c = self._ensure()
+        failed = sum(1 for t in trials if t.status == "ERROR")
+        c.set_tag(self._parent, "grpo_ray.trials", f"{len(trials)} ({failed} failed)")
+        c.set_terminated(self._parent, status="FINISHED")
 
 
 def log_winner(uri: str, experiment: str, run_dir: str, info: dict[str, Any], files: dict[str, Any]) -> None:

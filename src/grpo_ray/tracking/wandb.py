@@ -15,13 +15,17 @@ from the environment; nothing here passes, logs or stores it.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import threading
 from typing import Any
 
 from ray.tune import Callback
 
-from grpo_ray.tracking.common import FAILED, STEP, TrackingError, final_status, metrics_of, params_of
+from grpo_ray.tracking.common import FAILED, STEP, TrackingError, final_status, metrics_of, params_of, trial_error
+
+log = logging.getLogger(__name__)
 
 BEST_TAG = "best"
 
@@ -62,19 +66,45 @@ def init_run(project: str, entity: str | None, mode: str, group: str, directory:
 
 
 class WandbCallback(Callback):
-    """One W&B run per Tune trial, in the group of the sweep."""
+    """One W&B run per Tune trial, in the group of the sweep.
+
+    As for MLflow (tracking/mlflow.py): the import starts in a thread at :meth:`setup`, and a
+    W&B failure stops this callback with one warning, never the trials.
+    """
 
     def __init__(self, project: str, entity: str | None, mode: str, sweep: str, directory: str, run_dir: str) -> None:
         self.project, self.entity, self.mode, self.sweep, self.directory = project, entity, mode, sweep, directory
         self.run_dir = run_dir  # the sweep's: where a failed trial's cause is read from
+        self._reset()
+
+    def _reset(self) -> None:
         self._runs: dict[str, Any] = {}
+        self._warming: threading.Thread | None = None
+        self._broken: BaseException | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled with Tune's run config for --resume: settings only, no live run.
-        return {k: v for k, v in self.__dict__.items() if k != "_runs"} | {"_runs": {}}
+        return {k: self.__dict__[k] for k in ("project", "entity", "mode", "sweep", "directory", "run_dir")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
 
     def setup(self, **info: Any) -> None:
-        _wandb()  # a missing package fails the sweep before its first trial, not in the middle
+        self._warming = threading.Thread(target=self._guarded, args=(_wandb,), daemon=True, name="grpo-ray-wandb")
+        self._warming.start()
+
+    def _guarded(self, fn: Any, *args: Any) -> None:
+        if self._warming is not None and threading.current_thread() is not self._warming:
+            self._warming.join()
+            self._warming = None
+        if self._broken is not None:
+            return
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - see the class docstring
+            log.warning("W&B tracking stopped for this sweep (%s: %s); the sweep goes on", type(e).__name__, e)
+            self._broken = e
 
     def _run_of(self, trial: Any) -> Any:
         tid = str(trial.trial_id)
@@ -87,9 +117,12 @@ class WandbCallback(Callback):
         return self._runs[tid]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._run_of(trial)
+        self._guarded(self._run_of, trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._guarded(self._log, trial, result)
+
+    def _log(self, trial: Any, result: dict[str, Any]) -> None:
         step, values = metrics_of(result)
         self._run_of(trial).log(values | {STEP: step})
 
@@ -104,17 +137,18 @@ class WandbCallback(Callback):
         self._runs.pop(str(trial.trial_id), None)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial, None)
+        self._guarded(self._end, trial, None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from grpo_ray.tracking.common import trial_error
-
-        self._end(trial, trial_error(trial, self.run_dir))
+        self._guarded(lambda: self._end(trial, trial_error(trial, self.run_dir)))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        for run in list(self._runs.values()):  # trials Tune never ended (an interrupted sweep)
-            run.finish(exit_code=1)
-        self._runs.clear()
+        def finish_all() -> None:
+            for run in list(self._runs.values()):  # trials Tune never ended (an interrupted sweep)
+                run.finish(exit_code=1)
+            self._runs.clear()
+
+        self._guarded(finish_all)
 
 
 def log_winner(project: str, entity: str | None, mode: str, sweep: str, directory: str, info: dict[str, Any],
