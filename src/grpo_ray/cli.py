@@ -144,7 +144,9 @@ def _with_tracking(spec: Any, mlflow: str | None, wandb: str | None) -> Any:
         return apply_overrides(spec, changes)
     except SpecError as e:  # name the option, not a spec line the user never wrote
         option = "--mlflow" if e.field == "tracking.mlflow_uri" else "--wandb"
-        raise SpecError(e.message, field=option) from None
+        error = SpecError(e.message, field=option)
+        error.args = (f"{option}: {e.message}",)  # no "<spec>:" in front: it came from the command line
+        raise error from None
 
 
 @app.command()

@@ -351,18 +351,19 @@ class TrackingSpec(_Strict):
         None, description="Local directory W&B writes its run files under (<dir>/wandb/); null (default): the run "
         "directory when storage is local, else ./wandb-runs.")
 
-    @field_validator("mlflow_uri")
-    @classmethod
-    def _no_password_in_uri(cls, v: str | None) -> str | None:
+    @model_validator(mode="after")
+    def _no_password_in_uri(self) -> "TrackingSpec":
         import re
 
-        # spec.resolved.yaml and the MLflow store itself would keep it in plain text.
+        # spec.resolved.yaml and the MLflow store itself would keep it in plain text. A model
+        # validator, so that the error message does not quote the URI (and its password) back.
+        v = self.mlflow_uri
         if v is not None and re.match(r"^[a-z][a-z0-9+.-]*://[^/@]*:[^/@]*@", v, re.IGNORECASE):
-            raise ValueError("a password in the URI would be written to spec.resolved.yaml: drop it and set "
-                             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in the environment instead")
+            raise _FieldError("tracking.mlflow_uri", "a password in the URI would be written to spec.resolved.yaml: "
+                              "drop it and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in the environment")
         if v is not None and not v.strip():
-            raise ValueError("expected a directory or a tracking URI, or null for no MLflow")
-        return v
+            raise _FieldError("tracking.mlflow_uri", "expected a directory or a tracking URI, or null for no MLflow")
+        return self
 
     @field_validator("wandb_project", "wandb_entity", "mlflow_experiment", "wandb_dir")
     @classmethod
