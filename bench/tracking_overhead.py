@@ -6,13 +6,17 @@ Runs `grpo-ray sweep sweeps/smoke.yaml` in a subprocess (cold Ray start included
 off / on so a slow minute of a shared machine lands on both; the on runs add `--mlflow DIR`.
 Issue #25 asks for tracking to cost at most 10% of the sweep: `overhead` is the ratio of the
 medians, for the whole command and for the search alone (best.json's sweep_seconds, which
-leaves the export out: the export is the same with and without tracking).
+leaves the export out: the export is the same with and without tracking). On a shared 2-core
+machine sweeps vary by 20 s from run to run, so `callback` also times the callback alone: the
+mlflow import (done in a thread while the trials start) and its events for 3 trials replayed
+against a file store (what blocks Tune's event loop).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -38,10 +42,44 @@ def one(tracking: bool) -> dict[str, float]:
         if tracking:  # the store really got the trials (a silent no-op would measure nothing)
             import mlflow
 
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow 3 reads a directory store only when asked
             mlflow.set_tracking_uri(f"file://{tmp}/mlruns")
             runs = len(mlflow.search_runs(experiment_names=["smoke"], output_format="list",
                                           filter_string="tags.`grpo_ray.role` = 'trial'"))
     return {"wall_s": round(wall, 1), "search_s": best["sweep_seconds"], "mlflow_trial_runs": runs}
+
+
+def callback_cost(results_per_trial: int = 2, trials: int = 3) -> dict[str, float]:
+    """The driver's own time in the MLflow callback, without Ray's noise: ``import mlflow`` in a
+    fresh process (the callback does it in a thread, beside the trials' start-up), then the
+    callback's events for a smoke-sized sweep replayed against a file store (what blocks Tune's loop)."""
+    imp = subprocess.run([sys.executable, "-c", "import time; t = time.time(); "
+                          "from mlflow.tracking import MlflowClient; print(time.time() - t)"],
+                         capture_output=True, text=True, check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        from types import SimpleNamespace
+
+        from grpo_ray.tracking.mlflow import MLflowCallback
+
+        cb = MLflowCallback(f"{tmp}/mlruns", "replay", "replay", f"{tmp}/runs/replay")
+        t0 = time.time()
+        cb.setup()
+        cb._ensure()  # the connection thread, joined: its cost counted here in full
+        t1 = time.time()
+        config = {"lora.rank": 8, "grpo.num_generations": 4, "grpo.temperature": 0.9, "grpo.learning_rate": 1e-4,
+                  "rewards.check_answer.weight": 1.2}
+        metrics = {f"m{i}": float(i) for i in range(60)}  # a report carries about 60 numbers
+        for k in range(trials):
+            trial = SimpleNamespace(trial_id=f"t{k}", config=config, last_result={}, status="TERMINATED")
+            cb.on_trial_start(0, [], trial)
+            for step in range(1, results_per_trial + 1):
+                cb.on_trial_result(0, [], trial, metrics | {"step": step})
+            cb.on_trial_complete(0, [], trial)
+        cb.on_experiment_end([trial] * trials)
+        t2 = time.time()
+        assert cb._broken is None, cb._broken
+    return {"import_s": round(float(imp.stdout.strip()), 2), "connect_s": round(t1 - t0, 2),
+            "events_s": round(t2 - t1, 3), "events": trials * (results_per_trial + 2) + 1}
 
 
 def main() -> None:
@@ -58,6 +96,7 @@ def main() -> None:
         return statistics.median(x[k] for x in xs)
 
     numbers = {
+        "callback": callback_cost(),
         "off": off, "on": on,
         "wall_median_s": {"off": med(off, "wall_s"), "on": med(on, "wall_s")},
         "search_median_s": {"off": med(off, "search_s"), "on": med(on, "search_s")},
