@@ -78,6 +78,7 @@ def callback_cost(results_per_trial: int = 2, trials: int = 3) -> dict[str, floa
         cb.on_experiment_end([trial] * trials)
         t2 = time.time()
         assert cb._broken is None, cb._broken
+    # connect_s: with mlflow already imported in this process (import_s is the cold import).
     return {"import_s": round(float(imp.stdout.strip()), 2), "connect_s": round(t1 - t0, 2),
             "events_s": round(t2 - t1, 3), "events": trials * (results_per_trial + 2) + 1}
 

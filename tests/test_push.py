@@ -252,16 +252,17 @@ def test_push_again_is_a_no_op_and_other_content_is_refused_unless_overwrite(tra
 
 def test_push_refusals_are_one_line_with_exit_2(tracked_run, hub, tmp_path):
     run = str(tracked_run["run"])
-    r = _push(hub, run, "someone/no-token", token=None, tmp=tmp_path)
-    assert r.returncode == 2 and "no Hugging Face token" in r.stderr and "HF_TOKEN" in r.stderr
-    r = _push(hub, run, "someone/bad-token", token="hf_wrong", tmp=tmp_path)
-    assert r.returncode == 2 and "refused the token" in r.stderr and "hf_wrong" not in r.stderr
     empty = tmp_path / "runs" / "unfinished"
     empty.mkdir(parents=True)
-    r = _push(hub, str(empty), "someone/unfinished", tmp=tmp_path)
-    assert r.returncode == 2 and "no best/best.json" in r.stderr
-    r = _push(hub, run, "not a repo id", tmp=tmp_path)
-    assert r.returncode == 2 and "REPO_ID" in r.stderr
-    for r_ in (r,):
-        assert "Traceback" not in r_.stderr
+    cases = [  # (arguments, token, what the one line must say)
+        ((run, "someone/no-token"), None, "no Hugging Face token: set HF_TOKEN"),
+        ((run, "someone/bad-token"), "hf_wrong", "the Hub refused the token for someone/bad-token (HTTP 401)"),
+        ((str(empty), "someone/unfinished"), TOKEN, "no best/best.json"),
+        ((run, "not a repo id"), TOKEN, "REPO_ID 'not a repo id'"),
+    ]
+    for args, token, says in cases:
+        r = _push(hub, *args, token=token, tmp=tmp_path)
+        assert r.returncode == 2 and says in r.stderr, (args, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr and "hf_wrong" not in r.stderr + r.stdout
+        assert len([line for line in r.stderr.splitlines() if line.strip()]) == 1, r.stderr  # one line
     assert not {"someone/no-token", "someone/bad-token", "someone/unfinished"} & set(hub.repos)
