@@ -24,7 +24,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import urlparse
 
 import pytest
 
@@ -222,8 +222,8 @@ def test_push_uploads_best_with_the_card_ggufs_modelfile_and_weights(tracked_run
     card = repo["files"]["README.md"].decode()
     assert card.startswith("---\n") and "- gguf" in card  # Hub metadata
     assert (best_dir / "README.md").read_text().strip() in card  # the export's card, whole
-    for k, v in best["hyperparameters"].items():  # hyperparameters
-        assert f"`{k}`" in card, k
+    for k in best["hyperparameters"]:  # hyperparameters
+        assert f"- `{k}`: " in card, k
     assert "builtin:math_mini" in card and "`check_answer`" in card  # data and rewards
     assert "eval_accuracy" in card and "reward" in card  # metrics
     assert "llama-cli -m tracked-f16.gguf" in card and "ollama create" in card and "Modelfile" in card

@@ -233,7 +233,8 @@ def pull(
 def push(
     run: str = typer.Argument(..., metavar="RUN", help="A finished sweep's directory or URI: <storage>/<name>."),
     repo_id: str = typer.Argument(..., metavar="REPO_ID", help="The Hub model repo: <user or org>/<name>."),
-    private: bool = typer.Option(False, "--private", help="Create the repo private (an existing repo keeps its visibility)."),
+    private: bool = typer.Option(False, "--private",
+                                 help="Create the repo private (an existing repo keeps its visibility)."),
     gguf_only: bool = typer.Option(False, "--gguf-only", help="Only the GGUF files, Modelfile, card and best.json; "
                                    "no LoRA adapter, no merged weights."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a repo that holds other content."),

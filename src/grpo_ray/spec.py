@@ -341,8 +341,8 @@ class TrackingSpec(_Strict):
     mlflow_experiment: str | None = Field(
         None, description="MLflow experiment the runs go to; null (default): the sweep's name.")
     wandb_project: str | None = Field(
-        None, description="Weights & Biases project: one run per trial, grouped by the sweep's name. null (default): no "
-        "W&B. `grpo-ray sweep --wandb PROJECT` sets it.")
+        None, description="Weights & Biases project: one run per trial, grouped by the sweep's name. null "
+        "(default): no W&B. `grpo-ray sweep --wandb PROJECT` sets it.")
     wandb_entity: str | None = Field(None, description="W&B entity (user or team); null (default): the key's own.")
     wandb_mode: Literal["auto", "online", "offline"] = Field(
         "auto", description="online: send to W&B (needs WANDB_API_KEY or `wandb login`); offline: write run "
