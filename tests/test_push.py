@@ -112,8 +112,9 @@ class StandInHub:
                     repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
                     if repo_id in hub.repos:
                         return self._send(409, {"error": "You already created this model repo"})
-                    hub.repos[repo_id] = {"private": req.get("visibility") == "private" or bool(req.get("private")), "files": {
-                        ".gitattributes": b"*.gguf filter=lfs diff=lfs merge=lfs -text\n"}, "commits": []}
+                    private = req.get("visibility") == "private" or bool(req.get("private"))
+                    hub.repos[repo_id] = {"private": private, "commits": [], "files": {
+                        ".gitattributes": b"*.gguf filter=lfs diff=lfs merge=lfs -text\n"}}
                     return self._send(200, {"url": f"http://{self.headers['Host']}/{repo_id}", "name": repo_id})
                 if url.path == "/api/validate-yaml":
                     return self._send(200, {"errors": [], "warnings": []})

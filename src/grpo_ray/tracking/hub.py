@@ -68,7 +68,9 @@ def hub_card(card: str, repo_id: str, ggufs: list[str], base_model: str | None) 
     if base_model:
         meta.append(f"base_model: {base_model}")
     meta += ["---", ""]
-    quant = next((g for g in ggufs if not g.endswith(("-f16.gguf", "-bf16.gguf", "-f32.gguf"))), ggufs[0] if ggufs else None)
+    # Ollama and llama-cli users want the quantized file when there is one.
+    quantized = [g for g in ggufs if not g.endswith(("-f16.gguf", "-bf16.gguf", "-f32.gguf"))]
+    quant = (quantized or ggufs or [None])[0]
     usage = ["", "## Run the GGUF", ""]
     if quant:
         tag = quant.rsplit("-", 1)[-1].removesuffix(".gguf").upper()

@@ -88,8 +88,8 @@ def find_parent(c: Any, exp_id: str, run_dir: str) -> str | None:
 
 
 def find_trial_run(c: Any, exp_id: str, parent: str, trial_id: str) -> str | None:
-    runs = c.search_runs([exp_id], filter_string=f"tags.`{PARENT}` = '{parent}' and tags.`{TRIAL_ID}` = '{_q(trial_id)}'",
-                         max_results=1)
+    query = f"tags.`{PARENT}` = '{parent}' and tags.`{TRIAL_ID}` = '{_q(trial_id)}'"
+    runs = c.search_runs([exp_id], filter_string=query, max_results=1)
     return runs[0].info.run_id if runs else None
 
 
