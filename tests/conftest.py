@@ -106,3 +106,54 @@ def pytest_terminal_summary(terminalreporter) -> None:
             f"resumes without a configuration run twice {s.get('clean_resumes', 0)}, "
             f"results lost {sum(lost) if lost else 'n/a'}"
         )
+
+
+# Planted in the tracked sweep's environment; tests/test_tracking.py looks for them everywhere it wrote.
+TRACKING_SECRETS = {
+    "WANDB_API_KEY": "PLANTEDwandbKey0123456789abcdef01234567",
+    "HF_TOKEN": "hf_PLANTEDtrackingSecret0123456789abc",
+    "MLFLOW_TRACKING_PASSWORD": "PLANTEDmlflowPassword0123456789",
+}
+
+
+@pytest.fixture(scope="session")
+def tracked_run(tmp_path_factory: pytest.TempPathFactory):
+    """ONE small sweep with MLflow and W&B tracking on, shared by test_tracking.py and test_push.py.
+
+    Two trials of the smoke spec, run at once: the seed recipe (trial 1) finishes; Optuna's
+    second sample with search seed 8 has ``grpo.max_prompt_length: 8`` (and rank 4), which fits no prompt, so
+    that trial fails inside its run (a real cause to record). MLflow gets a file store, W&B
+    runs offline (WANDB_MODE=offline, its config and cache dirs under the test's directory).
+    Secrets are planted in the environment. The winner is exported (f16 GGUF, no llama.cpp
+    check): its best/ is what `grpo-ray push` uploads in test_push.py.
+
+    Returns a dict: run (run directory), mlruns (the file store), wandb (the directory W&B was given:
+    the run directory, its runs under wandb/offline-run-*),
+    result (the CLI's completed process), env.
+    """
+    import subprocess
+    import sys
+
+    import yaml
+
+    spec = yaml.safe_load((REPO / "sweeps" / "smoke.yaml").read_text())
+    spec["name"] = "tracked"
+    spec["sft"]["max_steps"] = 2
+    spec["grpo"].update(max_steps=2, report_every=1)
+    spec["data"]["eval"].update(size=4, max_new_tokens=16)
+    spec["search"].update(seed=8, num_samples=2, max_concurrent_trials=2, max_failures=0,
+                          space={"grpo.max_prompt_length": {"choice": [128, 8]}, "lora.rank": {"choice": [4, 8]}})
+    spec["export"] = {"gguf": ["f16"], "check": False, "agreement_prompts": 0}
+    root = tmp_path_factory.mktemp("tracked")
+    (root / "tracked.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    env = {**os.environ, **TRACKING_SECRETS, "MLFLOW_TRACKING_USERNAME": "planted-user", "WANDB_MODE": "offline",
+           "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": str(root / "wandb-config"),
+           "WANDB_CACHE_DIR": str(root / "wandb-cache"), "WANDB_DATA_DIR": str(root / "wandb-data")}
+    r = subprocess.run(
+        [sys.executable, "-m", "grpo_ray.cli", "sweep", str(root / "tracked.yaml"), "--storage", str(root / "runs"),
+         "--mlflow", str(root / "mlruns"), "--wandb", "grpo-ray-test"],
+        capture_output=True, text=True, cwd=REPO, timeout=900, check=False, env=env,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = root / "runs" / "tracked"
+    return {"root": root, "run": run, "mlruns": root / "mlruns", "wandb": run, "result": r, "env": env}

@@ -144,6 +144,13 @@ def sweep(
         None, envvar="GRPO_RAY_STORAGE",
         help="Results root: a directory or URI (overrides spec.storage)."),
     resume: bool = typer.Option(False, help="Resume an interrupted sweep of the same name from its storage."),
+    mlflow: Optional[str] = typer.Option(
+        None, "--mlflow", metavar="URI",
+        help="Also track the sweep in MLflow: a directory or tracking URI (overrides tracking.mlflow_uri)."),
+    wandb: Optional[str] = typer.Option(
+        None, "--wandb", metavar="PROJECT",
+        help="Also track the sweep in this Weights & Biases project (overrides tracking.wandb_project); "
+        "offline unless WANDB_API_KEY is set."),
 ) -> None:
     """Run the sweep (Ray Tune + Optuna), pick the best trial and export it.
 
@@ -152,6 +159,7 @@ def sweep(
     """
     try:
         resolved, lines = load_spec_lines(spec)
+        resolved = _with_tracking(resolved, mlflow, wandb)
     except SpecError as e:
         _fail(e)
     import signal
@@ -201,6 +209,22 @@ def sweep(
     shown = ", ".join(f"{m} {_fmt(metrics.get(m))}" for m in names)
     out.print(f"[bold green]best trial[/] {best.get('trial_id')}: {shown}", highlight=False)
     out.print(f"results: {outcome.run_dir}/best/ (best.json, lora/, merged16/, *.gguf)", highlight=False)
+
+
+def _with_tracking(spec: Any, mlflow: str | None, wandb: str | None) -> Any:
+    """The spec with ``--mlflow`` / ``--wandb`` applied, validated as if written in its tracking section."""
+    from grpo_ray.spec import apply_overrides
+
+    changes = {k: v for k, v in {"tracking.mlflow_uri": mlflow, "tracking.wandb_project": wandb}.items() if v}
+    if not changes:
+        return spec
+    try:
+        return apply_overrides(spec, changes)
+    except SpecError as e:  # name the option, not a spec line the user never wrote
+        option = "--mlflow" if e.field == "tracking.mlflow_uri" else "--wandb"
+        error = SpecError(e.message, field=option)
+        error.args = (f"{option}: {e.message}",)  # no "<spec>:" in front: it came from the command line
+        raise error from None
 
 
 @app.command()
@@ -303,6 +327,33 @@ def pull(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     out.print(f"pulled {src} -> {dest}", highlight=False)
+
+
+@app.command()
+def push(
+    run: str = typer.Argument(..., metavar="RUN", help="A finished sweep's directory or URI: <storage>/<name>."),
+    repo_id: str = typer.Argument(..., metavar="REPO_ID", help="The Hub model repo: <user or org>/<name>."),
+    private: bool = typer.Option(False, "--private",
+                                 help="Create the repo private (an existing repo keeps its visibility)."),
+    gguf_only: bool = typer.Option(False, "--gguf-only", help="Only the GGUF files, Modelfile, card and best.json; "
+                                   "no LoRA adapter, no merged weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a repo that holds other content."),
+) -> None:
+    """Upload <run>/best to the Hugging Face Hub: the model card as README, GGUF files, Modelfile,
+    LoRA and merged weights. The token comes from HF_TOKEN or `hf auth login`."""
+    from grpo_ray import storage as st
+    from grpo_ray.tracking.hub import PushError, push_run
+
+    try:
+        result = push_run(st.normalize(run), repo_id, private=private, gguf_only=gguf_only, overwrite=overwrite,
+                          progress=lambda msg: err.print(f"[magenta]push:[/] {msg}", highlight=False))
+    except PushError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+    for note in result.notes:
+        out.print(note, highlight=False)
+    verb = "pushed" if result.uploaded else "up to date:"
+    out.print(f"{verb} {len(result.files)} files to {result.url}", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover  (python -m grpo_ray.cli, used by the tests)

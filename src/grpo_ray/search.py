@@ -280,14 +280,15 @@ def keep_credentials_out_of_ray_logs() -> None:
 
 
 def _configuration_errors() -> tuple[type[BaseException], ...]:
-    """Errors a trial's configuration causes (the spec, data, rewards, model, backend): the same
+    """Errors a trial's configuration causes (the spec, data, rewards, model, backend, a sampled
+    value the backend would change): the same
     every attempt, so a retry would only spend another model load to fail again."""
     from grpo_ray.data import DataError
     from grpo_ray.models import ModelError
     from grpo_ray.rewards import RewardError
-    from grpo_ray.trial.base import BackendError
+    from grpo_ray.trial.base import BackendError, SettingChangedError
 
-    return (SpecError, DataError, ModelError, RewardError, BackendError)
+    return (SpecError, DataError, ModelError, RewardError, BackendError, SettingChangedError)
 
 
 def no_retry_for_configuration_errors() -> None:
@@ -371,6 +372,9 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
     from grpo_ray.tune_progress import ProgressCallback
 
     callbacks = [ProgressCallback(on_event)] if on_event else []
+    from grpo_ray.tracking import callbacks as tracking_callbacks
+
+    callbacks += tracking_callbacks(spec, path)  # MLflow / W&B runs per trial (spec.tracking)
     from grpo_ray.early_stop import MarkStoppedEarly, make_scheduler
 
     scheduler = make_scheduler(spec)  # ASHA (search.early_stopping) or None: Tune's FIFO

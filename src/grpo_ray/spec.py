@@ -387,6 +387,60 @@ class TrialSpec(_Strict):
     )
 
 
+class TrackingSpec(_Strict):
+    """Where a sweep is watched besides Tune's own files: MLflow and/or Weights & Biases (tracking/).
+
+    Credentials never live here (this section is written to spec.resolved.yaml): MLflow reads
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN and W&B reads
+    WANDB_API_KEY from the environment.
+    """
+
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI: a local directory (a file store, created if missing), file://..., "
+        "http(s)://host:port of a tracking server, or sqlite:///mlflow.db. One run per trial (its sampled config as "
+        "params, every reported metric by GRPO step, its final status as the tag grpo_ray.status) under a parent run "
+        "for the sweep. null (default): no MLflow. `grpo-ray sweep --mlflow URI` sets it.")
+    mlflow_experiment: str | None = Field(
+        None, description="MLflow experiment the runs go to; null (default): the sweep's name.")
+    wandb_project: str | None = Field(
+        None, description="Weights & Biases project: one run per trial, grouped by the sweep's name. null "
+        "(default): no W&B. `grpo-ray sweep --wandb PROJECT` sets it.")
+    wandb_entity: str | None = Field(None, description="W&B entity (user or team); null (default): the key's own.")
+    wandb_mode: Literal["auto", "online", "offline"] = Field(
+        "auto", description="online: send to W&B (needs WANDB_API_KEY or `wandb login`); offline: write run "
+        "directories to sync later with `wandb sync`; auto (default): online when WANDB_API_KEY is set, else offline.")
+    wandb_dir: str | None = Field(
+        None, description="Local directory W&B writes its run files under (<dir>/wandb/); null (default): the run "
+        "directory when storage is local, else ./wandb-runs.")
+
+    @model_validator(mode="after")
+    def _no_password_in_uri(self) -> "TrackingSpec":
+        import re
+
+        # spec.resolved.yaml and the MLflow store itself would keep it in plain text. A model
+        # validator, so that the error message does not quote the URI (and its password) back.
+        v = self.mlflow_uri
+        if v is not None and re.match(r"^[a-z][a-z0-9+.-]*://[^/@]*:[^/@]*@", v, re.IGNORECASE):
+            raise _FieldError("tracking.mlflow_uri", "a password in the URI would be written to spec.resolved.yaml: "
+                              "drop it and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in the environment")
+        if v is not None and not v.strip():
+            raise _FieldError("tracking.mlflow_uri", "expected a directory or a tracking URI, or null for no MLflow")
+        return self
+
+    @field_validator("wandb_project", "wandb_entity", "mlflow_experiment", "wandb_dir")
+    @classmethod
+    def _name(cls, v: str | None, info: Any) -> str | None:
+        import re
+
+        # An empty name would silently mean "the default" to MLflow and W&B.
+        if v is not None and not v.strip():
+            raise ValueError("expected a non-empty value, or null for the default")
+        # W&B refuses these in a project name, and only says so once the first trial started.
+        if v is not None and info.field_name == "wandb_project" and re.search(r"[/\\#?%:]", v):
+            raise ValueError("a W&B project name cannot contain / \\ # ? % :")
+        return v
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; results go to <storage>/<name>.")
     model: ModelSpec = ModelSpec()
@@ -402,6 +456,7 @@ class SweepSpec(_Strict):
     backend: Literal["auto", "unsloth", "hf"] = "auto"
     storage: str = Field("./runs", description="Local directory or URI (s3://, gs://) for results.")
     export: ExportSpec = ExportSpec()
+    tracking: TrackingSpec = TrackingSpec()
 
     @field_validator("rewards")
     @classmethod

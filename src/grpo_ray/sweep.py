@@ -151,6 +151,9 @@ def finish(spec: SweepSpec, storage_root: str, trials: list[TrialRecord], second
     info = export_best(spec, run_dir, trials, best, progress)
     info["sweep_seconds"] = round(seconds, 1)
     storage.write_text(storage.join(run_dir, "best", "best.json"), json.dumps(info, indent=2, default=str))
+    from grpo_ray.tracking import log_winner
+
+    log_winner(spec, run_dir, info, progress)  # tag the best trial's MLflow / W&B run; never raises
     return SweepOutcome(run_dir=run_dir, best=best, best_json=info, trials=trials, seconds=seconds, utilization=use)
 
 

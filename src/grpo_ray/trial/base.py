@@ -54,6 +54,12 @@ class Backend(Protocol):
     def save_adapter(self, out_dir: Path) -> None: ...
 
 
+class SettingChangedError(ValueError):
+    """A backend's trainer ran with another value than the trial sampled (trial/common.py
+    refuse_sampled_changes): the search would be told a result for a configuration that never
+    ran. Deterministic: a retry changes nothing (search.py fails it at once)."""
+
+
 class BackendError(RuntimeError):
     """A backend that cannot run here (missing packages, no GPU): says what to install or set."""
 

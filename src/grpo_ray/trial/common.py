@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 
 from grpo_ray import template
 from grpo_ray.spec import SweepSpec
-from grpo_ray.trial.base import StepCallback
+from grpo_ray.trial.base import SettingChangedError, StepCallback
 
 
 T = TypeVar("T")
@@ -364,11 +364,6 @@ def grpo_config_kwargs(spec: SweepSpec, reward_weights: list[float]) -> dict[str
         "mask_truncated_completions": g.mask_truncated_completions,
         "vllm_importance_sampling_correction": g.vllm_importance_sampling_correction,
     }
-
-
-class SettingChangedError(ValueError):
-    """A backend's trainer ran with another value than the trial sampled: the search would be
-    told a result for a configuration that never ran. Deterministic: a retry changes nothing."""
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ class HFBackend:
 
     def sft(self, messages: list[list[dict[str, str]]], spec: SweepSpec, callbacks: list[Any]) -> dict[str, float]:
         from datasets import Dataset
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTTrainer
 
         _, args = self.sft_args(spec)
         trainer = SFTTrainer(

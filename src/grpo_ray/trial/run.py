@@ -190,7 +190,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, report=None,
     """
     trial_spec = apply_overrides(spec, config)
     from grpo_ray.trial import warm
-    from grpo_ray.trial.common import SettingChangedError
+    from grpo_ray.trial.base import SettingChangedError
     from grpo_ray.trial.guard import TrialHungError, Watchdog
 
     watchdog = Watchdog(trial_spec.trial.step_timeout_s, write_cause=record_fault)
