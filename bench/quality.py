@@ -116,12 +116,18 @@ def make_specs(out: Path, cpu: bool, gguf: str | None, sweep_trials: int) -> Non
         print(f"wrote {out / name}.yaml")
 
 
-def make_rerun(out: Path, sweep_run: Path, cpu: bool, gguf: str | None) -> None:
-    best = json.loads((sweep_run / "best" / "best.json").read_text())
-    winner = best["hyperparameters"]
+def make_rerun(out: Path, sweep_run: Path | None, winner_json: str | None, cpu: bool, gguf: str | None) -> None:
+    """rerun.yaml from the sweep's best.json, or from ``winner_json`` (its hyperparameters, as an
+    earlier lease's bench/results recorded them: the re-run arm alone in a later lease)."""
+    if winner_json:
+        trial_id, winner = "(given)", json.loads(winner_json)
+    else:
+        best = json.loads((sweep_run / "best" / "best.json").read_text())
+        trial_id, winner = best["trial_id"], best["hyperparameters"]
     spec = _grid_on_seeds(_base(cpu, gguf), "quality-rerun", RERUN_SEEDS, winner)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "rerun.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    print(f"wrote {out}/rerun.yaml: the sweep's winner {best['trial_id']} {json.dumps(winner)}")
+    print(f"wrote {out}/rerun.yaml: the sweep's winner {trial_id} {json.dumps(winner)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("specs", help="write tutorial.yaml and sweep.yaml")
     s.add_argument("--sweep-trials", type=int, default=6)
     r = sub.add_parser("rerun", help="write rerun.yaml from the sweep's best.json")
-    r.add_argument("--sweep-run", type=Path, required=True)
+    which = r.add_mutually_exclusive_group(required=True)
+    which.add_argument("--sweep-run", type=Path, help="the sweep's run directory (its best/best.json)")
+    which.add_argument("--winner", help="the winner's hyperparameters as JSON ({dotted.path: value})")
     for p in (s, r):
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--gguf", help="the gemma GGUF (default: bench/quality.yaml's model.source)")
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "specs":
         make_specs(a.out, a.cpu, a.gguf, a.sweep_trials)
     else:
-        make_rerun(a.out, a.sweep_run, a.cpu, a.gguf)
+        make_rerun(a.out, a.sweep_run, a.winner, a.cpu, a.gguf)
     return 0
 
 

@@ -6,7 +6,8 @@
 # One Ray cluster on the machine; the tutorial's 3 seeds and the sweep run side by side on it (each
 # trial a quarter of the GPU), then the sweep's winner on 3 fresh seeds, then the summary.
 # CPU=1 runs the same pipeline on the tiny model here (the plumbing; nothing is learned).
-# SWEEP_TRIALS (default 6) sizes the sweep.
+# SWEEP_TRIALS (default 6) sizes the sweep. WINNER='{"dotted.path": value, ...}' runs the re-run arm
+# alone, for a winner an earlier lease found (bench/README.md): results of several leases combine.
 set -u
 cd "$(dirname "$0")/.."
 Q=${Q:-/tmp/q}
@@ -25,14 +26,19 @@ rm -rf "$STORE"
 python3 -m ray.scripts.scripts start --head --disable-usage-stats --include-dashboard=false \
   --num-cpus=$(nproc) ${CPUFLAG:+--num-gpus=0} > $Q/ray_start.log 2>&1 || { echo "ray start failed"; exit 1; }
 export RAY_ADDRESS=auto
-echo "== $(date +%T) tutorial + sweep"
-python3 -m grpo_ray.cli sweep $Q/tutorial.yaml > $Q/tutorial.log 2>&1 &
-TUT=$!
-python3 -m grpo_ray.cli sweep $Q/sweep.yaml > $Q/sweep.log 2>&1
-echo "sweep rc=$?"
-wait $TUT; echo "tutorial rc=$?"
+if [ -z "${WINNER:-}" ]; then
+  echo "== $(date +%T) tutorial + sweep"
+  python3 -m grpo_ray.cli sweep $Q/tutorial.yaml > $Q/tutorial.log 2>&1 &
+  TUT=$!
+  python3 -m grpo_ray.cli sweep $Q/sweep.yaml > $Q/sweep.log 2>&1
+  echo "sweep rc=$?"
+  wait $TUT; echo "tutorial rc=$?"
+  WHICH=(--sweep-run "$STORE/quality-sweep")
+else
+  WHICH=(--winner "$WINNER")
+fi
 echo "== $(date +%T) rerun"
-if python3 bench/quality.py rerun --out $Q --sweep-run "$STORE/quality-sweep" $CPUFLAG; then
+if python3 bench/quality.py rerun --out $Q "${WHICH[@]}" $CPUFLAG; then
   python3 -m grpo_ray.cli sweep $Q/rerun.yaml > $Q/rerun.log 2>&1; echo "rerun rc=$?"
 fi
 python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1
