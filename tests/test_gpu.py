@@ -25,7 +25,7 @@ def gemma_gguf():
 
 
 def test_auto_backend_is_unsloth_on_cuda():
-    from grpo_ray.trial.base import choose_backend
+    from grpo_ray.trial.backends import choose_backend
 
     assert choose_backend("auto") == "unsloth"
 

@@ -156,7 +156,7 @@ def test_a_retried_trial_resumes_from_its_checkpoint(trial_run, tmp_path):
 
 def test_unsloth_compiled_cache_is_shared_by_the_trials_of_a_node(monkeypatch, tmp_path):
     """Each Tune trial runs in its own working directory; Unsloth's default cache is relative."""
-    from grpo_ray.trial.base import share_compile_caches
+    from grpo_ray.trial.backends import share_compile_caches
 
     monkeypatch.setenv("GRPO_RAY_CACHE", str(tmp_path))
     monkeypatch.delenv("UNSLOTH_COMPILE_LOCATION", raising=False)

@@ -18,7 +18,8 @@ from optuna.trial import TrialState
 
 from grpo_ray import search
 from grpo_ray.spec import SpecError, apply_overrides, dump_spec, load_spec, parse_spec
-from grpo_ray.sweep import SweepError, preflight
+from grpo_ray.errors import SweepError
+from grpo_ray.sweep import preflight
 
 SMOKE = REPO / "sweeps" / "smoke.yaml"
 

@@ -27,7 +27,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from grpo_ray.models import ModelError
     from grpo_ray.rewards import RewardError
     from grpo_ray.run_lock import RunLockedError
-    from grpo_ray.sweep import SweepError
+    from grpo_ray.errors import SweepError
     from grpo_ray.trial.base import BackendError
 
     errors: list[type[BaseException]] = [SpecError, DataError, ModelError, RewardError, BackendError, SweepError,

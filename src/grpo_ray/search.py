@@ -22,7 +22,7 @@ import signal
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from grpo_ray import storage
 from grpo_ray.report import last_line, trial_cause, trial_log
@@ -31,10 +31,7 @@ from grpo_ray.spec import Choice, IntRange, LogUniform, SpecError, SweepSpec, Un
 
 if TYPE_CHECKING:
     from grpo_ray.searcher import BaselineOnceSearch
-
-# Receives ("start" | "result" | "complete" | "error", event data) from Tune's callback (see
-# tune_progress.py), and ("note", {"message": str}) for a line about the search itself.
-ProgressFn = Callable[[str, dict[str, Any]], None]
+    from grpo_ray.tune_progress import ProgressFn
 
 
 class SweepInterrupted(Exception):
@@ -193,7 +190,7 @@ def _point(spec: SweepSpec, prev: SweepSpec | None, config: dict[str, Any]) -> d
 
 def load_warm_start(spec: SweepSpec) -> WarmStart:
     """Read ``search.warm_start``'s runs; a run without trials.json is a SweepError naming it."""
-    from grpo_ray.sweep import SweepError
+    from grpo_ray.errors import SweepError
 
     warm = WarmStart()
     metrics = [o.metric for o in spec.search.objectives]

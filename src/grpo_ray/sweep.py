@@ -18,13 +18,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from grpo_ray import storage
+from grpo_ray.errors import SweepError
 from grpo_ray.report import last_line
 from grpo_ray.select import TrialRecord, pareto_front, pick_best
 from grpo_ray.spec import SpecError, SpecLines, SweepSpec, apply_overrides, dump_spec
-
-
-class SweepError(RuntimeError):
-    """The sweep ran but produced nothing to export (every trial failed)."""
 
 
 @dataclass

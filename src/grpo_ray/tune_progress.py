@@ -9,11 +9,13 @@ and the class lives at module level so it pickles by reference. A callback resto
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ray.tune import Callback
 
-from grpo_ray.search import ProgressFn
+# Receives ("start" | "result" | "complete" | "error", event data) from Tune's callback below,
+# and ("note", {"message": str}) for a line about the search itself (search.py).
+ProgressFn = Callable[[str, dict[str, Any]], None]
 
 
 _listener: ProgressFn | None = None  # for callbacks restored from a pickled run config

@@ -1,4 +1,4 @@
-"""The small interface every trial backend implements, and the choice between backends.
+"""The small interface every trial backend implements (the choice between them: backends.py).
 
 A backend owns the model: loading it with a LoRA adapter of the trial's rank, the SFT
 warm-up, GRPO, greedy generation for evaluation, and saving the adapter. The trial
@@ -7,7 +7,6 @@ warm-up, GRPO, greedy generation for evaluation, and saving the adapter. The tri
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -62,48 +61,3 @@ class SettingChangedError(ValueError):
 
 class BackendError(RuntimeError):
     """A backend that cannot run here (missing packages, no GPU): says what to install or set."""
-
-
-def cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-def choose_backend(requested: str) -> str:
-    """``auto`` -> ``unsloth`` when CUDA is present, else ``hf``."""
-    if requested != "auto":
-        return requested
-    return "unsloth" if cuda_available() else "hf"
-
-
-def share_compile_caches() -> dict[str, str]:
-    """Point Unsloth's compiled-module cache at one directory per node and user.
-
-    Unsloth writes it to ``./unsloth_compiled_cache`` by default, and Ray Tune runs each trial
-    in its own working directory, so every trial would compile it again. Triton, TorchInductor
-    and vLLM already keep theirs per node (``~/.triton``, ``/tmp/torchinductor_<user>``,
-    ``~/.cache/vllm``). A value the user set wins. Returns what was set.
-    """
-    from grpo_ray.gguf_base import default_cache_root
-
-    wanted = {"UNSLOTH_COMPILE_LOCATION": str(default_cache_root() / "unsloth_compiled_cache")}
-    for key, value in wanted.items():
-        os.environ.setdefault(key, value)
-    return {k: os.environ[k] for k in wanted}
-
-
-def make_backend(requested: str) -> Backend:
-    name = choose_backend(requested)
-    if name == "unsloth":
-        if not cuda_available():
-            raise BackendError("backend 'unsloth' needs a CUDA GPU; use backend: hf (or auto) on CPU")
-        share_compile_caches()  # before unsloth is imported: it reads the location at import
-        from grpo_ray.trial.unsloth import UnslothBackend  # imports unsloth before trl/transformers
-
-        return UnslothBackend()
-    from grpo_ray.trial.hf import HFBackend
-
-    return HFBackend()

@@ -6,7 +6,7 @@ LoRA rank the sweep can sample, and TRL's GRPOTrainer (patched by Unsloth) gener
 that engine. Evaluation generates greedily through ``fast_generate`` with the trial's LoRA.
 
 Unsloth must be imported before trl, transformers and peft in the process, so this module
-imports it first and :func:`grpo_ray.trial.base.make_backend` imports this module before
+imports it first and :func:`grpo_ray.trial.backends.make_backend` imports this module before
 anything else touches those packages.
 """
 

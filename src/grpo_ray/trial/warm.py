@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from grpo_ray.spec import SweepSpec
-from grpo_ray.trial.base import Backend, choose_backend, make_backend
+from grpo_ray.trial.backends import choose_backend, make_backend
+from grpo_ray.trial.base import Backend
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,57 @@
+"""Choosing and building a trial's backend: ``auto`` picks unsloth on CUDA, hf elsewhere.
+
+Apart from base.py (the interface) because building one imports its module, and the backends
+import what they share (common.py) which imports the interface: base -> hf -> common -> base
+would be a cycle.
+"""
+
+from __future__ import annotations
+
+import os
+
+from grpo_ray.trial.base import Backend, BackendError
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def choose_backend(requested: str) -> str:
+    """``auto`` -> ``unsloth`` when CUDA is present, else ``hf``."""
+    if requested != "auto":
+        return requested
+    return "unsloth" if cuda_available() else "hf"
+
+
+def share_compile_caches() -> dict[str, str]:
+    """Point Unsloth's compiled-module cache at one directory per node and user.
+
+    Unsloth writes it to ``./unsloth_compiled_cache`` by default, and Ray Tune runs each trial
+    in its own working directory, so every trial would compile it again. Triton, TorchInductor
+    and vLLM already keep theirs per node (``~/.triton``, ``/tmp/torchinductor_<user>``,
+    ``~/.cache/vllm``). A value the user set wins. Returns what was set.
+    """
+    from grpo_ray.gguf_base import default_cache_root
+
+    wanted = {"UNSLOTH_COMPILE_LOCATION": str(default_cache_root() / "unsloth_compiled_cache")}
+    for key, value in wanted.items():
+        os.environ.setdefault(key, value)
+    return {k: os.environ[k] for k in wanted}
+
+
+def make_backend(requested: str) -> Backend:
+    name = choose_backend(requested)
+    if name == "unsloth":
+        if not cuda_available():
+            raise BackendError("backend 'unsloth' needs a CUDA GPU; use backend: hf (or auto) on CPU")
+        share_compile_caches()  # before unsloth is imported: it reads the location at import
+        from grpo_ray.trial.unsloth import UnslothBackend  # imports unsloth before trl/transformers
+
+        return UnslothBackend()
+    from grpo_ray.trial.hf import HFBackend
+
+    return HFBackend()
