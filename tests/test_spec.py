@@ -13,9 +13,11 @@ def test_shipped_specs_validate():
     gpu = load_spec(REPO / "sweeps" / "rewards.yaml")
     assert gpu.model.source == "unsloth/Qwen3-1.7B-Base"
     assert gpu.max_lora_rank() == 64
-    assert {"lora.rank", "grpo.num_generations", "grpo.temperature", "grpo.learning_rate"} <= set(gpu.search.space)
-    for r in gpu.rewards:
-        assert f"rewards.{r.name}.weight" in gpu.search.space
+    assert {"lora.rank", "grpo.num_generations", "grpo.temperature", "grpo.learning_rate", "grpo.loss_type",
+            "sft.max_steps", "sft.learning_rate"} <= set(gpu.search.space)
+    # The answer rewards' weights are searched; the format rewards' are not (saturated after SFT).
+    assert {k for k in gpu.search.space if k.startswith("rewards.")} == {
+        "rewards.check_answer.weight", "rewards.check_numbers.weight"}
 
 
 def test_defaults_follow_the_seed():
@@ -92,7 +94,8 @@ def test_validate_cli_user_error_exit_2_without_traceback(tmp_path):
 def test_baseline_point_is_the_seed_recipe_when_inside_the_space():
     gpu = load_spec(REPO / "sweeps" / "rewards.yaml")
     assert gpu.baseline_point() == {
+        "sft.max_steps": 60, "sft.learning_rate": 2e-4, "grpo.loss_type": "dapo",
         "lora.rank": 32, "grpo.num_generations": 4, "grpo.temperature": 1.0, "grpo.learning_rate": 5e-6,
-        **{f"rewards.{r.name}.weight": 1.0 for r in gpu.rewards}}
+        "rewards.check_answer.weight": 1.0, "rewards.check_numbers.weight": 1.0}
     outside = parse_spec("name: x\nsearch:\n  space:\n    lora.rank: {choice: [8, 16]}\n")  # seed rank is 32
     assert outside.baseline_point() is None
