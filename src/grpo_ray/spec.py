@@ -48,26 +48,54 @@ class _Strict(BaseModel):
 
 # --------------------------------------------------------------------------- model & format
 class ModelSpec(_Strict):
+    """The base model every trial fine-tunes.
+
+    Parameters that choose the model: ``source``. Parameters that size it in memory:
+    ``max_seq_length``, ``gpu_memory_utilization``, ``load_in_4bit``. Parameters of its
+    prompts: ``add_bos``.
+    """
+
     source: str = Field(
         "unsloth/Qwen3-1.7B-Base",
-        description="Hub name, local HF directory, a .gguf file, or 'builtin:tiny-qwen3'.",
+        description="The base model: a Hub name, a local HF directory, a .gguf file, or 'builtin:tiny-qwen3' (a "
+        "tiny random Qwen3 for tests on CPU). The default is the tutorial recipe's base (sweeps/rewards.yaml).",
     )
-    max_seq_length: int = Field(2048, gt=0, description="Longest prompt + completion, in tokens.")
+    max_seq_length: int = Field(
+        2048, gt=0, description="Longest prompt + completion, in tokens; grpo.max_prompt_length + "
+        "grpo.max_completion_length must fit in it. Higher: longer reasoning, more GPU memory (vLLM's KV cache "
+        "and the activations). The tutorial's: 2048.")
     gpu_memory_utilization: float = Field(
-        0.7, gt=0, le=1, description="vLLM's share of the trial's GPU (unsloth backend); with trials packed on a "
-        "GPU (resources.gpu below 1) the share of the trial's slice: 0.7 at gpu 0.5 reserves 35% of the card.")
-    load_in_4bit: bool = Field(False, description="QLoRA base weights (unsloth backend).")
+        0.7, gt=0, le=1, description="vLLM's share of the trial's GPU memory (unsloth backend); with trials packed "
+        "on a GPU (resources.gpu below 1) the share of the trial's slice: 0.7 at gpu 0.5 reserves 35% of the card. "
+        "Higher: a larger KV cache (faster generation), less memory left for training. The tutorial's: 0.7.")
+    load_in_4bit: bool = Field(
+        False, description="Load the base weights in 4 bits (QLoRA; unsloth backend): about a quarter of the "
+        "weights' memory, slightly less accurate and slower steps. The tutorial's: false (16-bit LoRA).")
     add_bos: Literal["auto", "always", "never"] = Field(
         "auto", description="Put BOS in front of every prompt; auto = when the tokenizer has one (Gemma needs it)."
     )
 
 
 class FormatSpec(_Strict):
-    system_prompt: str = template.DEFAULT_SYSTEM_PROMPT
-    reasoning_start: str = template.REASONING_START
-    reasoning_end: str = template.REASONING_END
-    solution_start: str = template.SOLUTION_START
-    solution_end: str = template.SOLUTION_END
+    """The reasoning format the model learns and the rewards check (defaults: the tutorial's).
+
+    Parameters of the prompt: ``system_prompt``. The tags of a completion:
+    ``reasoning_start`` ... ``reasoning_end``, then ``solution_start`` answer ``solution_end``.
+    """
+
+    system_prompt: str = Field(
+        template.DEFAULT_SYSTEM_PROMPT, description="System prompt put before every problem (SFT, GRPO and "
+        "evaluation); it should name the four tags. The tutorial's, with its tags filled in.")
+    reasoning_start: str = Field(
+        template.REASONING_START, description="Tag that opens the reasoning; every generation prompt ends with it, "
+        "so completions start inside the reasoning. The tutorial's: <think>.")
+    reasoning_end: str = Field(
+        template.REASONING_END, description="Tag that closes the reasoning. The tutorial's: </think>.")
+    solution_start: str = Field(
+        template.SOLUTION_START, description="Tag that opens the answer the rewards and evaluation parse. The "
+        "tutorial's: <SOLUTION>.")
+    solution_end: str = Field(
+        template.SOLUTION_END, description="Tag that closes the answer. The tutorial's: </SOLUTION>.")
 
     def to_format(self) -> template.Format:
         return template.Format(**self.model_dump())
@@ -75,47 +103,85 @@ class FormatSpec(_Strict):
 
 # --------------------------------------------------------------------------- data
 class Columns(_Strict):
+    """Which columns of a data set hold what: the problem, its answer, worked reasoning, its kind."""
+
     question: str = Field("question", description="Column holding the problem text.")
     answer: str = Field("answer", description="Column holding the reference answer.")
-    reasoning: str | None = Field(None, description="Column with worked reasoning (SFT only).")
+    reasoning: str | None = Field(None, description="Column with worked reasoning (SFT only; SFT rows without it "
+                                  "are dropped).")
     kind: str | None = Field(None, description="Column naming each problem's kind (eval set only): held-out "
                              "accuracy is then also reported per kind, as eval_accuracy/<kind>.")
 
 
 class DatasetSpec(_Strict):
-    source: str = Field(description="Hub dataset name, a local .jsonl/.parquet/.csv file, or 'builtin:math_mini'.")
-    subset: str | None = Field(None, description="Hub config name (e.g. 'en').")
-    split: str = "train"
-    columns: Columns = Columns()
-    numeric_only: bool = Field(True, description="Keep rows whose answer parses as a number.")
-    limit: int | None = Field(None, gt=0, description="Use at most this many rows (after filtering).")
+    """One data set. Where it comes from: ``source``, ``subset``, ``split``. How its rows are read:
+    ``columns``. Which rows are kept: ``numeric_only``, ``limit``."""
+
+    source: str = Field(description="Hub dataset name, a local .jsonl/.json/.parquet/.csv file, or "
+                        "'builtin:math_mini' (a small offline math set).")
+    subset: str | None = Field(None, description="Hub config name (e.g. 'en'); null: the data set's default.")
+    split: str = Field("train", description="Hub split to load (e.g. 'train', 'cot'); local files are read whole.")
+    columns: Columns = Field(Columns(), description="Column names of the problem, its answer and its reasoning.")
+    numeric_only: bool = Field(
+        True, description="Keep rows whose answer parses as a number (the check_answer and check_numbers rewards "
+        "and the held-out accuracy compare numbers). The tutorial's: true.")
+    limit: int | None = Field(
+        None, gt=0, description="Use at most this many rows (after filtering and the held-out split); null: all. "
+        "Lower: faster data loading and start-up, fewer distinct problems.")
 
 
 class EvalSpec(_Strict):
+    """The held-out evaluation (greedy, exact numeric match; not in the tutorial).
+
+    Parameters that choose the problems: ``source``, ``size``. Parameters of the generation:
+    ``max_new_tokens``. When it runs: after SFT, every grpo.report_every steps, and ``before_sft``.
+    """
+
     source: DatasetSpec | None = Field(None, description="A separate eval set; default: held out from the GRPO set.")
-    size: int = Field(100, gt=0, description="Held-out problems scored after each report window.")
-    max_new_tokens: int = Field(256, gt=0)
+    size: int = Field(
+        100, gt=0, description="Held-out problems scored after each report window (the same ones for every trial). "
+        "Higher: a less noisy eval_accuracy, longer evaluations.")
+    max_new_tokens: int = Field(
+        256, gt=0, description="Tokens each greedy evaluation answer may run to. Higher: long reasoning is not cut "
+        "(a cut answer scores 0), slower evaluations; near grpo.max_completion_length measures what GRPO trains.")
     before_sft: bool = Field(False, description="Also score the base model before the SFT warm-up.")
 
 
 class DataSpec(_Strict):
-    sft: DatasetSpec | None = DatasetSpec(
-        source="unsloth/OpenMathReasoning-mini",
-        split="cot",
-        columns=Columns(question="problem", answer="expected_answer", reasoning="generated_solution"),
-        limit=None,
+    """The data (defaults: the tutorial's sets). The training sets: ``sft`` (the format warm-up)
+    and ``grpo``. The held-out evaluation: ``eval``. Their shuffling and split: ``seed``."""
+
+    sft: DatasetSpec | None = Field(
+        DatasetSpec(
+            source="unsloth/OpenMathReasoning-mini",
+            split="cot",
+            columns=Columns(question="problem", answer="expected_answer", reasoning="generated_solution"),
+            limit=None,
+        ),
+        description="The SFT format warm-up's set: problems with worked reasoning (columns.reasoning); null: no SFT. "
+        "The tutorial's: unsloth/OpenMathReasoning-mini, split cot.",
     )
-    grpo: DatasetSpec = DatasetSpec(
-        source="open-r1/DAPO-Math-17k-Processed", subset="en", columns=Columns(question="prompt", answer="solution")
+    grpo: DatasetSpec = Field(
+        DatasetSpec(
+            source="open-r1/DAPO-Math-17k-Processed", subset="en", columns=Columns(question="prompt", answer="solution")
+        ),
+        description="The GRPO set: problems with reference answers; the eval set is held out from it unless "
+        "eval.source is given. The tutorial's: open-r1/DAPO-Math-17k-Processed, subset en.",
     )
-    eval: EvalSpec = EvalSpec()
+    eval: EvalSpec = Field(EvalSpec(), description="The held-out evaluation.")
     seed: int = Field(3407, description="Shuffle and held-out split seed (same for every trial).")
 
 
 # --------------------------------------------------------------------------- training
 class RewardSpec(_Strict):
-    name: str = Field(description="A builtin reward or an import path 'package.module:function'.")
-    weight: float = 1.0
+    """One reward function of GRPO and its weight in the summed reward."""
+
+    name: str = Field(description="A builtin reward (match_format_exactly, match_format_approximately, "
+                      "check_answer, check_numbers) or an import path 'package.module:function' with TRL's reward "
+                      "signature. Searchable weight: rewards.<name>.weight.")
+    weight: float = Field(
+        1.0, description="Multiplies this reward in the total GRPO maximises (TRL's reward_weights). Higher: the "
+        "policy favours what this reward checks over the others. The tutorial's: 1.0 for each.")
 
 
 def _default_rewards() -> list[RewardSpec]:
@@ -124,10 +190,25 @@ def _default_rewards() -> list[RewardSpec]:
 
 
 class LoraSpec(_Strict):
-    rank: int = Field(32, gt=0)
-    alpha: int | None = Field(None, gt=0, description="Default: 2 x rank, as the tutorial.")
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """The LoRA adapter trained in both stages.
+
+    Parameters that size the adapter: ``rank``, ``alpha``, ``target_modules``. Regularisation:
+    ``dropout``. Memory: ``gradient_checkpointing``.
+    """
+
+    rank: int = Field(
+        32, gt=0, description="LoRA rank r: the width of each adapter matrix. Higher: more capacity, more memory "
+        "and slower steps (vLLM reserves LoRA slots for the largest rank a trial can sample). The tutorial's: 32.")
+    alpha: int | None = Field(
+        None, gt=0, description="LoRA scaling alpha (the update is scaled by alpha / rank). Higher: larger "
+        "updates at the same learning rate. Default (null): 2 x rank, as the tutorial.")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on the adapter's input, a share in [0, 1). Higher: more "
+        "regularisation, slower learning. The tutorial's: 0 (Unsloth's fast path).")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Linear layers that get an adapter. Fewer: less memory and fewer trainable parameters, less "
+        "capacity. The tutorial's: every attention and MLP projection (the default).")
     gradient_checkpointing: Literal["unsloth", True, False] = Field(
         "unsloth", description="Recompute activations in the backward pass instead of keeping them: less GPU "
         "memory, slower steps. unsloth: Unsloth's offloaded checkpointing (the tutorial's "
@@ -136,35 +217,102 @@ class LoraSpec(_Strict):
 
 
 class SftSpec(_Strict):
-    enabled: bool = True
-    max_steps: int = Field(60, gt=0)
-    learning_rate: float = Field(2e-4, gt=0)
-    batch_size: int = Field(1, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    max_length: int | None = Field(None, gt=0, description="Default: the model's max_seq_length.")
-    warmup_steps: int = Field(5, ge=0)
-    weight_decay: float = Field(0.01, ge=0)
+    """The SFT format warm-up before GRPO (TRL's SFTTrainer), which teaches the tags.
+
+    Parameters that control the length of training: ``enabled``, ``max_steps``. The optimizer:
+    ``learning_rate``, ``warmup_steps``, ``weight_decay`` (and grpo.optim). The batch: ``batch_size``,
+    ``gradient_accumulation_steps``, ``max_length``.
+    """
+
+    enabled: bool = Field(
+        True, description="Run the SFT warm-up (also needs data.sft); false: GRPO starts from the base model, which "
+        "then has to find the format by itself.")
+    max_steps: int = Field(
+        60, gt=0, description="SFT optimizer steps. Higher: a firmer format, more time and a risk of "
+        "overfitting the small SFT set.")
+    learning_rate: float = Field(
+        2e-4, gt=0, description="Peak learning rate (linear decay after the warm-up). Higher: faster, less stable "
+        "learning. The tutorial's: 2e-4.")
+    batch_size: int = Field(
+        1, gt=0, description="Examples per step per device. Higher: smoother gradients, more memory. The "
+        "tutorial's: 1.")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Batches summed into one optimizer step: an effective batch of batch_size x this "
+        "without the memory. Higher: smoother, slower steps. The tutorial's: 1.")
+    max_length: int | None = Field(
+        None, gt=0, description="Longest SFT example, in tokens (longer ones are truncated). Default: the model's "
+        "max_seq_length.")
+    warmup_steps: int = Field(
+        5, ge=0, description="Steps of linear learning-rate warm-up from 0. The tutorial's: 5.")
+    weight_decay: float = Field(
+        0.01, ge=0, description="AdamW weight decay. Higher: stronger pull of the weights toward 0. The tutorial's: "
+        "0.01.")
 
 
 class GrpoSpec(_Strict):
-    max_steps: int = Field(100, gt=0)
-    learning_rate: float = Field(5e-6, gt=0)
-    num_generations: int = Field(4, ge=2, description="Completions per prompt (the GRPO group).")
-    batch_size: int = Field(1, gt=0, description="Prompts per step per device.")
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    max_prompt_length: int = Field(512, gt=0, description="Longer prompts are dropped from the GRPO set.")
-    max_completion_length: int = Field(1024, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    min_p: float = Field(0.1, ge=0, le=1)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(-1, description="-1 disables top-k, as the tutorial.")
-    beta: float = Field(0.0, ge=0, description="KL coefficient.")
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    lr_scheduler_type: str = "linear"
-    optim: str = Field("adamw_torch", description="'adamw_8bit' on GPU, as the tutorial.")
-    seed: int = 3407
-    report_every: int = Field(5, gt=0, description="Steps between reports to Tune (and eval runs).")
+    """GRPO (TRL's GRPOTrainer), grouped like TRL's GRPOConfig.
+
+    Parameters that control the length of training: ``max_steps``, ``report_every``.
+    Parameters of the optimizer: ``learning_rate``, ``weight_decay``, ``warmup_ratio``,
+    ``lr_scheduler_type``, ``optim``, ``seed``. Parameters of the batch and the data:
+    ``num_generations``, ``batch_size``, ``gradient_accumulation_steps``, ``max_prompt_length``.
+    Parameters that control the generation: ``max_completion_length``, ``temperature``, ``min_p``,
+    ``top_p``, ``top_k``. Parameters of the GRPO algorithm: ``beta``, ``loss_type``,
+    ``importance_sampling_level``, ``scale_rewards``, ``epsilon``, ``epsilon_high``,
+    ``num_iterations``, ``mask_truncated_completions``, ``vllm_importance_sampling_correction``
+    (see docs/grpo_variants.md).
+    """
+
+    max_steps: int = Field(
+        100, gt=0, description="GRPO optimizer steps per trial (early stopping's time axis). Higher: more learning, "
+        "proportionally more time. The tutorial's: 100.")
+    learning_rate: float = Field(
+        5e-6, gt=0, description="Peak learning rate. Higher: faster learning, a risk of collapsing the policy. The "
+        "tutorial's: 5e-6.")
+    num_generations: int = Field(
+        4, ge=2, description="Completions per prompt (the GRPO group): advantages compare a completion with its "
+        "group. Higher: better advantage estimates, more generation time and memory. The tutorial's: 4.")
+    batch_size: int = Field(
+        1, gt=0, description="Prompts per step per device (TRL's per_device_train_batch_size is this x "
+        "num_generations). Higher: smoother gradients, more memory. The tutorial's: 1.")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Batches summed into one optimizer step. Higher: smoother, slower steps at the same "
+        "memory. The tutorial's: 1.")
+    max_prompt_length: int = Field(
+        512, gt=0, description="Longest prompt, in tokens; longer prompts are dropped from the GRPO set. "
+        "With max_completion_length it must fit in model.max_seq_length.")
+    max_completion_length: int = Field(
+        1024, gt=0, description="Tokens each GRPO completion may run to (longer ones are cut). Higher: room for "
+        "long reasoning, more generation time and memory.")
+    temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature of the GRPO completions. Higher: more diverse groups (more "
+        "signal), more noise. The tutorial's: 1.0.")
+    min_p: float = Field(
+        0.1, ge=0, le=1, description="Drop tokens whose probability is below this share of the likeliest one's; "
+        "0 disables. Higher: safer, less diverse completions. The tutorial's: 0.1.")
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="Nucleus sampling: keep the likeliest tokens up to this total probability; "
+        "1.0 disables. The tutorial's: 1.0.")
+    top_k: int = Field(-1, description="Keep only the k likeliest tokens; -1 disables top-k, as the tutorial.")
+    beta: float = Field(
+        0.0, ge=0, description="KL coefficient: penalty on drifting from the reference model; 0 loads no reference "
+        "model. Higher: a more conservative policy, more memory. The tutorial's: 0.0.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay. The tutorial's: 0.01.")
+    warmup_ratio: float = Field(
+        0.1, ge=0, lt=1, description="Share of max_steps spent warming the learning rate up from 0. The "
+        "tutorial's: 0.1.")
+    lr_scheduler_type: str = Field(
+        "linear", description="Learning-rate schedule after the warm-up (a transformers scheduler name: linear, "
+        "cosine, constant, ...). The tutorial's: linear.")
+    optim: str = Field(
+        "adamw_torch", description="Optimizer of both stages (a transformers optim name). The tutorial's: "
+        "adamw_8bit, GPU only, with less optimizer memory; the default adamw_torch runs anywhere.")
+    seed: int = Field(
+        3407, description="Training seed of both stages (LoRA init, sampling, data order); the tutorial's: 3407. "
+        "Searching it ({choice: [1, 2, 3]}) measures seed noise.")
+    report_every: int = Field(
+        5, gt=0, description="Steps between reports to Tune (and eval runs). Lower: finer curves and early "
+        "stopping, more time spent evaluating.")
 
     # --- the GRPO algorithm. Defaults: what the Unsloth tutorial's trainer really ran with
     # (TRL 1.15 + Unsloth 2026.10.7: an unset loss_type becomes TRL's dapo, an unset beta 0.0,
@@ -226,18 +374,28 @@ class GrpoSpec(_Strict):
 
 # --------------------------------------------------------------------------- search
 class Choice(_Strict):
-    choice: list[Any] = Field(min_length=1)
+    """``{choice: [8, 16, 32]}``: one of the listed values (any YAML values)."""
+
+    choice: list[Any] = Field(min_length=1, description="The values a trial can get; every one is validated at "
+                              "the path when the spec loads.")
 
 
 class Uniform(_Strict):
-    uniform: tuple[float, float]
+    """``{uniform: [0.7, 1.2]}``: a float drawn evenly between low and high."""
+
+    uniform: tuple[float, float] = Field(description="[low, high], low < high; both ends are validated at the path.")
 
 
 class LogUniform(_Strict):
-    loguniform: tuple[float, float]
+    """``{loguniform: [1.0e-6, 2.0e-5]}``: a float drawn evenly on a log scale (learning rates)."""
+
+    loguniform: tuple[float, float] = Field(description="[low, high], 0 < low < high; both ends are validated at "
+                                            "the path.")
 
 
 class IntRange(_Strict):
+    """``{int: [50, 200]}``: an integer between low and high, both included."""
+
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     # The YAML key is `int`; the attribute can't be, or it would shadow the type in this class.
     int_: tuple[int, int] = Field(alias="int", description="Inclusive integer range [low, high].")
@@ -247,8 +405,14 @@ Domain = Union[Choice, Uniform, LogUniform, IntRange]
 
 
 class Objective(_Strict):
-    metric: Literal["reward", "eval_accuracy", "format_rate", "reward_weighted", "eval_format_rate"]
-    mode: Literal["max", "min"] = "max"
+    """One objective of the search: a metric each trial reports and its direction."""
+
+    metric: Literal["reward", "eval_accuracy", "format_rate", "reward_weighted", "eval_format_rate"] = Field(
+        description="reward: the sum of each reward's mean weighted by the spec's own weights (comparable across "
+        "trials); eval_accuracy: held-out exact-answer share; format_rate: share of GRPO completions in the exact "
+        "format; reward_weighted: the total with the trial's sampled weights; eval_format_rate: the format share on "
+        "the held-out set.")
+    mode: Literal["max", "min"] = Field("max", description="max: higher is better; min: lower is better.")
 
 
 # Metrics every trial reports at each window (trial/run.py) that early stopping can judge by.
@@ -263,13 +427,15 @@ class EarlyStopping(_Strict):
     reduction_factor^k steps and are judged at the first report at or after them.
     """
 
-    type: Literal["asha"] = "asha"
+    type: Literal["asha"] = Field("asha", description="The scheduler; only asha (asynchronous successive halving).")
     metric: ReportedMetric = Field("reward", description="The reported metric the rungs compare.")
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] = Field("max", description="max: a higher metric survives; min: a lower one.")
     grace_period: int | None = Field(
         None, gt=0, description="GRPO steps every trial runs before it can be stopped; default: grpo.report_every."
     )
-    reduction_factor: float = Field(2.0, gt=1, description="Keep the top 1/reduction_factor at each rung.")
+    reduction_factor: float = Field(
+        2.0, gt=1, description="Keep the top 1/reduction_factor at each rung. Higher: more trials stopped sooner, "
+        "more risk of stopping a slow starter.")
     max_t: int | None = Field(
         None, gt=0, description="Steps that bound the rungs; default (and minimum): the largest grpo.max_steps a "
         "trial can run."
@@ -277,27 +443,41 @@ class EarlyStopping(_Strict):
 
 
 class SearchSpec(_Strict):
+    """The search (Ray Tune + Optuna).
+
+    Parameters of the sampler: ``sampler``, ``seed``, ``startup_trials``, ``study_storage``,
+    ``warm_start``. What is searched and judged: ``space``, ``objectives``, ``baseline_first``.
+    How many trials and how they run: ``num_samples``, ``max_concurrent_trials``, ``max_failures``,
+    ``early_stopping``.
+    """
+
     sampler: Literal["tpe", "nsga2", "random", "gp", "grid"] = Field(
         "tpe", description="Optuna's sampler. tpe: models the results (multivariate TPE); nsga2: evolutionary, for "
         "several objectives; random; gp: Gaussian process; grid: every combination of the space's choices once "
         "(every domain a choice or an int range; num_samples at most the number of combinations), e.g. one "
         "configuration on several seeds: space: {grpo.seed: {choice: [1, 2, 3]}}.")
     objectives: list[Objective] = Field(
-        default_factory=lambda: [Objective(metric="reward"), Objective(metric="eval_accuracy")], min_length=1
+        default_factory=lambda: [Objective(metric="reward"), Objective(metric="eval_accuracy")], min_length=1,
+        description="What the search optimises: one objective, or several (then the best trials form a Pareto "
+        "front). Default: the mean reward and the held-out accuracy, both maximised."
     )
-    num_samples: int = Field(40, gt=0)
+    num_samples: int = Field(
+        40, gt=0, description="Trials in the sweep (baseline included). Higher: a better search, proportionally "
+        "more GPU time.")
     max_concurrent_trials: Union[int, Literal["auto"]] = Field(
         "auto", description="Trials running at once. auto: as many as the cluster holds at resources.gpu per trial "
         "(GPUs now, or what the autoscaler may start), or at resources.cpu on a machine without GPUs; at most "
         "num_samples (packing.py)."
     )
-    seed: int = 3407
+    seed: int = Field(3407, description="The sampler's seed: the same spec proposes the same trials.")
     startup_trials: int | None = Field(
         None, ge=1, description="Trials the tpe and gp samplers draw at random before they model the results; "
         "null: Optuna's default, 10, which makes a sweep of 10 trials or fewer a random search "
         "(bench/results/search_compare_cpu.json)."
     )
-    space: dict[str, Domain] = Field(default_factory=dict, description="Dotted spec path -> domain.")
+    space: dict[str, Domain] = Field(
+        default_factory=dict, description="Dotted spec path (lora.rank, grpo.temperature, "
+        "rewards.<name>.weight) -> domain (choice, uniform, loguniform, int); empty: every trial runs the spec.")
     study_storage: str | None = Field(
         None, description="Where the Optuna study lives: an RDB URL (sqlite:///..., postgresql://...) shared "
         "between sweeps, or null: a journal file in the run directory when storage is local, else in memory "
@@ -346,6 +526,8 @@ class SearchSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
+    """What one trial reserves from Ray: ``gpu`` and ``cpu``."""
+
     gpu: Union[float, Literal["auto"]] = Field(
         "auto", description="GPUs per trial; a fraction packs trials onto one GPU (0.5: two per GPU). auto: 0 on a "
         "machine without GPUs, 0.5 when the model's weights are at most 2% of the GPU's memory, else 1 (packing.py).")
@@ -356,13 +538,27 @@ class ResourcesSpec(_Strict):
         if v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
             return v
         raise ValueError("expected a number >= 0 (0.5 packs two trials per GPU) or 'auto'")
-    cpu: float = Field(4.0, gt=0)
+    cpu: float = Field(
+        4.0, gt=0, description="CPU cores Ray reserves per trial (data loading, rewards, tokenizing). Higher: "
+        "fewer trials at once on a machine without GPUs.")
 
 
 class ExportSpec(_Strict):
-    enabled: bool = True
-    merged16: bool = True
-    gguf: list[Literal["f16", "bf16", "f32", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]] = ["q8_0"]
+    """Export of the best trial after the sweep (to <storage>/<name>/best/).
+
+    What is written: ``enabled``, ``merged16``, ``gguf``. How it is checked: ``check``,
+    ``agreement_prompts``, ``min_agreement``.
+    """
+
+    enabled: bool = Field(
+        True, description="Export the best trial at the end of the sweep: its LoRA adapter, the merged 16-bit "
+        "model, GGUF files and an Ollama Modelfile. false: only the trials' checkpoints remain.")
+    merged16: bool = Field(
+        True, description="The merged 16-bit HF model (best/merged16/, bf16 or fp16 as the base). The GGUF files "
+        "are converted from it, so it is written whenever the export runs (this switch is not read yet).")
+    gguf: list[Literal["f16", "bf16", "f32", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]] = Field(
+        ["q8_0"], description="GGUF types to write for llama.cpp / Ollama (q4_k_m, q5_k_m, q6_k need llama.cpp's "
+        "bindings). Smaller types: smaller, faster files, more quantization error (see min_agreement).")
     check: bool = Field(True, description="Load the GGUF back with llama.cpp and compare with the HF model.")
     agreement_prompts: int = Field(
         16, ge=0, description="Held-out prompts on which each quantized GGUF's greedy answers are compared "
@@ -376,9 +572,12 @@ class ExportSpec(_Strict):
 
 
 class TrialSpec(_Strict):
+    """How a trial runs: its hang watchdog (``step_timeout_s``) and model reuse (``reuse_model``)."""
+
     step_timeout_s: float | None = Field(
-        1800, gt=0, description="End a trial that finishes no SFT/GRPO step or evaluation for this long (a hung "
-        "generation or reward function); null disables. The first GRPO step on a cold GPU compiles for minutes."
+        1800, gt=0, description="End a trial that finishes no SFT/GRPO step or evaluation for this long, in "
+        "seconds (a hung generation or reward function); null disables. The first GRPO step on a cold GPU "
+        "compiles for minutes."
     )
     reuse_model: bool = Field(
         True, description="Keep a trial's loaded base model (and vLLM engine) in its Ray actor for the next "
@@ -389,6 +588,9 @@ class TrialSpec(_Strict):
 
 class TrackingSpec(_Strict):
     """Where a sweep is watched besides Tune's own files: MLflow and/or Weights & Biases (tracking/).
+
+    Parameters of MLflow: ``mlflow_uri``, ``mlflow_experiment``. Parameters of W&B:
+    ``wandb_project``, ``wandb_entity``, ``wandb_mode``, ``wandb_dir``.
 
     Credentials never live here (this section is written to spec.resolved.yaml): MLflow reads
     MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN and W&B reads
@@ -442,21 +644,33 @@ class TrackingSpec(_Strict):
 
 
 class SweepSpec(_Strict):
+    """A whole sweep: only ``name`` is required; every section defaults to the tutorial's recipe.
+
+    The run: ``name``, ``backend``, ``storage``. The recipe: ``model``, ``format``, ``data``,
+    ``rewards``, ``lora``, ``sft``, ``grpo``. The search: ``search``, ``resources``, ``trial``.
+    After and around it: ``export``, ``tracking``.
+    """
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; results go to <storage>/<name>.")
-    model: ModelSpec = ModelSpec()
-    format: FormatSpec = FormatSpec()
-    data: DataSpec = DataSpec()
-    rewards: list[RewardSpec] = Field(default_factory=_default_rewards, min_length=1)
-    lora: LoraSpec = LoraSpec()
-    sft: SftSpec = SftSpec()
-    grpo: GrpoSpec = GrpoSpec()
-    search: SearchSpec = SearchSpec()
-    resources: ResourcesSpec = ResourcesSpec()
-    trial: TrialSpec = TrialSpec()
-    backend: Literal["auto", "unsloth", "hf"] = "auto"
-    storage: str = Field("./runs", description="Local directory or URI (s3://, gs://) for results.")
-    export: ExportSpec = ExportSpec()
-    tracking: TrackingSpec = TrackingSpec()
+    model: ModelSpec = Field(ModelSpec(), description="The base model and how it is loaded.")
+    format: FormatSpec = Field(FormatSpec(), description="The system prompt and the reasoning and solution tags.")
+    data: DataSpec = Field(DataSpec(), description="The SFT, GRPO and held-out evaluation sets.")
+    rewards: list[RewardSpec] = Field(
+        default_factory=_default_rewards, min_length=1, description="The GRPO reward functions and their weights, "
+        "each name once. Default: the tutorial's four rewards, weight 1.0 each.")
+    lora: LoraSpec = Field(LoraSpec(), description="The LoRA adapter both stages train.")
+    sft: SftSpec = Field(SftSpec(), description="The SFT format warm-up.")
+    grpo: GrpoSpec = Field(GrpoSpec(), description="GRPO training: optimizer, batch, generation and algorithm.")
+    search: SearchSpec = Field(SearchSpec(), description="The search space, the sampler and the objectives.")
+    resources: ResourcesSpec = Field(ResourcesSpec(), description="GPUs and CPUs reserved per trial.")
+    trial: TrialSpec = Field(TrialSpec(), description="A trial's watchdog and model reuse.")
+    backend: Literal["auto", "unsloth", "hf"] = Field(
+        "auto", description="Training stack: unsloth (Unsloth + vLLM generation, CUDA only, the tutorial's), hf "
+        "(transformers + PEFT, generation by the trained model; runs on CPU), auto: unsloth on CUDA, else hf.")
+    storage: str = Field("./runs", description="Local directory or URI (s3://, gs://) for results; credentials "
+                         "come from the environment.")
+    export: ExportSpec = Field(ExportSpec(), description="The best trial's export: adapter, merged model, GGUF.")
+    tracking: TrackingSpec = Field(TrackingSpec(), description="MLflow and Weights & Biases tracking.")
 
     @field_validator("rewards")
     @classmethod
