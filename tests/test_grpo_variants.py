@@ -81,6 +81,15 @@ def test_grid_sampler_needs_discrete_domains_and_at_most_its_combinations():
         assert e.value.field == wanted, str(e.value)
 
 
+def test_every_trl_argument_a_trial_passes_is_in_the_table_it_is_checked_against():
+    """A new argument added to the config builders but not to the tables would never be checked."""
+    from grpo_ray.trial.common import COMMON_ARGS, GRPO_ARGS, SFT_ARGS, grpo_config_kwargs, sft_config_kwargs
+
+    spec = load_spec(REPO / "sweeps" / "rewards.yaml")
+    assert set(sft_config_kwargs(spec)) == set(SFT_ARGS | COMMON_ARGS)
+    assert set(grpo_config_kwargs(spec, [1.0] * 4)) == set(GRPO_ARGS | COMMON_ARGS)
+
+
 def test_effective_settings_doctest():
     from grpo_ray.trial import common
 

@@ -380,7 +380,7 @@ class Change:
 
 
 def _plain(v: Any) -> Any:
-    """A TRL argument's value as JSON: enums by value, TRL's bool spellings of scale_rewards by name."""
+    """A TRL argument's value as JSON: enums by their value, lists element-wise, anything else as text."""
     v = getattr(v, "value", v)  # SchedulerType, OptimizerNames...
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
