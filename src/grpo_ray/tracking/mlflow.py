@@ -26,10 +26,8 @@ import threading
 import time
 from typing import Any
 
-from ray.tune import Callback
-
-from grpo_ray.tracking.common import (FAILED, STOPPED_EARLY, TrackingError, final_status, metrics_of, params_of,
-                                      trial_error)
+from grpo_ray.tracking.callback import TrialRunCallback
+from grpo_ray.tracking.common import FAILED, STOPPED_EARLY, TrackingError, final_status, metrics_of, params_of
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +95,7 @@ def _q(s: str) -> str:
     return s.replace("\\", "\\\\").replace("'", "\\'")
 
 
-class MLflowCallback(Callback):
+class MLflowCallback(TrialRunCallback):
     """One MLflow run per Tune trial, nested under the sweep's run.
 
     ``import mlflow`` takes seconds (5 s on a busy 2-core machine): :meth:`setup` starts it, the
@@ -181,12 +179,6 @@ class MLflowCallback(Callback):
             self._runs[tid] = found
         return self._runs[tid]
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._guarded(self._run_of, trial)
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self._guarded(self._log, trial, result)
-
     def _log(self, trial: Any, result: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
@@ -202,12 +194,6 @@ class MLflowCallback(Callback):
         if cause:
             c.set_tag(run, ERROR, cause)
         c.set_terminated(run, status=_RUN_STATUS.get(status, "FINISHED"))
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._guarded(self._end, trial, None)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._guarded(lambda: self._end(trial, trial_error(trial, self.run_dir)))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self._guarded(self._finish, trials)

@@ -21,9 +21,8 @@ import re
 import threading
 from typing import Any
 
-from ray.tune import Callback
-
-from grpo_ray.tracking.common import FAILED, STEP, TrackingError, final_status, metrics_of, params_of, trial_error
+from grpo_ray.tracking.callback import TrialRunCallback
+from grpo_ray.tracking.common import FAILED, STEP, TrackingError, final_status, metrics_of, params_of
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def init_run(project: str, entity: str | None, mode: str, group: str, directory:
     )
 
 
-class WandbCallback(Callback):
+class WandbCallback(TrialRunCallback):
     """One W&B run per Tune trial, in the group of the sweep.
 
     As for MLflow (tracking/mlflow.py): the import starts in a thread at :meth:`setup`, and a
@@ -116,12 +115,6 @@ class WandbCallback(Callback):
             self._runs[tid] = run
         return self._runs[tid]
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._guarded(self._run_of, trial)
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self._guarded(self._log, trial, result)
-
     def _log(self, trial: Any, result: dict[str, Any]) -> None:
         step, values = metrics_of(result)
         self._run_of(trial).log(values | {STEP: step})
@@ -135,12 +128,6 @@ class WandbCallback(Callback):
         run.tags = tuple(run.tags or ()) + (status,)
         run.finish(exit_code=1 if status == FAILED else 0)
         self._runs.pop(str(trial.trial_id), None)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._guarded(self._end, trial, None)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._guarded(lambda: self._end(trial, trial_error(trial, self.run_dir)))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         def finish_all() -> None:
