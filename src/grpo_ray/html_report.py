@@ -422,7 +422,7 @@ def _effective_html(metrics: dict[str, Any]) -> str:
 
 
 def _utilization_html(run: RunData) -> str:
-    """Busy fraction, start-up and hand-over times, trials per device-hour (utilization.py)."""
+    """Busy fraction, start-up and hand-over times, trials per device-hour, measured GPU load (utilization.py)."""
     from grpo_ray.utilization import summary_line, utilization
 
     use = utilization((t.last, t.state in ("finished", "stopped early")) for t in run.trials)
@@ -439,10 +439,21 @@ def _utilization_html(run: RunData) -> str:
         st = use[key[0]] if len(key) == 1 else use[key[0]][key[1]]
         if st:
             rows.append([name, f"median {st['median']:.1f}, max {st['max']:.1f} over {st['n']} trials"])
+    if use.get("gpu_util_mean") is not None:  # NVML, sampled in the trials (trial/gpu_sampler.py)
+        rows += [["GPU utilization during steps (%)", use["gpu_util_steps_mean"]],
+                 ["GPU utilization overall (%)", use["gpu_util_mean"]],
+                 ["GPU memory used, most on a card (GiB)", use["gpu_mem_used_max_gib"]]]
+        if len(use["gpu_util_per_device"]) > 1:
+            rows += [[f"GPU utilization on {dev} (%)", f"{_fmt(d['gpu_util_steps_mean'])} during steps, "
+                      f"{_fmt(d['gpu_util_mean'])} overall"] for dev, d in use["gpu_util_per_device"].items()]
     note = ("Busy: from a trial's first training step or evaluation to its last report. Start-up: trial start to "
             "first step. Hand-over: the previous trial's end on the same actor (or device) to this trial's first step. "
             "torch.compile: the trial's time compiling graphs (its model load included); a reused model's trials "
-            "compile only what they recompile.")
+            "compile only what they recompile."
+            + (" GPU utilization: NVML's utilization.gpu (the share of time a kernel ran), sampled about once a "
+               "second in each trial, from its first step on (during steps) and from its start (overall); trials "
+               "packed on one GPU each see the whole card, so a card's numbers average its trials' samples."
+               if use.get("gpu_util_mean") is not None else ""))
     return (f"<p>{html.escape(summary_line(use))}.</p>" + _table(["", "value"], rows)
             + f"<p class='note'>{html.escape(note)}</p>")
 

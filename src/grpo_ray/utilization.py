@@ -20,7 +20,14 @@ a running sweep too:
 - ``trials_per_device_hour``: finished trials per wall hour per device;
   ``trials_per_device_hour_after_first``: the same from the end of each device's first trial
   (the steady rate a longer sweep tends to), a trial counted by the share of its own time
-  that falls in that window (a packed neighbour of the first trial is partly inside it).
+  that falls in that window (a packed neighbour of the first trial is partly inside it);
+- ``gpu_util_mean`` / ``gpu_util_steps_mean``: the GPUs' measured load (NVML ``utilization.gpu``,
+  %, sampled about once a second inside each trial: trial/gpu_sampler.py) over the trials' whole
+  time and from their first step on, means weighted by samples; ``gpu_mem_used_max_gib``: the
+  most memory used on a card; ``gpu_util_per_device``: the same per device. Packed trials each
+  sample the whole card, so a device's mean averages its trials' samples (never sums them); the
+  sweep's mean counts a packed device's samples once per trial on it. Only present when some
+  trial reported them (a trial on CPU, or without nvidia-ml-py, reports none).
 
 A device is a (node, GPU ids) pair; trials without a GPU count their node's CPUs as one device.
 """
@@ -42,6 +49,7 @@ class _Trial:
     worker: str
     finished: bool
     compile_s: float | None  # None from a grpo-ray before the metric
+    gpu: dict[str, float] | None = None  # NVML samples (trial/gpu_sampler.py); None without them
 
 
 def _trial(m: dict[str, Any], finished: bool) -> _Trial | None:
@@ -52,7 +60,30 @@ def _trial(m: dict[str, Any], finished: bool) -> _Trial | None:
     node, gpus, pid = m.get("node", "?"), str(m.get("gpus") or ""), str(m.get("worker_pid", "?"))
     compile_s = m.get("compile_s")
     return _Trial(started, first, end, bool(m.get("model_reused")), f"{node}/gpu{gpus}" if gpus else f"{node}/cpu",
-                  f"{node}/pid{pid}", finished, float(compile_s) if compile_s is not None else None)
+                  f"{node}/pid{pid}", finished, float(compile_s) if compile_s is not None else None, _gpu(m))
+
+
+def _gpu(m: dict[str, Any]) -> dict[str, float] | None:
+    """A trial's NVML numbers, or None when it reported none (or none usable)."""
+    try:
+        n = float(m["gpu_samples"])
+        out = {"n": n, "util": float(m["gpu_util_mean"]), "mem": float(m.get("gpu_mem_used_max_gib") or 0.0),
+               "n_steps": float(m.get("gpu_steps_samples") or 0.0), "steps": float(m.get("gpu_util_steps_mean") or 0.0)}
+    except (KeyError, TypeError, ValueError):
+        return None
+    return out if n > 0 else None
+
+
+def _gpu_use(ts: list[_Trial]) -> dict[str, Any]:
+    """Sample-weighted means of the trials' GPU utilization (%) and their largest memory used; {} without any."""
+    g = [t.gpu for t in ts if t.gpu is not None]
+    if not g:
+        return {}
+    n, n_steps = sum(x["n"] for x in g), sum(x["n_steps"] for x in g)
+    return {"gpu_util_mean": round(sum(x["util"] * x["n"] for x in g) / n, 1),
+            "gpu_util_steps_mean": round(sum(x["steps"] * x["n_steps"] for x in g) / n_steps, 1) if n_steps else None,
+            "gpu_mem_used_max_gib": round(max(x["mem"] for x in g), 2),
+            "gpu_samples": int(n)}
 
 
 def _union(intervals: Iterable[tuple[float, float]], lo: float, hi: float) -> float:
@@ -115,7 +146,16 @@ def utilization(trials: Iterable[tuple[dict[str, Any], bool]]) -> dict[str, Any]
                       "warm": _stats([t.compile_s for t in ts if t.reused and t.compile_s is not None])},
         "trials_per_device_hour": round(sum(t.finished for t in ts) / (wall / 3600 * len(devices)), 2),
         "trials_per_device_hour_after_first": round(after_done / (after_wall / 3600), 2) if after_wall > 0 else None,
-    }
+    } | _gpu_use_all(ts, devices)
+
+
+def _gpu_use_all(ts: list[_Trial], devices: list[str]) -> dict[str, Any]:
+    """The sweep's GPU utilization and each device's (averaged over the trials that sampled it)."""
+    overall = _gpu_use(ts)
+    if not overall:
+        return {}
+    per = {dev: use for dev in devices if (use := _gpu_use([t for t in ts if t.device == dev]))}
+    return overall | {"gpu_util_per_device": per}
 
 
 def summary_line(u: dict[str, Any] | None) -> str:
@@ -134,4 +174,8 @@ def summary_line(u: dict[str, Any] | None) -> str:
     if u["handoff_s"]:
         parts.append(f"hand-over median {u['handoff_s']['median']:.1f} s")
     parts.append(f"{u['trials_per_device_hour']:.1f} trials per device-hour")
+    if u.get("gpu_util_mean") is not None:  # measured by the trials (NVML), beside the timings above
+        steps = u.get("gpu_util_steps_mean")
+        parts.append("GPU util " + (f"{steps:.0f}% during steps, " if steps is not None else "")
+                     + f"{u['gpu_util_mean']:.0f}% overall")
     return "utilization: " + ", ".join(parts)

@@ -23,6 +23,7 @@ from grpo_ray import template
 from grpo_ray.data import Datasets, load_datasets
 from grpo_ray.spec import SweepSpec, apply_overrides
 from grpo_ray.trial.compile_clock import CompileClock
+from grpo_ray.trial.gpu_sampler import GpuSampler
 
 STATE_FILE = "trial_state.json"  # in each checkpoint: the GRPO step reached and the trial's fixed metrics
 EFFECTIVE_FILE = "effective_config.json"  # in each checkpoint: every TRL argument the trainers ran with
@@ -194,9 +195,9 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, report=None,
     from grpo_ray.trial.guard import TrialHungError, Watchdog
 
     watchdog = Watchdog(trial_spec.trial.step_timeout_s, write_cause=record_fault)
-    try:
-        with watchdog:
-            return _run(trial_spec, spec, set(config), report or _tune_report, watchdog, resume_from, context)
+    try:  # the GPU sampler (NVML, in this process: the driver may have no GPU) stops when the trial does
+        with watchdog, GpuSampler() as gpu:
+            return _run(trial_spec, spec, set(config), report or _tune_report, watchdog, resume_from, context, gpu)
     except TrialHungError:
         warm.release()
         raise TrialHungError(watchdog.cause) from None
@@ -208,7 +209,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, report=None,
 
 
 def _run(trial_spec: SweepSpec, spec: SweepSpec, sampled: set[str], report, watchdog, resume_from: Path | None,
-         context: dict[str, Any] | None) -> dict[str, float]:
+         context: dict[str, Any] | None, gpu: GpuSampler) -> dict[str, float]:
     from grpo_ray.models import resolve_model
     from grpo_ray.trial import warm
 
@@ -243,6 +244,7 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, sampled: set[str], report, watc
     # When the GPU starts working for this trial: its first training step or evaluation.
     # Start-up is everything before it (model load or adapter reset, data, trainer set-up).
     busy = FirstStep()
+    gpu.steps_since = lambda: busy.at  # its samples from here on count as "during steps"
     fixed: dict[str, float] = {"eval_size": float(len(data.eval))}  # kept in checkpoints for a retry
     # This attempt's own timings and place; a retry reports its own, not the checkpoint's.
     attempt = {"trial_started_at": t0, "load_s": t_loaded - t0, "model_reused": float(reused)} | (context or {})
@@ -297,7 +299,7 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, sampled: set[str], report, watc
             phases["grpo_setup_s"] = grpo_loop.at - t_grpo
             phases["grpo_step_s"] = (time.time() - grpo_loop.at - (phases["eval_seconds"] - eval_before_grpo)) / steps
         graphs, compile_s = compile_clock.since()
-        metrics |= fixed | attempt | busy.metrics(t0) | phases | {
+        metrics |= fixed | attempt | busy.metrics(t0) | phases | gpu.metrics() | {
             "compiled_graphs": float(graphs),
             "compile_s": compile_s,
             "step": step,
