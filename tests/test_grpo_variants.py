@@ -236,3 +236,20 @@ def test_the_report_shows_the_winners_effective_configuration(grid_run):
     page = (run / "report.html").read_text()
     assert "The configuration that really ran" in page and "grpo.loss_type" in page
     assert "zero_std_groups" in page
+
+
+def test_no_grpo_prompt_fitting_is_a_configuration_error(tiny_model_dir):
+    """Raised as DataError, which search.py fails at once instead of retrying (the same every attempt)."""
+    from transformers import AutoTokenizer
+
+    from grpo_ray.data import DataError, load_datasets
+    from grpo_ray.search import _configuration_errors
+    from grpo_ray.spec import apply_overrides
+    from grpo_ray.trial.common import prepare_tokenizer
+    from grpo_ray.trial.run import grpo_rows
+
+    spec = apply_overrides(load_spec(REPO / "sweeps" / "smoke.yaml"), {"grpo.max_prompt_length": 8})
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir), spec)
+    with pytest.raises(DataError, match="no GRPO prompt fits grpo.max_prompt_length=8 tokens") as e:
+        grpo_rows(load_datasets(spec.data), tok, spec)
+    assert isinstance(e.value, _configuration_errors())

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from grpo_ray import template
-from grpo_ray.data import Datasets, load_datasets
+from grpo_ray.data import DataError, Datasets, load_datasets
 from grpo_ray.spec import SweepSpec, apply_overrides
 from grpo_ray.trial.compile_clock import CompileClock
 from grpo_ray.trial.gpu_sampler import GpuSampler
@@ -170,8 +170,8 @@ def grpo_rows(data: Datasets, tokenizer: Any, spec: SweepSpec) -> list[dict[str,
             ids = ids["input_ids"]
         if len(ids) <= spec.grpo.max_prompt_length:
             rows.append({"prompt": prompt, "answer": e.answer})
-    if not rows:
-        raise ValueError(
+    if not rows:  # a configuration error (DataError): the same every attempt, so Tune does not retry it
+        raise DataError(
             f"no GRPO prompt fits grpo.max_prompt_length={spec.grpo.max_prompt_length} tokens; raise it"
         )
     return rows
