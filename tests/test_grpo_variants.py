@@ -90,6 +90,20 @@ def test_every_trl_argument_a_trial_passes_is_in_the_table_it_is_checked_against
     assert set(grpo_config_kwargs(spec, [1.0] * 4)) == set(GRPO_ARGS | COMMON_ARGS)
 
 
+def test_a_length_a_backend_keeps_under_another_name_is_not_a_change():
+    """Unsloth's SFT config moves max_length to max_seq_length (its own truncation): the same length."""
+    from types import SimpleNamespace
+
+    from grpo_ray.trial.common import SFT_ARGS, effective_settings
+
+    ran, changes = effective_settings(SimpleNamespace(max_length=None, max_seq_length=384), {"max_length": 384},
+                                      SFT_ARGS)
+    assert ran == {"sft.max_length": 384} and changes == []
+    ran, changes = effective_settings(SimpleNamespace(max_length=None, max_seq_length=256), {"max_length": 384},
+                                      SFT_ARGS)
+    assert [c.describe() for c in changes] == ["sft.max_length: asked 384, ran 256"]
+
+
 def test_effective_settings_doctest():
     from grpo_ray.trial import common
 

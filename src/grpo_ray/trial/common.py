@@ -292,6 +292,13 @@ GRPO_ARGS: dict[str, str | None] = {
 SPEC_UNITS: dict[str, Callable[[Any, Any], Any]] = {
     "grpo.batch_size": lambda v, args: v // args.num_generations,  # prompts, not completions
 }
+# Spec fields a backend may keep under another argument: how to read the value that applies.
+# Unsloth's SFT trainer truncates in its own dataset preparation: it moves max_length to its
+# max_seq_length and sets max_length to None (unsloth/models/rl.py, 2026.10.7).
+EFFECTIVE_READERS: dict[str, Callable[[Any], Any]] = {
+    "sft.max_length": lambda args: args.max_length if args.max_length is not None
+    else getattr(args, "max_seq_length", None),
+}
 COMMON_ARGS: dict[str, str | None] = {
     "gradient_checkpointing": "lora.gradient_checkpointing", "seed": "grpo.seed", "bf16": None,
     "report_to": None, "save_strategy": None, "logging_steps": None, "disable_tqdm": None,
@@ -416,12 +423,12 @@ def effective_settings(args: Any, requested: dict[str, Any], table: dict[str, st
     for arg, asked in requested.items():
         if arg not in table or not hasattr(args, arg):
             continue
-        value = _plain(getattr(args, arg))
-        if arg == "scale_rewards":  # TRL's own spellings of the same setting
-            value = {True: "group", False: "none"}.get(value, value)
         field = table[arg]
         if field is None:  # a setting of ours (report_to, logging...): in the full record only
             continue
+        value = _plain(EFFECTIVE_READERS[field](args) if field in EFFECTIVE_READERS else getattr(args, arg))
+        if arg == "scale_rewards":  # TRL's own spellings of the same setting
+            value = {True: "group", False: "none"}.get(value, value)
         if not _same(_plain(asked), value):
             changes.append(Change(arg, field, _plain(asked), value))
         ran[field] = SPEC_UNITS[field](value, args) if field in SPEC_UNITS else value
