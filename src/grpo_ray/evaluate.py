@@ -19,7 +19,6 @@ class EvalResult:
     accuracy: float
     format_rate: float
     n: int
-    samples: list[tuple[str, str, str]]  # (question, reference, completion) for the first few
     by_kind: dict[str, float] = field(default_factory=dict)  # accuracy per problem kind (data columns.kind)
 
     def accuracy_metrics(self, name: str) -> dict[str, float]:
@@ -47,7 +46,6 @@ def score(completions: list[str], examples: list[Example], fmt: template.Format,
         accuracy=correct / n if n else 0.0,
         format_rate=sum(1 for f in formatted if f > 0) / n if n else 0.0,
         n=n,
-        samples=[(e.question, e.answer, c) for e, c in list(zip(examples, completions))[:3]],
         by_kind={k: solved / seen for k, (solved, seen) in sorted(kinds.items())},
     )
 

@@ -683,14 +683,6 @@ class GGUFSource:
         return {"n_tensors": len(self.plan_base), "bytes": out_path.stat().st_size}
 
 
-def write_gguf(
-    model_dir: Path, out_path: Path, gguf_type: str = "f16", *, chat_template: str | None = None,
-    name: str = "model",
-) -> dict[str, Any]:
-    """Convert one (merged) HF model directory to one GGUF file of a native type (f32/f16/bf16/q8_0)."""
-    return GGUFSource(Path(model_dir), chat_template=chat_template, name=name).write(Path(out_path), gguf_type)
-
-
 def write_lora_gguf(
     adapter_dir: Path, base_model_dir: Path, out_path: Path, *, dtype: str = "f16", base_gguf: Path | None = None,
 ) -> dict[str, Any]:
