@@ -458,21 +458,16 @@ def trl_args_dict(args: Any) -> dict[str, Any]:
 
 
 class EffectiveConfig(TrainerCallback):
-    """At the start of a trainer's loop, when Unsloth and TRL have had every say: records the
-    arguments the trainer really runs with, and refuses a change to a sampled value.
+    """At the start of a trainer's loop, when Unsloth and TRL have had every say: hands the
+    arguments the trainer really runs with to ``check(stage, requested, args, table)`` (the
+    trial's EffectiveRecord.check: records them, refuses a change to a sampled value)."""
 
-    ``record(stage, args, ran, changes)`` keeps them for the trial's reports.
-    """
-
-    def __init__(self, stage: str, requested: dict[str, Any], table: dict[str, str | None], sampled: set[str],
-                 backend: str, record: Callable[[str, Any, dict[str, Any], list[Change]], None]) -> None:
-        self.stage, self.requested, self.table, self.sampled = stage, requested, table, sampled
-        self.backend, self.record = backend, record
+    def __init__(self, stage: str, requested: dict[str, Any], table: dict[str, str | None],
+                 check: Callable[[str, dict[str, Any], Any, dict[str, str | None]], Any]) -> None:
+        self.stage, self.requested, self.table, self.check = stage, requested, table, check
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        ran, changes = effective_settings(args, self.requested, self.table)
-        self.record(self.stage, args, ran, changes)
-        refuse_sampled_changes(changes, self.sampled, self.backend, self.stage)
+        self.check(self.stage, self.requested, args, self.table)
 
 
 class StepReporter(TrainerCallback):

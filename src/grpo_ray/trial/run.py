@@ -133,8 +133,8 @@ class EffectiveRecord:
 
     def check(self, stage: str, requested: dict[str, Any], args: Any, table: dict[str, str | None]
               ) -> dict[str, Any]:
-        """Before training: record ``args`` (a TRL config just built) and refuse a sampled value changed.
-        Returns ``requested``, for the trainer's own check (:meth:`callback`)."""
+        """Record ``args`` (a TRL config: one just built, before training, or a trainer's as its loop
+        starts, through :meth:`callback`) and refuse a sampled value changed. Returns ``requested``."""
         from grpo_ray.trial.common import effective_settings, refuse_sampled_changes
 
         ran, changes = effective_settings(args, requested, table)
@@ -145,7 +145,7 @@ class EffectiveRecord:
     def callback(self, stage: str, requested: dict[str, Any], table: dict[str, str | None]) -> Any:
         from grpo_ray.trial.common import EffectiveConfig
 
-        return EffectiveConfig(stage, requested, table, self.sampled, self.backend, self.record)
+        return EffectiveConfig(stage, requested, table, self.check)
 
     def metrics(self) -> dict[str, Any]:
         # Lists (the reward weights) stay in the file: a metric is a number or a string.
