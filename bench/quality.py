@@ -8,7 +8,9 @@ google/gemma-3-270m), at the same steps per trial:
 2. ``sweep``: Optuna (TPE, ASHA on held-out accuracy) over the space a practitioner would search:
    GRPO variant (loss_type), learning rates, group size, temperature, SFT length and learning
    rate, LoRA rank, the answer reward's weight; scored on the validation set, where it chooses;
-3. ``rerun``: the sweep's winner (its best.json, the product's own pick) on 3 fresh seeds.
+3. ``rerun``: the sweep's winner (its best.json, the product's own pick) on 3 fresh seeds;
+4. ``paired`` (``rerun --paired``, PAIRED=1 in the session): the tutorial's recipe on the
+   re-run's seeds in the same lease, so winner and tutorial differ in nothing but the recipe.
 
 Tutorial and rerun are scored on the test set (bench/data/heldout_test.jsonl), which nothing
 chooses on, so picking the best of many trials does not inflate the comparison
@@ -116,9 +118,14 @@ def make_specs(out: Path, cpu: bool, gguf: str | None, sweep_trials: int) -> Non
         print(f"wrote {out / name}.yaml")
 
 
-def make_rerun(out: Path, sweep_run: Path | None, winner_json: str | None, cpu: bool, gguf: str | None) -> None:
+def make_rerun(out: Path, sweep_run: Path | None, winner_json: str | None, cpu: bool, gguf: str | None,
+               paired: bool = False) -> None:
     """rerun.yaml from the sweep's best.json, or from ``winner_json`` (its hyperparameters, as an
-    earlier lease's bench/results recorded them: the re-run arm alone in a later lease)."""
+    earlier lease's bench/results recorded them: the re-run arm alone in a later lease).
+
+    ``paired`` also writes paired.yaml: the tutorial's recipe on the re-run's seeds, to run beside
+    it in the same lease, so each seed gives a winner-minus-tutorial difference measured on one
+    machine at one commit (the arms of different leases differ in more than the recipe)."""
     if winner_json:
         trial_id, winner = "(given)", json.loads(winner_json)
     else:
@@ -128,6 +135,10 @@ def make_rerun(out: Path, sweep_run: Path | None, winner_json: str | None, cpu: 
     out.mkdir(parents=True, exist_ok=True)
     (out / "rerun.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     print(f"wrote {out}/rerun.yaml: the sweep's winner {trial_id} {json.dumps(winner)}")
+    if paired:
+        tutorial = _grid_on_seeds(_base(cpu, gguf), "quality-paired", RERUN_SEEDS, {})
+        (out / "paired.yaml").write_text(yaml.safe_dump(tutorial, sort_keys=False))
+        print(f"wrote {out}/paired.yaml: the tutorial's recipe on the re-run's seeds {RERUN_SEEDS}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     which = r.add_mutually_exclusive_group(required=True)
     which.add_argument("--sweep-run", type=Path, help="the sweep's run directory (its best/best.json)")
     which.add_argument("--winner", help="the winner's hyperparameters as JSON ({dotted.path: value})")
+    r.add_argument("--paired", action="store_true",
+                   help="also write paired.yaml: the tutorial's recipe on the re-run's seeds, run beside it")
     for p in (s, r):
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--gguf", help="the gemma GGUF (default: bench/quality.yaml's model.source)")
@@ -147,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "specs":
         make_specs(a.out, a.cpu, a.gguf, a.sweep_trials)
     else:
-        make_rerun(a.out, a.sweep_run, a.winner, a.cpu, a.gguf)
+        make_rerun(a.out, a.sweep_run, a.winner, a.cpu, a.gguf, a.paired)
     return 0
 
 

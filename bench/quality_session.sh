@@ -8,6 +8,7 @@
 # CPU=1 runs the same pipeline on the tiny model here (the plumbing; nothing is learned).
 # SWEEP_TRIALS (default 6) sizes the sweep. WINNER='{"dotted.path": value, ...}' runs the re-run arm
 # alone, for a winner an earlier lease found (bench/README.md): results of several leases combine.
+# PAIRED=1 runs the tutorial's recipe on the re-run's seeds beside it (bench/quality.py rerun --paired).
 set -u
 cd "$(dirname "$0")/.."
 Q=${Q:-/tmp/q}
@@ -38,13 +39,20 @@ else
   WHICH=(--winner "$WINNER")
 fi
 echo "== $(date +%T) rerun"
-if python3 bench/quality.py rerun --out $Q "${WHICH[@]}" $CPUFLAG; then
+PAIRFLAG=""; [ "${PAIRED:-0}" = 1 ] && PAIRFLAG="--paired"
+if python3 bench/quality.py rerun --out $Q "${WHICH[@]}" $CPUFLAG $PAIRFLAG; then
+  PAIR=""
+  if [ -n "$PAIRFLAG" ]; then
+    python3 -m grpo_ray.cli sweep $Q/paired.yaml > $Q/paired.log 2>&1 &
+    PAIR=$!
+  fi
   python3 -m grpo_ray.cli sweep $Q/rerun.yaml > $Q/rerun.log 2>&1; echo "rerun rc=$?"
+  [ -n "$PAIR" ] && { wait $PAIR; echo "paired rc=$?"; }
 fi
 python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1
 echo "== $(date +%T) summary"
-for r in tutorial sweep rerun; do cp "$STORE/quality-$r/trials.json" $Q/$r.trials.json 2>/dev/null; done
+for r in tutorial sweep rerun paired; do cp "$STORE/quality-$r/trials.json" $Q/$r.trials.json 2>/dev/null; done
 python3 bench/quality_summary.py --tutorial "$STORE/quality-tutorial" --sweep "$STORE/quality-sweep" \
-  --rerun "$STORE/quality-rerun" --out $Q/quality.json --plot $Q/quality.png --commit $COMMIT \
+  --rerun "$STORE/quality-rerun" ${PAIRFLAG:+--paired "$STORE/quality-paired"} --out $Q/quality.json --plot $Q/quality.png --commit $COMMIT \
   --command "bash bench/quality_session.sh $COMMIT" 2>&1 | tail -20
 touch $Q/DONE

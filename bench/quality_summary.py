@@ -8,13 +8,18 @@ read from up to three sweep runs' ``trials.json``:
   so the GRPO stage's own contribution is visible (same seeds, same data, no extra runs);
 * ``sweep``: every trial of the hyperparameter sweep (config, accuracy, stopped early or failed)
   and its best finished trial, chosen on the validation set (bench/data/heldout_val.jsonl);
-* ``rerun``: the sweep's best configuration on 3 fresh seeds.
+* ``rerun``: the sweep's best configuration on 3 fresh seeds, and ``rerun_sft_only``, the same
+  trials right after SFT (the winner's SFT settings alone);
+* ``paired`` (optional): the tutorial's recipe on the rerun's seeds, run beside it in the same
+  lease, and ``paired_sft_only``. With it the verdict is paired: per seed, winner minus tutorial,
+  measured on one machine at one commit.
 
 tutorial, sft_only and rerun are scored on the test set (bench/data/heldout_test.jsonl), never
 used for choosing, so the best-of-many selection does not inflate them (bench/heldout_math.py).
 
-The ``verdict`` compares rerun with tutorial: the difference of means against the larger of the
-two arms' seed standard deviations. A sweep that only wins by less than the seed-to-seed spread
+The ``verdict`` compares rerun with tutorial (with ``paired``, the paired run is the tutorial arm
+it is compared with): the difference of means against the larger of the two arms' seed standard
+deviations; the paired differences per seed are reported beside it. A sweep that only wins by less than the seed-to-seed spread
 has not shown anything. GPU seconds per arm (sum over trials of reported_at - trial_started_at,
 and the wall span first start .. last report) are recorded so the arms can be compared at equal
 GPU budget: a sweep costs many tutorial runs.
@@ -43,7 +48,12 @@ from typing import Any
 
 ACC = "eval_accuracy"
 SFT_ACC = "sft_eval_accuracy"
-ARMS = ("tutorial", "sft_only", "sweep", "rerun")
+ARMS = ("tutorial", "sft_only", "sweep", "rerun", "rerun_sft_only", "paired", "paired_sft_only")
+# (arm, run it is read from, metric): the *_sft_only arms are their run's trials right after SFT.
+ARM_SOURCES = (("tutorial", "tutorial", ACC), ("sft_only", "tutorial", SFT_ACC), ("sweep", "sweep", ACC),
+               ("rerun", "rerun", ACC), ("rerun_sft_only", "rerun", SFT_ACC),
+               ("paired", "paired", ACC), ("paired_sft_only", "paired", SFT_ACC))
+RUNS = ("tutorial", "sweep", "rerun", "paired")
 
 
 def _num(v: Any) -> float | None:
@@ -75,14 +85,18 @@ def _finished(trial: dict) -> bool:
 
 
 def load_run(run_dir: str | None) -> dict[str, Any]:
-    """``{"dir", "trials": list | None, "spec": dict | str | None, "missing": reason | None}``."""
+    """``{"dir", "trials": list | None, "spec": dict | str | None, "missing": reason | None}``.
+
+    ``run_dir`` is a run directory or a trials.json file itself (an earlier lease's, as committed
+    under bench/results/)."""
     run: dict[str, Any] = {"dir": run_dir, "trials": None, "spec": None, "missing": None}
     if not run_dir:
         run["missing"] = "not given"
         return run
     path = Path(run_dir)
+    trials_file = path if path.is_file() else path / "trials.json"
     try:
-        trials = json.loads((path / "trials.json").read_text())
+        trials = json.loads(trials_file.read_text())
         if not isinstance(trials, list):
             raise ValueError("trials.json is not a list")
         run["trials"] = [t for t in trials if isinstance(t, dict)]
@@ -164,9 +178,8 @@ def _by_start(trials: list[dict]) -> list[dict]:
 def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The benchmark's arms and verdict from the loaded tutorial, sweep and rerun runs."""
     arms: dict[str, Any] = {}
-    for name, source, metric in (("tutorial", "tutorial", ACC), ("sft_only", "tutorial", SFT_ACC),
-                                 ("sweep", "sweep", ACC), ("rerun", "rerun", ACC)):
-        run = runs[source]
+    for name, source, metric in ARM_SOURCES:
+        run = runs.get(source) or {"dir": None, "trials": None, "spec": None, "missing": "not given"}
         if run["trials"] is None:
             arms[name] = {"missing": run["missing"], "run_dir": run["dir"], "n": 0}
             continue
@@ -180,8 +193,8 @@ def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                **arm_stats(pool, metric),
                # sft_only is the tutorial's trials: same GPU time, not extra (reported for the table only).
                "time": gpu_time(trials), "spec": run["spec"]}
-        if name == "sft_only":
-            arm["note"] = "the tutorial's finished trials, measured after SFT; its time is the tutorial's"
+        if name.endswith("sft_only"):
+            arm["note"] = f"the {source} run's finished trials, measured after SFT; its time is that run's"
         if name == "sweep":
             ordered = _by_start(trials)
             arm["trials"] = [dict(_trial_row(t), index=i) for i, t in enumerate(ordered)]
@@ -193,7 +206,24 @@ def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             arm["best"] = chosen[0] if chosen else (max(ranked, key=lambda r: r[ACC]) if ranked else None)
             arm["best_rule"] = "best/best.json (the sweep's pick)" if chosen else "highest eval_accuracy"
         arms[name] = arm
-    return {"arms": arms, "verdict": verdict(arms), "gpu_budget": gpu_budget(arms)}
+    return {"arms": arms, "paired": paired_differences(arms), "verdict": verdict(arms), "gpu_budget": gpu_budget(arms)}
+
+
+def paired_differences(arms: dict[str, Any]) -> dict[str, Any] | None:
+    """Per seed, rerun minus paired (the tutorial on the same seed, same lease), after GRPO and after SFT."""
+    if arms.get("paired", {}).get("missing") or arms.get("rerun", {}).get("missing"):
+        return None
+    out: dict[str, Any] = {}
+    for label, a, b in (("final", "rerun", "paired"), ("after_sft", "rerun_sft_only", "paired_sft_only")):
+        left = {v["seed"]: v["value"] for v in arms[a].get("values", [])}
+        right = {v["seed"]: v["value"] for v in arms[b].get("values", [])}
+        seeds = sorted(set(left) & set(right), key=str)
+        diffs = [left[s] - right[s] for s in seeds]
+        out[label] = {"seeds": seeds, "differences": diffs,
+                      "mean": statistics.fmean(diffs) if diffs else None,
+                      "std": statistics.stdev(diffs) if len(diffs) >= 2 else None,
+                      "positive": sum(d > 0 for d in diffs), "n": len(diffs)}
+    return out
 
 
 def _picked_trial(run_dir: str | None) -> str | None:
@@ -204,16 +234,21 @@ def _picked_trial(run_dir: str | None) -> str | None:
 
 
 def verdict(arms: dict[str, Any]) -> dict[str, Any]:
-    """rerun mean - tutorial mean against the larger seed std of the two arms."""
-    tut, rer, sft = arms["tutorial"], arms["rerun"], arms["sft_only"]
+    """rerun mean - tutorial mean against the larger seed std of the two arms (the paired run as
+    the tutorial arm when there is one: same lease, same seeds)."""
+    paired = arms.get("paired") or {}
+    use_paired = not paired.get("missing") and paired.get("n")
+    tut, rer = (paired, arms["rerun"]) if use_paired else (arms["tutorial"], arms["rerun"])
+    sft = arms["paired_sft_only"] if use_paired else arms["sft_only"]
     out: dict[str, Any] = {"rerun_minus_tutorial": None, "seed_spread": None, "beats": None,
-                           "tutorial_minus_sft_only": None}
+                           "tutorial_minus_sft_only": None,
+                           "tutorial_arm": "paired (same lease, same seeds)" if use_paired else "tutorial"}
     if tut.get("mean") is not None and sft.get("mean") is not None:
         out["tutorial_minus_sft_only"] = tut["mean"] - sft["mean"]  # what GRPO adds on top of SFT
-    missing = [a for a, arm in (("tutorial", tut), ("rerun", rer)) if arm.get("missing") or not arm.get("n")]
+    missing = [(a, arm) for a, arm in (("tutorial", tut), ("rerun", rer)) if arm.get("missing") or not arm.get("n")]
     if missing:
         out["sentence"] = "incomplete: " + ", ".join(
-            f"{a} missing" if arms[a].get("missing") else f"{a} has no finished trial" for a in missing)
+            f"{a} missing" if arm.get("missing") else f"{a} has no finished trial" for a, arm in missing)
         return out
     out["rerun_minus_tutorial"] = rer["mean"] - tut["mean"]
     stds = [s for s in (tut["std"], rer["std"]) if s is not None]
@@ -233,7 +268,7 @@ def verdict(arms: dict[str, Any]) -> dict[str, Any]:
 
 def gpu_budget(arms: dict[str, Any]) -> dict[str, Any]:
     """GPU seconds of each arm and what the sweep route (sweep + rerun) cost in tutorial runs."""
-    g = {a: (arms[a].get("time") or {}).get("gpu_s") for a in ("tutorial", "sweep", "rerun")}
+    g = {a: (arms[a].get("time") or {}).get("gpu_s") for a in ("tutorial", "sweep", "rerun", "paired")}
     out: dict[str, Any] = {f"{a}_gpu_s": v for a, v in g.items()}
     tut_n = arms["tutorial"].get("trials_in_run") or 0
     if g["tutorial"] and tut_n and g["sweep"] is not None:
@@ -332,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tutorial", help="run directory of the tutorial recipe on 3 seeds")
     p.add_argument("--sweep", help="run directory of the hyperparameter sweep")
     p.add_argument("--rerun", help="run directory of the sweep's best configuration on 3 fresh seeds")
+    p.add_argument("--paired", help="run directory of the tutorial's recipe on the rerun's seeds, same lease")
     p.add_argument("--out", required=True, help="JSON to write, e.g. bench/results/quality_h200_COMMIT.json")
     p.add_argument("--plot", help="PNG to write (skipped without matplotlib)")
     p.add_argument("--commit", help="code commit the runs used (default: this checkout's HEAD)")
@@ -339,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--command", help="the command(s) that produced the runs, recorded verbatim")
     args = p.parse_args(argv)
 
-    runs = {name: load_run(getattr(args, name)) for name in ("tutorial", "sweep", "rerun")}
+    runs = {name: load_run(getattr(args, name)) for name in RUNS}
     summary = summarize(runs)
     summary["table_md"] = table_md(summary["arms"])
     result = {"benchmark": "quality", "commit": args.commit or _git_commit(), "device": args.device,
@@ -353,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     print(summary["table_md"])
     v = summary["verdict"]
     print(f"\nverdict: {v['sentence']}" + (f" ({v['detail']})" if v.get("detail") else ""))
+    for label, d in (summary["paired"] or {}).items():
+        if d["n"]:
+            print(f"paired ({label}): rerun - tutorial per seed {[round(x, 4) for x in d['differences']]}, "
+                  f"mean {d['mean']:+.4f}, positive {d['positive']}/{d['n']}")
     if v.get("tutorial_minus_sft_only") is not None:
         print(f"GRPO over SFT alone (tutorial - sft_only): {v['tutorial_minus_sft_only']:+.3f}")
     print("gpu budget:", json.dumps(summary["gpu_budget"]))
