@@ -311,7 +311,7 @@ def plot(summary: dict[str, Any], path: str) -> bool:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return False
     arms = summary["arms"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.4]})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1.4, 1]})
     for i, name in enumerate(ARMS):
         a = arms[name]
         vals = [v["value"] for v in a.get("values", [])]
@@ -324,7 +324,9 @@ def plot(summary: dict[str, Any], path: str) -> bool:
         xs = [i + 0.12 * ((j % 5) - 2) / 2 for j in range(len(vals))]
         ax1.scatter(xs, vals, s=22, alpha=0.8, zorder=3)
         ax1.hlines(a["mean"], i - 0.3, i + 0.3, colors="black", linewidth=2, zorder=4)
-    ax1.set_xticks(range(len(ARMS)), [f"{n}\n(n={arms[n].get('n', 0)})" for n in ARMS])
+    # "rerun_sft_only" -> "rerun\nSFT only": seven labels side by side must not overlap.
+    ax1.set_xticks(range(len(ARMS)), [n.replace("_sft_only", "\nSFT only").replace("sft_only", "SFT\nonly")
+                                      + f"\n(n={arms[n].get('n', 0)})" for n in ARMS], fontsize=8)
     ax1.set_xlim(-0.6, len(ARMS) - 0.4)
     ax1.set_ylabel("held-out accuracy")
     ax1.set_ylim(bottom=0)
