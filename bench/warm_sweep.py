@@ -7,6 +7,8 @@ as real sweeps through ``grpo_ray.sweep.run_sweep`` (Ray Tune + Optuna), one per
     cold    trial.reuse_model: false: a fresh process, model load and vLLM start per trial
     packed  two trials per GPU (resources.gpu: 0.5), models reused
     packed-nockpt  the same without gradient checkpointing (lora.gradient_checkpointing: false)
+    pack4, pack8   four or eight trials per GPU (resources.gpu 0.25 / 0.125; 3 / 2 CPUs each, so
+                   that 8 fit a 16-core node): the density benchmark of "Fill the GPU"
 
 and writes, after each mode, the sweep's utilization (utilization.py: busy fraction, start-up,
 hand-over, trials per GPU-hour) and every trial's timings and first GRPO step reward. The
@@ -39,6 +41,9 @@ MODES = {
     # packed, activations kept: what gradient checkpointing costs a small model (lora.gradient_checkpointing)
     "packed-nockpt": {"trial.reuse_model": True, "resources.gpu": 0.5, "search.max_concurrent_trials": 2,
                       "lora.gradient_checkpointing": False},
+    "pack4": {"trial.reuse_model": True, "resources.gpu": 0.25, "resources.cpu": 3, "search.max_concurrent_trials": 4},
+    "pack8": {"trial.reuse_model": True, "resources.gpu": 0.125, "resources.cpu": 2,
+              "search.max_concurrent_trials": 8},
 }
 
 
