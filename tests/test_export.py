@@ -323,6 +323,20 @@ def test_unknown_type_and_missing_llama_cpp(tmp_path, tiny_base, adapter, monkey
     assert not (tmp_path / "o").exists()
 
 
+def test_merged16_false_ships_no_merged_model(tmp_path, tiny_base, adapter, exported):
+    """export.merged16: false: the GGUF is still written from the merged model, which is then not kept."""
+    result = export_model(tiny_base, adapter, tmp_path / "best", gguf_types=["f16"], chat_template=CHAT_TEMPLATE,
+                          check=True, merged16=False)
+    out = result.out_dir
+    assert result.merged_dir is None and not (out / "merged16").exists()
+    assert (out / "lora" / "adapter_config.json").is_file() and result.modelfile.is_file()
+    assert result.ggufs["f16"].read_bytes() == exported[0].ggufs["f16"].read_bytes()  # the same GGUF either way
+    data = json.loads((out / "export.json").read_text())
+    assert data["merged_dir"] is None and "merged16" not in data["sizes"]
+    assert data["checks"]["read_back"]["f16"]["n_tensors"] > 0
+    assert not [p for p in tmp_path.iterdir() if p.name != "best"]  # nothing left beside it
+
+
 def test_interrupted_export_leaves_no_out_dir(tmp_path, tiny_base, adapter, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("interrupted while writing the Modelfile")

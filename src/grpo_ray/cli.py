@@ -209,7 +209,8 @@ def sweep(
     names = list(dict.fromkeys([o.metric for o in resolved.search.objectives] + ["eval_accuracy"]))
     shown = ", ".join(f"{m} {_fmt(metrics.get(m))}" for m in names)
     out.print(f"[bold green]best trial[/] {best.get('trial_id')}: {shown}", highlight=False)
-    out.print(f"results: {outcome.run_dir}/best/ (best.json, lora/, merged16/, *.gguf)", highlight=False)
+    merged = "merged16/, " if resolved.export.merged16 else ""
+    out.print(f"results: {outcome.run_dir}/best/ (best.json, lora/, {merged}*.gguf)", highlight=False)
 
 
 def _with_tracking(spec: Any, mlflow: str | None, wandb: str | None) -> Any:

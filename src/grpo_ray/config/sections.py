@@ -182,8 +182,9 @@ class ExportSpec(Strict):
         True, description="Export the best trial at the end of the sweep: its LoRA adapter, the merged 16-bit "
         "model, GGUF files and an Ollama Modelfile. false: only the trials' checkpoints remain.")
     merged16: bool = Field(
-        True, description="The merged 16-bit HF model (best/merged16/, bf16 or fp16 as the base). The GGUF files "
-        "are converted from it, so it is written whenever the export runs (this switch is not read yet).")
+        True, description="Keep the merged 16-bit HF model (best/merged16/, bf16 or fp16 as the base: as large as "
+        "the base model). false: it is still built, as the GGUF files are converted from it and the checks compare "
+        "with it, then removed: best/ holds the adapter, the GGUF files and the Modelfile.")
     gguf: list[Literal["f16", "bf16", "f32", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]] = Field(
         ["q8_0"], description="GGUF types to write for llama.cpp / Ollama (q4_k_m, q5_k_m, q6_k need llama.cpp's "
         "bindings). Smaller types: smaller, faster files, more quantization error (see min_agreement).")

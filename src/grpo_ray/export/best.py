@@ -52,6 +52,7 @@ def export_trial(spec: SweepSpec, best: TrialRecord, dest: str, progress: Callab
             progress=progress,
             name=spec.name,
             base_gguf=base_gguf,
+            merged16=spec.export.merged16,
         )
         summary = json.loads((out / EXPORT_JSON).read_text())
         agreement = quantized_agreement(spec, trial_spec, tokenizer, result.ggufs, progress)
@@ -131,7 +132,8 @@ def model_card(spec: SweepSpec, info: dict[str, Any]) -> str:
         "",
         "## Files",
         "",
-        "`lora/` adapter, `merged16/` merged 16-bit model, `*.gguf` for llama.cpp, `Modelfile` for "
+        "`lora/` adapter, " + ("`merged16/` merged 16-bit model, " if spec.export.merged16 else "")
+        + "`*.gguf` for llama.cpp, `Modelfile` for "
         "Ollama (`ollama create NAME -f Modelfile`), `best.json` the full record.",
         "",
     ]

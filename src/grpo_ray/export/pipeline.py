@@ -51,7 +51,7 @@ class ExportResult:
 
     out_dir: Path
     lora_dir: Path
-    merged_dir: Path
+    merged_dir: Path | None  # None: not kept (export_model(merged16=False))
     ggufs: dict[str, Path]
     modelfile: Path
     modelfile_gguf: str
@@ -75,7 +75,7 @@ class ExportResult:
         return {
             "out_dir": str(self.out_dir),
             "lora_dir": rel(self.lora_dir),
-            "merged_dir": rel(self.merged_dir),
+            "merged_dir": rel(self.merged_dir) if self.merged_dir is not None else None,
             "ggufs": {k: rel(v) for k, v in self.ggufs.items()},
             "modelfile": rel(self.modelfile),
             "modelfile_gguf": self.modelfile_gguf,
@@ -130,6 +130,7 @@ def export_model(
     progress: Callable[[str], None] | None = None,
     name: str = "model",
     base_gguf: Path | None = None,
+    merged16: bool = True,
 ) -> ExportResult:
     """Export ``base_model_dir`` + the LoRA in ``adapter_dir`` into ``out_dir`` (local).
 
@@ -155,6 +156,9 @@ def export_model(
     the base GGUF keeps its own); the ``Modelfile`` becomes ``FROM`` base + ``ADAPTER`` lora.
     With ``check``, llama.cpp runs the base with the adapter applied and its logits must match
     the merged HF model's. ``gguf_types`` may then be empty (no merged GGUFs).
+
+    ``merged16=False``: ``merged16/`` is still built (the GGUF files are written from it and the
+    checks compare with it) but not kept: ``out_dir`` holds the adapter, the GGUFs and the Modelfile.
     """
     t0 = time.time()
     say = progress or (lambda _msg: None)
@@ -294,12 +298,14 @@ def export_model(
                 checks["llama_cpp"] = "skipped (llama-cpp-python not installed)"
         if intermediate is not None:
             intermediate.unlink()
+        if not merged16:
+            shutil.rmtree(tmp / MERGED_DIR)
 
         say("finalizing")
         final = {t: out_dir / p.name for t, p in ggufs.items()}
         sizes = {p.name: dir_size(p) for p in sorted(tmp.iterdir()) if not p.name.startswith(".")}
         result = ExportResult(
-            out_dir=out_dir, lora_dir=out_dir / LORA_DIR, merged_dir=out_dir / MERGED_DIR, ggufs=final,
+            out_dir=out_dir, lora_dir=out_dir / LORA_DIR, merged_dir=out_dir / MERGED_DIR if merged16 else None, ggufs=final,
             modelfile=out_dir / MODELFILE, modelfile_gguf=mf_gguf, architecture=src.arch,
             hf_architecture=hf_arch, merged_dtype=merged_dtype, tokenizer_source=src.tokenizer_source,
             sizes=sizes, checks=checks,
