@@ -8,8 +8,9 @@ used by whatever writes it and whatever reads it.
       driver.lock.json          the driver that holds the run (run_lock.py)
       optuna-journal.log        the Optuna study (local storage, search.study_storage unset)
       experiment_state-*.json   Ray Tune's snapshots of the experiment (views/report.py reads the newest)
-      tune_trainable_<id>_*/    one directory per trial: checkpoint_*/ (its LoRA), error.txt (Tune's
-                                traceback), fault.txt (what the trial wrote when it could not raise)
+      tune_trainable_<id>_*/    one directory per trial: checkpoint_*/ (its LoRA), result.json (Tune's log of
+                                its reports), error.txt (Tune's traceback), fault.txt (what the trial
+                                wrote when it could not raise)
       trials.json               every trial's config, last metrics and error (after the search)
       utilization.json          the sweep's GPU use
       report.html               written by `grpo-ray report`
@@ -27,6 +28,7 @@ STUDY_JOURNAL = "optuna-journal.log"  # in a local run directory: the study, rea
 SNAPSHOT_PREFIX, SNAPSHOT_SUFFIX = "experiment_state-", ".json"
 TRIAL_DIR_PREFIX = "tune_trainable_"  # Tune names a trial's directory after the trainable (trial/run.py)
 CHECKPOINT_PREFIX = "checkpoint_"
+RESULT_FILE = "result.json"  # written by Tune into a trial's directory: one line per report
 ERROR_FILE = "error.txt"  # written by Tune into a failed trial's directory
 FAULT_FILE = "fault.txt"  # written by a trial into its storage directory when it cannot raise (trial/guard.py)
 TRIALS = "trials.json"

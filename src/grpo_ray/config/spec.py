@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from grpo_ray.config.errors import SpecError, FieldError
+from grpo_ray.config.errors import FieldError, SpecError
 from grpo_ray.config.search import Choice, IntRange, SearchSpec, in_domain
 from grpo_ray.config.sections import (
     DataSpec,
@@ -16,17 +16,16 @@ from grpo_ray.config.sections import (
     FormatSpec,
     ModelSpec,
     ResourcesSpec,
+    Strict,
     TrackingSpec,
     TrialSpec,
-    Strict,
 )
-from grpo_ray.config.training import (
-    GrpoSpec,
-    LoraSpec,
-    RewardSpec,
-    SftSpec,
-    _default_rewards,
-)
+from grpo_ray.config.training import GrpoSpec, LoraSpec, RewardSpec, SftSpec
+
+
+def _default_rewards() -> list[RewardSpec]:
+    names = ["match_format_exactly", "match_format_approximately", "check_answer", "check_numbers"]
+    return [RewardSpec(name=n) for n in names]
 
 
 class SweepSpec(Strict):

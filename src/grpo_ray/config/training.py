@@ -24,11 +24,6 @@ class RewardSpec(Strict):
         "policy favours what this reward checks over the others. The tutorial's: 1.0 for each.")
 
 
-def _default_rewards() -> list[RewardSpec]:
-    names = ["match_format_exactly", "match_format_approximately", "check_answer", "check_numbers"]
-    return [RewardSpec(name=n) for n in names]
-
-
 class LoraSpec(Strict):
     """The LoRA adapter trained in both stages.
 

@@ -14,8 +14,8 @@ from grpo_ray import storage
 from grpo_ray.config.overrides import apply_overrides
 from grpo_ray.config.spec import SweepSpec
 from grpo_ray.errors import SweepError
-from grpo_ray.select import TrialRecord
 from grpo_ray.run_dir import EXPORT_JSON
+from grpo_ray.select import TrialRecord
 
 
 def export_trial(spec: SweepSpec, best: TrialRecord, dest: str, progress: Callable[[str], None]) -> dict[str, Any]:
@@ -67,11 +67,11 @@ def export_trial(spec: SweepSpec, best: TrialRecord, dest: str, progress: Callab
 def quantized_agreement(spec: SweepSpec, trial_spec: SweepSpec, tok: Any, ggufs: dict[str, Path],
                         progress: Callable[[str], None]) -> dict[str, Any]:
     """Greedy agreement of each quantized GGUF with the 16-bit one on held-out prompts."""
-    from grpo_ray.task import template
-    from grpo_ray.task.data import load_datasets
     from grpo_ray.export.base import ExportError
     from grpo_ray.export.checks import greedy_agreement
     from grpo_ray.export.llama_cpp import llama_cpp_available
+    from grpo_ray.task import template
+    from grpo_ray.task.data import load_datasets
 
     reference = next((ggufs[t] for t in ("f16", "bf16", "f32") if t in ggufs), None)
     quantized = {t: p for t, p in ggufs.items() if t not in ("f16", "bf16", "f32")}

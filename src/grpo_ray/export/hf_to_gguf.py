@@ -36,12 +36,7 @@ from grpo_ray.export.base import (
     read_json,
 )
 from grpo_ray.export.vocab import detect_pre, looks_special
-from grpo_ray.gguf.tokenizer import (
-    TOKENIZER_SIDECAR,
-    read_tokenizer_kv,
-    tokenizer_flags,
-    write_tokenizer_kv,
-)
+from grpo_ray.gguf.tokenizer import TOKENIZER_SIDECAR, read_tokenizer_kv, tokenizer_flags, write_tokenizer_kv
 
 if TYPE_CHECKING:
     from gguf import GGUFValue

@@ -10,13 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from grpo_ray.export.base import (
-    SUPPORTED_ARCHITECTURES,
-    ExportError,
-    gguf_errors,
-    hf_architecture,
-    read_json,
-)
+from grpo_ray.export.base import SUPPORTED_ARCHITECTURES, ExportError, gguf_errors, hf_architecture, read_json
 from grpo_ray.export.hf_to_gguf import permute_qk
 from grpo_ray.gguf.reader import read_gguf_metadata
 

@@ -25,18 +25,9 @@ from grpo_ray.export.base import (
     hf_architecture,
     read_json,
 )
-from grpo_ray.export.checks import (
-    LORA_MIN_CORR,
-    compare_with_llama_cpp,
-    judge,
-    read_back,
-)
+from grpo_ray.export.checks import LORA_MIN_CORR, compare_with_llama_cpp, judge, read_back
 from grpo_ray.export.hf_to_gguf import GGUFSource
-from grpo_ray.export.llama_cpp import (
-    llama_cpp_available,
-    quantize_gguf,
-    require_llama_cpp,
-)
+from grpo_ray.export.llama_cpp import llama_cpp_available, quantize_gguf, require_llama_cpp
 from grpo_ray.export.lora_gguf import write_lora_gguf
 from grpo_ray.export.merge import copy_adapter, merge_lora
 from grpo_ray.export.modelfile import write_modelfile

@@ -25,18 +25,9 @@ import os
 import time
 from pathlib import Path
 
-from gguf import (
-    GGUFValue,
-    GGUFValueType,
-)
+from gguf import GGUFValue, GGUFValueType
 
-from grpo_ray.gguf.cache import (
-    FORMAT_VERSION,
-    SOURCE_FILE,
-    cached_build,
-    cached_sha256,
-    default_cache_root,
-)
+from grpo_ray.gguf.cache import FORMAT_VERSION, SOURCE_FILE, cached_build, cached_sha256, default_cache_root
 from grpo_ray.gguf.reader import GGUFMetadata, read_gguf_metadata, replace_gguf_kv
 from grpo_ray.gguf.tokenizer import (
     TOKENIZER_SIDECAR,

@@ -19,13 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from gguf import (
-    GGML_QUANT_SIZES,
-    GGUF_DEFAULT_ALIGNMENT,
-    GGMLQuantizationType,
-    GGUFValue,
-    GGUFValueType,
-)
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValue, GGUFValueType
 
 _GGUF_MAGIC = b"GGUF"
 _GGUF_VERSIONS = (2, 3)  # the layouts this reader knows

@@ -22,11 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gguf import (
-    GGUFValue,
-    GGUFValueType,
-    TokenType,
-)
+from gguf import GGUFValue, GGUFValueType, TokenType
 
 from grpo_ray.gguf.reader import GGUFMetadata, read_gguf_metadata
 

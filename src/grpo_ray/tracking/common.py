@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from grpo_ray import storage
-from grpo_ray.run_dir import MODEL_CARD
+from grpo_ray.run_dir import BEST_JSON, MODEL_CARD
 from grpo_ray.views.report import last_line
 
 # Tune's own bookkeeping in every result: not what the trial measured (time_total_s is kept).
@@ -58,8 +58,8 @@ def best_files(best_dir: str, info: dict[str, Any]) -> dict[str, Any]:
     the names of the GGUF files the export wrote, read from ``best_dir`` (local or URI)."""
     card = storage.join(best_dir, MODEL_CARD)
     return {
-        "best.json": json.dumps(info, indent=2, default=str),
-        "README.md": storage.read_text(card) if storage.exists(card) else None,
+        BEST_JSON: json.dumps(info, indent=2, default=str),
+        MODEL_CARD: storage.read_text(card) if storage.exists(card) else None,
         "gguf": [n for n in storage.list_dir(best_dir) if n.endswith(".gguf")],
         "best_dir": best_dir,
     }

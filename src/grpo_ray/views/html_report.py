@@ -28,7 +28,7 @@ from grpo_ray import storage
 from grpo_ray.config.load import parse_spec
 from grpo_ray.config.search import Choice, IntRange, LogUniform, SearchSpec, Uniform
 from grpo_ray.config.spec import SweepSpec
-from grpo_ray.run_dir import REPORT_HTML, best_json_path, spec_resolved_path, trials_path
+from grpo_ray.run_dir import REPORT_HTML, RESULT_FILE, best_json_path, spec_resolved_path, trials_path
 from grpo_ray.select import TrialRecord, pareto_front
 from grpo_ray.views.report import TrialStatus, last_line, read_status
 
@@ -70,7 +70,7 @@ def _history(run_dir: str, status: TrialStatus) -> list[dict[str, Any]]:
     """The trial's reports, in order, from its result.json (a line per report; the last may be mid-write)."""
     if not status.logdir:
         return []
-    text = _try_read(storage.join(run_dir, status.logdir, "result.json")) or ""
+    text = _try_read(storage.join(run_dir, status.logdir, RESULT_FILE)) or ""
     rows = []
     for line in text.splitlines():
         try:
