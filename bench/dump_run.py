@@ -19,8 +19,8 @@ KEEP = ["trial_started_at", "first_step_at", "reported_at", "startup_s", "load_s
 
 def snapshot(run_dir: str) -> dict:
     """The sweep so far, from Tune's newest experiment snapshot (what `grpo-ray status` reads)."""
-    from grpo_ray.report import read_status
-    from grpo_ray.utilization import utilization
+    from grpo_ray.views.report import read_status
+    from grpo_ray.views.utilization import utilization
 
     trials = sorted(read_status(run_dir), key=lambda t: t.last.get("trial_started_at") or float("inf"))
     return {"utilization": utilization((t.last, t.status == "TERMINATED") for t in trials),

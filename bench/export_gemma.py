@@ -38,7 +38,8 @@ def _gemma_gguf() -> Path:
 
 def train(gguf: Path, out: Path, args: argparse.Namespace) -> dict:
     """One short trial of bench/gemma_learn.yaml; the last LoRA checkpoint lands in ``out``."""
-    from grpo_ray.spec import apply_overrides, load_spec
+    from grpo_ray.config.load import load_spec
+    from grpo_ray.config.overrides import apply_overrides
     from grpo_ray.trial.run import run_trial
 
     spec = load_spec(REPO / "bench" / "gemma_learn.yaml")
@@ -158,12 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
-    from grpo_ray import template
-    from grpo_ray.data import load_datasets
-    from grpo_ray.evaluate import score
-    from grpo_ray.export import export_model
-    from grpo_ray.gguf_base import materialize_gguf
-    from grpo_ray.spec import load_spec
+    from grpo_ray.config.load import load_spec
+    from grpo_ray.export.pipeline import export_model
+    from grpo_ray.gguf.hf_dir import materialize_gguf
+    from grpo_ray.task import template
+    from grpo_ray.task.data import load_datasets
+    from grpo_ray.task.evaluate import score
 
     gguf = args.gguf or _gemma_gguf()
     base = materialize_gguf(gguf)
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(result["training"], indent=2, default=str))
                 return 0
         spec = load_spec(REPO / "bench" / "gemma_learn.yaml")
-        fmt = spec.format.to_format()
+        fmt = template.format_of(spec.format)
         t0 = time.perf_counter()
         res = export_model(base, adapter, tmp_p / "export", gguf_types=args.types.split(","),
                            chat_template=template.chat_template(fmt, bos_token=True), check=True,

@@ -1,8 +1,8 @@
-"""Time grpo_ray.export.export_model stage by stage.
+"""Time grpo_ray.export.pipeline.export_model stage by stage.
 
     python bench/export_speed.py                          # the tiny builtin model + a random LoRA
     python bench/export_speed.py --base DIR --adapter DIR --types f16,q8_0,q4_k_m
-    python bench/export_speed.py --gguf path/to/base.gguf # a GGUF base via grpo_ray.gguf_base
+    python bench/export_speed.py --gguf path/to/base.gguf # a GGUF base via grpo_ray.gguf.hf_dir
 
 Prints one JSON object: seconds per progress stage, total, file sizes and the check numbers.
 """
@@ -36,7 +36,7 @@ def _random_adapter(base: Path, out: Path, scale: float) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, help="HF model dir (default: build the tiny model)")
-    ap.add_argument("--gguf", type=Path, help="a GGUF base, materialized with grpo_ray.gguf_base")
+    ap.add_argument("--gguf", type=Path, help="a GGUF base, materialized with grpo_ray.gguf.hf_dir")
     ap.add_argument("--adapter", type=Path, help="PEFT adapter dir (default: a random r=4 LoRA)")
     ap.add_argument("--types", default="f16,q8_0,q4_k_m")
     ap.add_argument("--no-check", action="store_true")
@@ -44,13 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="export dir (default: a temp dir, removed)")
     args = ap.parse_args(argv)
 
-    from grpo_ray import export, template
+    from grpo_ray.export.pipeline import export_model
+    from grpo_ray.task import template
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_p = Path(tmp)
         t0 = time.perf_counter()
         if args.gguf:
-            from grpo_ray.gguf_base import materialize_gguf
+            from grpo_ray.gguf.hf_dir import materialize_gguf
 
             base = materialize_gguf(args.gguf)
         elif args.base:
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{now - t0:8.2f}s] {msg}", file=sys.stderr, flush=True)
 
         t1 = time.perf_counter()
-        res = export.export_model(
+        res = export_model(
             base, adapter, args.out or tmp_p / "export", gguf_types=args.types.split(","),
             chat_template=template.chat_template(bos_token=args.bos), check=not args.no_check,
             progress=progress,

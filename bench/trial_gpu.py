@@ -39,7 +39,8 @@ def _gpu_used_mib() -> float | None:
 
 # ----------------------------------------------------------------------------------- learn
 def learn(args: argparse.Namespace) -> dict:
-    from grpo_ray.spec import apply_overrides, load_spec
+    from grpo_ray.config.load import load_spec
+    from grpo_ray.config.overrides import apply_overrides
     from grpo_ray.trial.run import run_trial
 
     spec = load_spec(REPO / "bench" / "gemma_learn.yaml")
@@ -123,7 +124,8 @@ def speed_child(which: str, model_dir: str, out: str) -> None:
     t0 = time.time()
     step_times: list[float] = []
     if which == "ours":
-        from grpo_ray.spec import apply_overrides, load_spec
+        from grpo_ray.config.load import load_spec
+        from grpo_ray.config.overrides import apply_overrides
         from grpo_ray.trial.run import run_trial
 
         spec = load_spec(REPO / "bench" / "speed_qwen3.yaml")

@@ -1,7 +1,7 @@
 """Issue #4 benchmark: how busy a sweep keeps its GPU, with and without warm trial actors.
 
 Runs bench/warm_sweep.yaml (gemma-3-270m, short SFT + 50 GRPO steps per trial, Unsloth + vLLM)
-as real sweeps through ``grpo_ray.sweep.run_sweep`` (Ray Tune + Optuna), one per mode:
+as real sweeps through ``grpo_ray.sweep.driver.run_sweep`` (Ray Tune + Optuna), one per mode:
 
     reuse   trial.reuse_model: true, one trial per GPU (the default)
     cold    trial.reuse_model: false: a fresh process, model load and vLLM start per trial
@@ -55,8 +55,9 @@ def main() -> None:
     ap.add_argument("--overrides", default="{}", help="JSON {dotted.path: value} applied to every mode")
     args = ap.parse_args()
 
-    from grpo_ray.spec import apply_overrides, dump_spec, load_spec
-    from grpo_ray.sweep import run_sweep
+    from grpo_ray.config.load import dump_spec, load_spec
+    from grpo_ray.config.overrides import apply_overrides
+    from grpo_ray.sweep.driver import run_sweep
 
     base = apply_overrides(load_spec(REPO / "bench" / "warm_sweep.yaml"),
                            {"model.source": args.gguf} | json.loads(args.overrides))

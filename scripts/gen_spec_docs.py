@@ -1,4 +1,4 @@
-"""Write docs/spec.md, the spec reference, from the pydantic models in src/grpo_ray/spec.py.
+"""Write docs/spec.md, the spec reference, from the pydantic models in src/grpo_ray/config/.
 
     python scripts/gen_spec_docs.py          # (re)write docs/spec.md
     python scripts/gen_spec_docs.py --check  # exit 1 when docs/spec.md is stale
@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from grpo_ray.spec import SweepSpec
+from grpo_ray.config.spec import SweepSpec
 
 OUTPUT = REPO / "docs" / "spec.md"
 COMMAND = "python scripts/gen_spec_docs.py"
@@ -37,7 +37,7 @@ MAX_STR = 40  # longer string defaults (the system prompt) are cut with "…"
 INTRO = f"""\
 # Spec reference
 
-<!-- Generated from src/grpo_ray/spec.py by scripts/gen_spec_docs.py: do not edit by hand;
+<!-- Generated from src/grpo_ray/config/ by scripts/gen_spec_docs.py: do not edit by hand;
      run `{COMMAND}` after changing the spec models. -->
 
 A sweep spec is one YAML file. Only `name` is required: every other field has a default, and
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = OUTPUT.read_text(encoding="utf-8") if OUTPUT.exists() else None
         if current != text:
-            state = "missing" if current is None else "stale (it differs from src/grpo_ray/spec.py)"
+            state = "missing" if current is None else "stale (it differs from src/grpo_ray/config/)"
             print(f"{shown} is {state}: run `{COMMAND}`", file=sys.stderr)
             return 1
         print(f"{shown} is up to date")

@@ -40,7 +40,7 @@ def oom(prompts=None, completions=None, **kw):
 
 def config(prompts=None, completions=None, **kw):
     """A configuration error: the same on every attempt (a file the trial reads is missing), so not retried."""
-    from grpo_ray.data import DataError
+    from grpo_ray.task.data import DataError
 
     raise DataError("answers.jsonl: no such file (injected configuration error)")
 

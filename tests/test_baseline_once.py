@@ -13,8 +13,9 @@ import pickle
 import optuna
 from conftest import REPO
 
-from grpo_ray import search
-from grpo_ray.spec import apply_overrides, load_spec
+from grpo_ray.config.load import load_spec
+from grpo_ray.config.overrides import apply_overrides
+from grpo_ray.sweep import search
 
 
 def _waiting(study: optuna.Study) -> list[dict]:

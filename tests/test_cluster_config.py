@@ -63,7 +63,7 @@ def test_cpu_head_runs_the_driver_and_gpu_workers_scale_from_zero(provider):
     assert worker["min_workers"] == 0 and 1 <= worker["max_workers"] <= config["max_workers"]
     assert worker["resources"]["GPU"] == 1
     # A trial of the real sweep fits one worker, and only a worker.
-    from grpo_ray.spec import load_spec
+    from grpo_ray.config.load import load_spec
 
     trial = load_spec(REPO / "sweeps" / "rewards.yaml").resources
     assert trial.gpu <= worker["resources"]["GPU"] and trial.cpu <= worker["resources"]["CPU"]

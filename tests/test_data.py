@@ -5,8 +5,8 @@ import pyarrow.csv as pc
 import pyarrow.parquet as pq
 import pytest
 
-from grpo_ray.data import DataError, load_datasets, load_rows, to_examples
-from grpo_ray.spec import Columns, DataSpec, DatasetSpec, EvalSpec
+from grpo_ray.task.data import DataError, load_datasets, load_rows, to_examples
+from grpo_ray.config.sections import Columns, DataSpec, DatasetSpec, EvalSpec
 
 ROWS = [{"q": f"What is {i} + {i}?", "a": str(2 * i), "why": f"{i} + {i} = {2 * i}"} for i in range(40)]
 ROWS += [{"q": "Simplify x + x.", "a": "2x", "why": "collect"}]

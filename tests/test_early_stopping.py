@@ -14,7 +14,8 @@ import sys
 import pytest
 from conftest import REPO
 
-from grpo_ray.spec import SpecError, dump_spec, parse_spec
+from grpo_ray.config.errors import SpecError
+from grpo_ray.config.load import dump_spec, parse_spec
 
 
 def test_early_stopping_is_off_by_default_and_fills_in_its_rungs():
@@ -100,7 +101,7 @@ def test_stopped_trials_are_pruned_in_the_optuna_study(asha_run):
 
 def test_status_marks_stopped_trials(asha_run):
     run_dir, _ = asha_run
-    from grpo_ray.report import read_status
+    from grpo_ray.views.report import read_status
 
     stopped = {tid for tid, t in _trials(run_dir).items() if t["stopped_early"]}
     status = read_status(str(run_dir))

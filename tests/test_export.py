@@ -11,9 +11,17 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from grpo_ray import export, template  # noqa: E402
-from grpo_ray.export import ExportError, export_model  # noqa: E402
-from grpo_ray.gguf_base import read_gguf_metadata  # noqa: E402
+from grpo_ray.config.sections import DEFAULT_SYSTEM_PROMPT  # noqa: E402
+from grpo_ray.task import template  # noqa: E402
+from grpo_ray.export import llama_cpp as export_llama_cpp  # noqa: E402
+from grpo_ray.export import pipeline  # noqa: E402
+from grpo_ray.export.checks import compare_with_llama_cpp, greedy_agreement, judge  # noqa: E402
+from grpo_ray.export.hf_to_gguf import GGUFSource  # noqa: E402
+from grpo_ray.export.lora_gguf import write_lora_gguf  # noqa: E402
+from grpo_ray.export.modelfile import _template_segments, ollama_template  # noqa: E402
+from grpo_ray.export.base import ExportError
+from grpo_ray.export.pipeline import export_model  # noqa: E402
+from grpo_ray.gguf.reader import read_gguf_metadata  # noqa: E402
 from grpo_ray.tiny import build_tiny_model, build_tokenizer  # noqa: E402
 
 try:
@@ -67,7 +75,7 @@ def exported(tiny_base, adapter, tmp_path_factory):
     messages: list[str] = []
     result = export_model(
         tiny_base, adapter, out, gguf_types=types, chat_template=CHAT_TEMPLATE,
-        system_prompt=template.DEFAULT_SYSTEM_PROMPT, progress=messages.append,
+        system_prompt=DEFAULT_SYSTEM_PROMPT, progress=messages.append,
     )
     return result, messages
 
@@ -203,7 +211,7 @@ def test_modelfile(exported):
     text = result.modelfile.read_text()
     expect = "q4_k_m" if HAVE_LLAMA else "q8_0"
     assert f"FROM ./model-{expect}.gguf" in text and result.modelfile_gguf == f"model-{expect}.gguf"
-    assert f'SYSTEM """{template.DEFAULT_SYSTEM_PROMPT}"""' in text
+    assert f'SYSTEM """{DEFAULT_SYSTEM_PROMPT}"""' in text
     assert 'PARAMETER stop "<|endoftext|>"' in text
     assert 'TEMPLATE """' in text and '"<think>"' in text and ".Messages" in text
     assert result.checks["modelfile"]["template_mirrors_chat_template"] is True
@@ -211,17 +219,17 @@ def test_modelfile(exported):
 
 def test_template_segments_mirror_chat_template(merged_hf):
     _, tok = merged_hf
-    seg = export._template_segments(tok, CHAT_TEMPLATE)
+    seg = _template_segments(tok, CHAT_TEMPLATE)
     assert seg == {
         "pre": "", "sys_end": "<|endoftext|>", "u_pre": "", "u_post": "", "a_pre": "",
-        "a_post": "<|endoftext|>", "gen": "<think>", "default_system": template.DEFAULT_SYSTEM_PROMPT,
+        "a_post": "<|endoftext|>", "gen": "<think>", "default_system": DEFAULT_SYSTEM_PROMPT,
     }
-    go = export.ollama_template(seg)
+    go = ollama_template(seg)
     assert '"<think>"' in go and ".System" in go and "slice $.Messages $i" in go
     # gemma-style template with BOS: BOS is dropped from the Go template (llama.cpp adds it)
-    go = export.ollama_template({**seg, "pre": "<bos>"}, strip_bos="<bos>")
+    go = ollama_template({**seg, "pre": "<bos>"}, strip_bos="<bos>")
     assert "<bos>" not in go
-    assert "<bos>" in export.ollama_template({**seg, "pre": "<bos>"})
+    assert "<bos>" in ollama_template({**seg, "pre": "<bos>"})
 
 
 @needs_llama
@@ -309,17 +317,31 @@ def test_unsupported_architecture(tmp_path, adapter):
 def test_unknown_type_and_missing_llama_cpp(tmp_path, tiny_base, adapter, monkeypatch):
     with pytest.raises(ExportError, match="unknown GGUF type"):
         export_model(tiny_base, adapter, tmp_path / "o", gguf_types=["q3_weird"])
-    monkeypatch.setattr(export, "_llama_cpp", lambda: None)
+    monkeypatch.setattr(export_llama_cpp, "_llama_cpp", lambda: None)
     with pytest.raises(ExportError, match=r"grpo-ray\[llama\]"):
         export_model(tiny_base, adapter, tmp_path / "o", gguf_types=["f16", "q4_k_m"])
     assert not (tmp_path / "o").exists()
+
+
+def test_merged16_false_ships_no_merged_model(tmp_path, tiny_base, adapter, exported):
+    """export.merged16: false: the GGUF is still written from the merged model, which is then not kept."""
+    result = export_model(tiny_base, adapter, tmp_path / "best", gguf_types=["f16"], chat_template=CHAT_TEMPLATE,
+                          check=True, merged16=False)
+    out = result.out_dir
+    assert result.merged_dir is None and not (out / "merged16").exists()
+    assert (out / "lora" / "adapter_config.json").is_file() and result.modelfile.is_file()
+    assert result.ggufs["f16"].read_bytes() == exported[0].ggufs["f16"].read_bytes()  # the same GGUF either way
+    data = json.loads((out / "export.json").read_text())
+    assert data["merged_dir"] is None and "merged16" not in data["sizes"]
+    assert data["checks"]["read_back"]["f16"]["n_tensors"] > 0
+    assert not [p for p in tmp_path.iterdir() if p.name != "best"]  # nothing left beside it
 
 
 def test_interrupted_export_leaves_no_out_dir(tmp_path, tiny_base, adapter, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("interrupted while writing the Modelfile")
 
-    monkeypatch.setattr(export, "_write_modelfile", boom)
+    monkeypatch.setattr(pipeline, "write_modelfile", boom)
     out = tmp_path / "best"
     with pytest.raises(RuntimeError, match="interrupted"):
         export_model(tiny_base, adapter, out, gguf_types=["f16"], check=False)
@@ -381,7 +403,7 @@ def _tiny_arch(kind: str, out: Path, tokenizer, extra_vocab: int = 0) -> Path:
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
 def test_other_architectures_match_llama_cpp(kind, tmp_path, tokenizer):
     d = _tiny_arch(kind, tmp_path / kind, tokenizer)
-    src = export.GGUFSource(d, chat_template=CHAT_TEMPLATE)
+    src = GGUFSource(d, chat_template=CHAT_TEMPLATE)
     assert src.arch == kind
     src.write(tmp_path / "m.gguf", "f32")
     names = {t.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
@@ -390,13 +412,13 @@ def test_other_architectures_match_llama_cpp(kind, tmp_path, tokenizer):
         assert "blk.0.attn_q.bias" in names
     else:
         assert "rope_freqs.weight" in names  # llama3 rope scaling
-    r = export.compare_with_llama_cpp(tmp_path / "m.gguf", d, chat_template=CHAT_TEMPLATE)
-    assert export._judge(r, min_corr=0.999) == [], r
+    r = compare_with_llama_cpp(tmp_path / "m.gguf", d, chat_template=CHAT_TEMPLATE)
+    assert judge(r, min_corr=0.999) == [], r
     assert r["logits_scale"] > 3  # the check is meaningful only with non-trivial logits
 
 
 def _write_sidecar(src_gguf: Path, out: Path) -> dict:
-    """A tensor-less tokenizer.gguf, as grpo_ray.gguf_base writes it (here from our own GGUF)."""
+    """A tensor-less tokenizer.gguf, as grpo_ray.gguf.hf_dir writes it (here from our own GGUF)."""
     r = gguf.GGUFReader(src_gguf)
     w = gguf.GGUFWriter(out, "gemma3")
     copied = {}
@@ -469,11 +491,11 @@ def test_lora_gguf_on_base_gguf_matches_merged(kind, tmp_path, tiny_base, tokeni
     else:
         base = _tiny_arch(kind, tmp_path / f"{kind}-base", tokenizer)
     tpl = template.chat_template(bos_token=kind == "gemma3")
-    if kind == "gemma3":  # gemma's tokenizer reaches the GGUF through the sidecar (as from gguf_base)
-        export.GGUFSource(tiny_base, chat_template=CHAT_TEMPLATE).write(tmp_path / "tok-src.gguf", "f16")
+    if kind == "gemma3":  # gemma's tokenizer reaches the GGUF through the sidecar (as from grpo_ray.gguf)
+        GGUFSource(tiny_base, chat_template=CHAT_TEMPLATE).write(tmp_path / "tok-src.gguf", "f16")
         _write_sidecar(tmp_path / "tok-src.gguf", base / "tokenizer.gguf")
     base_gguf = tmp_path / f"{kind}-orig.gguf"
-    export.GGUFSource(base, chat_template=tpl).write(base_gguf, "f16")
+    GGUFSource(base, chat_template=tpl).write(base_gguf, "f16")
     adapter = _make_adapter(base, tmp_path / "lora", seed=2)
 
     types = ["f16"] if kind == "qwen3" else []  # merged GGUFs beside the pair, or none
@@ -534,7 +556,7 @@ def test_lora_gguf_on_base_gguf_matches_merged(kind, tmp_path, tiny_base, tokeni
     assert corr_base < 0.99, corr_base  # the adapter does change the model
     if kind == "qwen3":  # the deployment-level check the sweep runs on quantized files
         prompts = ["What is 2 + 2?<think>", "Compute 7 * 6.<think>", "12 + 30 =", "Hello"]
-        g = export.greedy_agreement(res.ggufs["f16"], res.base_gguf, prompts, max_tokens=8,
+        g = greedy_agreement(res.ggufs["f16"], res.base_gguf, prompts, max_tokens=8,
                                     candidate_lora=res.lora_gguf)
         assert g["candidate_lora"] == "model-lora.gguf" and g["rate"] >= 0.75, g
 
@@ -547,9 +569,9 @@ def test_lora_gguf_rejects_what_llama_cpp_cannot_apply(tmp_path, tiny_base, adap
     cfg = json.loads((bad / "adapter_config.json").read_text())
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(ExportError, match="use_dora"):
-        export.write_lora_gguf(bad, tiny_base, tmp_path / "x.gguf")
+        write_lora_gguf(bad, tiny_base, tmp_path / "x.gguf")
     other = tmp_path / "llama.gguf"
-    export.GGUFSource(_tiny_arch("llama", tmp_path / "llama", build_tokenizer())).write(other, "f16")
+    GGUFSource(_tiny_arch("llama", tmp_path / "llama", build_tokenizer())).write(other, "f16")
     with pytest.raises(ExportError, match="'llama' model"):
         export_model(tiny_base, adapter, tmp_path / "out", gguf_types=[], base_gguf=other, check=False)
     assert not (tmp_path / "out").exists()

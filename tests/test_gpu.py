@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from grpo_ray.spec import apply_overrides, load_spec
+from grpo_ray.config.load import load_spec
+from grpo_ray.config.overrides import apply_overrides
 from conftest import REPO
 
 pytestmark = pytest.mark.gpu
@@ -37,8 +38,13 @@ def test_unsloth_config_rewrites_are_caught_by_the_trial(tmp_path):
     import unsloth  # noqa: F401  (patches trl first)
     from trl import GRPOConfig
 
-    from grpo_ray.trial.common import (GRPO_ARGS, SettingChangedError, effective_settings, grpo_config_kwargs,
-                                       refuse_sampled_changes)
+    from grpo_ray.trial.base import SettingChangedError
+    from grpo_ray.trial.trl_args import (
+        GRPO_ARGS,
+        effective_settings,
+        grpo_config_kwargs,
+        refuse_sampled_changes,
+    )
 
     spec = load_spec(REPO / "sweeps" / "rewards.yaml")
     for overrides, changed in [({}, []), ({"grpo.loss_type": "dapo"}, []),

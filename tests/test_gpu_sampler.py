@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from grpo_ray.trial.gpu_sampler import GIB, GpuSampler, visible_indices
-from grpo_ray.utilization import summary_line, utilization
+from grpo_ray.views.utilization import summary_line, utilization
 
 
 class NVMLError(Exception):
@@ -196,8 +196,8 @@ def test_utilization_without_gpu_samples_says_nothing_of_them():
 
 
 def test_status_and_report_show_gpu_utilization():
-    from grpo_ray.html_report import _utilization_html
-    from grpo_ray.report import TrialStatus, status_table
+    from grpo_ray.views.html_report import _utilization_html
+    from grpo_ray.views.report import TrialStatus, status_table
 
     lasts = [_t(0, 10, 110, 1, gpu=_g(20, 100, 30, 60))[0], _t(0, 10, 110, 2, gpus="1", gpu=_g(10, 100, 16, 50))[0]]
     table = status_table([TrialStatus(f"t{i}", "TERMINATED", {}, last, 0) for i, last in enumerate(lasts)])
@@ -210,7 +210,7 @@ def test_a_real_trial_reports_its_gpu_samples(monkeypatch, tiny_model_dir):
     """trial/run.py: the sampler runs through a real CPU trial (tiny model, hf backend) and every
     report carries its numbers; samples before the first step are not "during steps"."""
     from conftest import REPO
-    from grpo_ray.spec import load_spec
+    from grpo_ray.config.load import load_spec
     from grpo_ray.trial import gpu_sampler
     from grpo_ray.trial.run import run_trial
 

@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from grpo_ray.spec import SpecError, load_spec, parse_spec
+from grpo_ray.config.errors import SpecError
+from grpo_ray.config.load import load_spec, parse_spec
 
 SMOKE = (REPO / "sweeps" / "smoke.yaml").read_text()
 
@@ -83,7 +84,13 @@ def test_grid_sampler_needs_discrete_domains_and_at_most_its_combinations():
 
 def test_every_trl_argument_a_trial_passes_is_in_the_table_it_is_checked_against():
     """A new argument added to the config builders but not to the tables would never be checked."""
-    from grpo_ray.trial.common import COMMON_ARGS, GRPO_ARGS, SFT_ARGS, grpo_config_kwargs, sft_config_kwargs
+    from grpo_ray.trial.trl_args import (
+        COMMON_ARGS,
+        GRPO_ARGS,
+        SFT_ARGS,
+        grpo_config_kwargs,
+        sft_config_kwargs,
+    )
 
     spec = load_spec(REPO / "sweeps" / "rewards.yaml")
     assert set(sft_config_kwargs(spec)) == set(SFT_ARGS | COMMON_ARGS)
@@ -94,7 +101,7 @@ def test_a_length_a_backend_keeps_under_another_name_is_not_a_change():
     """Unsloth's SFT config moves max_length to max_seq_length (its own truncation): the same length."""
     from types import SimpleNamespace
 
-    from grpo_ray.trial.common import SFT_ARGS, effective_settings
+    from grpo_ray.trial.trl_args import SFT_ARGS, effective_settings
 
     ran, changes = effective_settings(SimpleNamespace(max_length=None, max_seq_length=384), {"max_length": 384},
                                       SFT_ARGS)
@@ -150,7 +157,7 @@ def _trial(config, tiny_model_dir):
 
 
 def test_a_sampled_value_the_backend_changes_fails_the_trial_before_it_trains(monkeypatch, tiny_model_dir):
-    from grpo_ray.trial.common import SettingChangedError
+    from grpo_ray.trial.base import SettingChangedError
 
     _unsloth_like(monkeypatch)
     with pytest.raises(SettingChangedError) as e:
@@ -161,7 +168,7 @@ def test_a_sampled_value_the_backend_changes_fails_the_trial_before_it_trains(mo
 
 
 def test_a_trainer_that_changes_a_sampled_value_fails_the_trial_at_its_first_step(monkeypatch, tiny_model_dir):
-    from grpo_ray.trial.common import SettingChangedError
+    from grpo_ray.trial.base import SettingChangedError
 
     _unsloth_like(monkeypatch, trainer_sets={"epsilon": 0.3})
     with pytest.raises(SettingChangedError) as e:
@@ -256,9 +263,9 @@ def test_no_grpo_prompt_fitting_is_a_configuration_error(tiny_model_dir):
     """Raised as DataError, which search.py fails at once instead of retrying (the same every attempt)."""
     from transformers import AutoTokenizer
 
-    from grpo_ray.data import DataError, load_datasets
-    from grpo_ray.search import _configuration_errors
-    from grpo_ray.spec import apply_overrides
+    from grpo_ray.task.data import DataError, load_datasets
+    from grpo_ray.sweep.search import _configuration_errors
+    from grpo_ray.config.overrides import apply_overrides
     from grpo_ray.trial.common import prepare_tokenizer
     from grpo_ray.trial.run import grpo_rows
 

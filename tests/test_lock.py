@@ -14,7 +14,8 @@ import time
 import pytest
 
 from grpo_ray import run_lock
-from grpo_ray.run_lock import LOCK_FILE, RunLockedError
+from grpo_ray.run_dir import LOCK_FILE
+from grpo_ray.run_lock import RunLockedError
 
 
 def _dead_pid() -> int:

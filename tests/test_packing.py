@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grpo_ray.packing import autoscaler_gpus, gpu_per_trial, trials_at_once, weights_gib
-from grpo_ray.spec import apply_overrides, load_spec
+from grpo_ray.sweep.packing import autoscaler_gpus, gpu_per_trial, trials_at_once, weights_gib
+from grpo_ray.config.load import load_spec
+from grpo_ray.config.overrides import apply_overrides
 from conftest import REPO
 
 
@@ -48,8 +49,9 @@ def test_a_packed_trial_gets_its_slice_of_vllm_memory():
 
 RESOLVE = """
 import json, sys, ray
-from grpo_ray.packing import resolve_resources
-from grpo_ray.spec import apply_overrides, load_spec
+from grpo_ray.sweep.packing import resolve_resources
+from grpo_ray.config.load import load_spec
+from grpo_ray.config.overrides import apply_overrides
 ray.init(num_cpus=int(sys.argv[1]), num_gpus=int(sys.argv[2]), resources=json.loads(sys.argv[3]), include_dashboard=False)
 for overrides in json.loads(sys.argv[4]):
     spec = apply_overrides(load_spec("sweeps/smoke.yaml"),

@@ -14,8 +14,8 @@ import sys
 from conftest import REPO
 from PIL import Image
 
-from grpo_ray.html_report import RunData, TrialView, importances, importances_png
-from grpo_ray.spec import parse_spec
+from grpo_ray.config.load import parse_spec
+from grpo_ray.views.html_report import RunData, TrialView, importances, importances_png
 
 CLI = [sys.executable, "-m", "grpo_ray.cli"]
 

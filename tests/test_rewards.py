@@ -1,4 +1,4 @@
-"""grpo_ray.rewards: exact agreement with the Unsloth tutorial's regex rewards, and robustness."""
+"""grpo_ray.task.rewards: exact agreement with the Unsloth tutorial's regex rewards, and robustness."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from grpo_ray import rewards
-from grpo_ray.rewards import (
+from grpo_ray.task import rewards
+from grpo_ray.task.rewards import (
     BUILTIN_REWARDS,
     RewardError,
     check_answer,
@@ -23,7 +23,7 @@ from grpo_ray.rewards import (
     parse_number,
     resolve_rewards,
 )
-from grpo_ray.template import Format
+from grpo_ray.task.template import Format
 
 QWEN_EOS = "<|endoftext|>"
 TUTORIAL_FMT = Format(reasoning_start="<start_working_out>", reasoning_end="<end_working_out>")
@@ -432,7 +432,7 @@ def user_module(tmp_path, monkeypatch) -> str:
 def test_resolve_builtins_and_import_paths(user_module: str) -> None:
     fns = resolve_rewards(
         ["check_answer", f"{user_module}:length_penalty", f"{user_module}.length_penalty",
-         f"{user_module}:Scorers.one", "grpo_ray.rewards:check_numbers"],
+         f"{user_module}:Scorers.one", "grpo_ray.task.rewards:check_numbers"],
         TUTORIAL_FMT, QWEN_EOS,
     )
     assert [f.__name__ for f in fns] == ["check_answer", "length_penalty", "length_penalty", "one", "check_numbers"]

@@ -3,8 +3,10 @@
 import optuna
 import pytest
 
-from grpo_ray import search
-from grpo_ray.spec import SpecError, apply_overrides, load_spec
+from grpo_ray.sweep import search
+from grpo_ray.config.errors import SpecError
+from grpo_ray.config.load import load_spec
+from grpo_ray.config.overrides import apply_overrides
 from conftest import REPO
 
 

@@ -3,7 +3,9 @@ import sys
 
 import pytest
 
-from grpo_ray.spec import SpecError, apply_overrides, load_spec, parse_spec
+from grpo_ray.config.errors import SpecError
+from grpo_ray.config.load import load_spec, parse_spec
+from grpo_ray.config.overrides import apply_overrides
 from conftest import REPO
 
 

@@ -12,8 +12,9 @@ from conftest import REPO
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from grpo_ray import spec as spec_module
-from grpo_ray.spec import SweepSpec
+from grpo_ray.config.search import Objective
+from grpo_ray.config.spec import SweepSpec
+from grpo_ray.config.training import LoraSpec
 
 REGENERATE = "python scripts/gen_spec_docs.py"
 
@@ -69,13 +70,13 @@ def undocumented() -> list[str]:
 def test_every_field_has_a_description():
     missing = undocumented()
     assert not missing, ("spec fields without a description (give each a Field(..., description=...) in "
-                         f"src/grpo_ray/spec.py): {', '.join(missing)}")
+                         f"src/grpo_ray/config/): {', '.join(missing)}")
 
 
 def test_the_description_check_names_an_offender(monkeypatch):
     # The check above can fail: a field without a description is named by its dotted path.
-    monkeypatch.setattr(spec_module.LoraSpec.model_fields["rank"], "description", None)
-    monkeypatch.setattr(spec_module.Objective.model_fields["mode"], "description", "  ")
+    monkeypatch.setattr(LoraSpec.model_fields["rank"], "description", None)
+    monkeypatch.setattr(Objective.model_fields["mode"], "description", "  ")
     assert undocumented() == ["lora.rank", "search.objectives[].mode"]
 
 

@@ -31,7 +31,7 @@ def test_sweep_runs_every_trial_and_shows_progress(smoke_run):
     assert len(trials) == 3 and all(t["error"] is None for t in trials)
     configs = [t["config"] for t in trials]
     assert len({json.dumps(c, sort_keys=True) for c in configs}) == 3  # Optuna sampled three configs
-    from grpo_ray.spec import load_spec
+    from grpo_ray.config.load import load_spec
 
     baseline = load_spec(REPO / "sweeps" / "smoke.yaml").baseline_point()
     assert baseline in configs  # the seed recipe ran as a trial of its own
@@ -107,7 +107,7 @@ def test_export_and_pull_commands(smoke_run, tmp_path):
 
 def test_status_lists_every_trial_from_storage(smoke_run):
     run_dir, _ = smoke_run
-    from grpo_ray.report import read_status
+    from grpo_ray.views.report import read_status
 
     trials = {t["trial_id"]: t for t in json.loads((run_dir / "trials.json").read_text())}
     status = read_status(str(run_dir))

@@ -195,7 +195,8 @@ def test_final_status_of_a_trial():
 
 
 def test_tracking_settings_are_checked_before_any_trial(tmp_path):
-    from grpo_ray.spec import SpecError, parse_spec
+    from grpo_ray.config.errors import SpecError
+    from grpo_ray.config.load import parse_spec
 
     text = (REPO / "sweeps" / "smoke.yaml").read_text()
     with pytest.raises(SpecError) as e:

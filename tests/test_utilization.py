@@ -2,7 +2,7 @@
 
 import pytest
 
-from grpo_ray.utilization import summary_line, utilization
+from grpo_ray.views.utilization import summary_line, utilization
 
 
 def _t(start, first, end, pid, reused, gpus="0", node="n1"):

@@ -11,7 +11,9 @@ import weakref
 import pytest
 from safetensors.torch import load_file
 
-from grpo_ray.spec import RewardSpec, apply_overrides, load_spec
+from grpo_ray.config.load import load_spec
+from grpo_ray.config.overrides import apply_overrides
+from grpo_ray.config.training import RewardSpec
 from grpo_ray.trial import warm
 from grpo_ray.trial.run import run_trial
 from conftest import REPO

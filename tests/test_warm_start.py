@@ -16,10 +16,13 @@ import yaml
 from conftest import REPO
 from optuna.trial import TrialState
 
-from grpo_ray import search
-from grpo_ray.spec import SpecError, apply_overrides, dump_spec, load_spec, parse_spec
+from grpo_ray.sweep import search
+from grpo_ray.config.errors import SpecError
+from grpo_ray.config.load import dump_spec, load_spec, parse_spec
+from grpo_ray.config.overrides import apply_overrides
 from grpo_ray.errors import SweepError
-from grpo_ray.sweep import preflight
+from grpo_ray.run_dir import STUDY_JOURNAL
+from grpo_ray.sweep.driver import preflight
 
 SMOKE = REPO / "sweeps" / "smoke.yaml"
 
@@ -53,7 +56,7 @@ def _searcher(spec, root, notes):
 def _journal_study(run_dir, name):
     from optuna.storages.journal import JournalFileBackend
 
-    storage = optuna.storages.JournalStorage(JournalFileBackend(str(run_dir / search.STUDY_JOURNAL)))
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(run_dir / STUDY_JOURNAL)))
     return optuna.load_study(study_name=name, storage=storage)
 
 

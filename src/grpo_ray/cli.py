@@ -14,7 +14,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from grpo_ray.spec import SpecError, dump_spec, load_spec_lines
+from grpo_ray.config.errors import SpecError
+from grpo_ray.config.load import dump_spec, load_spec_lines
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
@@ -23,9 +24,9 @@ out = Console()
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean 'the user must change something', each with a self-contained message."""
-    from grpo_ray.data import DataError
+    from grpo_ray.task.data import DataError
     from grpo_ray.models import ModelError
-    from grpo_ray.rewards import RewardError
+    from grpo_ray.task.rewards import RewardError
     from grpo_ray.run_lock import RunLockedError
     from grpo_ray.errors import SweepError
     from grpo_ray.trial.base import BackendError
@@ -33,7 +34,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [SpecError, DataError, ModelError, RewardError, BackendError, SweepError,
                                          RunLockedError]
     try:
-        from grpo_ray.export import ExportError
+        from grpo_ray.export.base import ExportError
 
         errors.append(ExportError)
     except ImportError:  # pragma: no cover - export extras missing
@@ -68,7 +69,7 @@ def validate(spec: Path = typer.Argument(..., help="The sweep spec (YAML).")) ->
     GPU or the network: every value of each search domain, the rewards, local data files (rows left
     after the filters) and the model path. Hub names are checked for their shape only.
     """
-    from grpo_ray.sweep import preflight
+    from grpo_ray.sweep.driver import preflight
 
     try:
         resolved, lines = load_spec_lines(spec)
@@ -164,9 +165,9 @@ def sweep(
         _fail(e)
     import signal
 
-    from grpo_ray.search import SweepInterrupted
-    from grpo_ray.sweep import run_sweep
-    from grpo_ray.workdirs import shutdown_and_clean
+    from grpo_ray.sweep.search import SweepInterrupted
+    from grpo_ray.sweep.driver import run_sweep
+    from grpo_ray.trial.workdirs import shutdown_and_clean
 
     import shlex
 
@@ -199,7 +200,7 @@ def sweep(
         raise typer.Exit(code=128 + signum) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    from grpo_ray.utilization import summary_line
+    from grpo_ray.views.utilization import summary_line
 
     out.print(summary_line(outcome.utilization), highlight=False)
     best = outcome.best_json or {}
@@ -208,12 +209,13 @@ def sweep(
     names = list(dict.fromkeys([o.metric for o in resolved.search.objectives] + ["eval_accuracy"]))
     shown = ", ".join(f"{m} {_fmt(metrics.get(m))}" for m in names)
     out.print(f"[bold green]best trial[/] {best.get('trial_id')}: {shown}", highlight=False)
-    out.print(f"results: {outcome.run_dir}/best/ (best.json, lora/, merged16/, *.gguf)", highlight=False)
+    merged = "merged16/, " if resolved.export.merged16 else ""
+    out.print(f"results: {outcome.run_dir}/best/ (best.json, lora/, {merged}*.gguf)", highlight=False)
 
 
 def _with_tracking(spec: Any, mlflow: str | None, wandb: str | None) -> Any:
     """The spec with ``--mlflow`` / ``--wandb`` applied, validated as if written in its tracking section."""
-    from grpo_ray.spec import apply_overrides
+    from grpo_ray.config.overrides import apply_overrides
 
     changes = {k: v for k, v in {"tracking.mlflow_uri": mlflow, "tracking.wandb_project": wandb}.items() if v}
     if not changes:
@@ -237,7 +239,7 @@ def status(
 
     from rich.live import Live
 
-    from grpo_ray.report import read_status, status_table
+    from grpo_ray.views.report import read_status, status_table
 
     run = _run_path(run)
     try:
@@ -260,7 +262,7 @@ def report(
     = None,
 ) -> None:
     """An HTML page of a sweep: curves per trial, Pareto front, importances, best configuration, failures."""
-    from grpo_ray.html_report import write_report
+    from grpo_ray.views.html_report import write_report
 
     try:
         dest = write_report(_run_path(run), str(output.resolve()) if output else None)
@@ -282,7 +284,7 @@ def export(
 ) -> None:
     """(Re-)export a finished sweep's best trial, or another trial, into <run>/best."""
     from grpo_ray import storage as st
-    from grpo_ray.sweep import export_run
+    from grpo_ray.sweep.driver import export_run
 
     try:
         info = export_run(_run_path(run), trial, progress=lambda msg: err.print(f"[magenta]export:[/] {msg}"),
@@ -303,9 +305,10 @@ def pull(
     import tempfile
 
     from grpo_ray import storage as st
+    from grpo_ray.run_dir import BEST_JSON, best_path
 
-    src = st.join(_run_path(run), "best")
-    if not st.exists(st.join(src, "best.json")):
+    src = best_path(_run_path(run))
+    if not st.exists(st.join(src, BEST_JSON)):
         _fail(f"{src}: no best.json (the sweep or its export has not finished)")
     target = dest.expanduser().resolve()
     if target.exists() and not target.is_dir():

@@ -1,5 +1,5 @@
-"""Errors of a whole sweep, apart from the modules that raise them so that any may (search.py
-and sweep.py both do) without importing the other."""
+"""Errors of a whole sweep, apart from the modules that raise them so that any may (sweep/search.py
+and sweep/driver.py both do) without importing the other."""
 
 from __future__ import annotations
 

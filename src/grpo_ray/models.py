@@ -1,7 +1,7 @@
 """Where a spec's ``model.source`` points, as something ``from_pretrained`` can load.
 
 - ``builtin:tiny-qwen3``: the tiny random Qwen3 built offline (smoke sweep, tests);
-- a ``.gguf`` file: dequantized once into a cached HF directory (see :mod:`grpo_ray.gguf_base`);
+- a ``.gguf`` file: dequantized once into a cached HF directory (see :mod:`grpo_ray.gguf.hf_dir`);
 - a local directory: used as is;
 - anything else: a hub name, passed through to ``from_pretrained``.
 """
@@ -37,7 +37,7 @@ def resolve_model(source: str) -> str:
         return str(cached_tiny_model())
     path = Path(source).expanduser()
     if path.suffix.lower() == ".gguf":
-        from grpo_ray.gguf_base import materialize_gguf
+        from grpo_ray.gguf.hf_dir import materialize_gguf
 
         return str(materialize_gguf(path))
     return str(path) if path.exists() else source

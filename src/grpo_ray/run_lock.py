@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from grpo_ray import storage
+from grpo_ray.run_dir import lock_path
 
-LOCK_FILE = "driver.lock.json"
 HEARTBEAT_S = 30.0  # how often the holder rewrites heartbeat_at
 STALE_S = 300.0  # a lock of another host whose heartbeat is older than this belongs to a dead driver
 _READ_BACK_PAUSE_S = 0.5  # object stores: wait this long before reading the lock back
@@ -90,7 +90,7 @@ def holder_alive(info: LockInfo, now: float | None = None) -> bool:
 def read_lock(run_dir: str) -> LockInfo | None:
     """The run's lock, or None when there is none (or it is unreadable: a half-written one)."""
     try:
-        data = json.loads(storage.read_text(storage.join(run_dir, LOCK_FILE)))
+        data = json.loads(storage.read_text(lock_path(run_dir)))
         return LockInfo(**{k: data[k] for k in LockInfo.__dataclass_fields__ if k in data})
     except (OSError, ValueError, TypeError, KeyError):
         return None
@@ -107,7 +107,7 @@ class RunLock:
 
     def __init__(self, run_dir: str, info: LockInfo) -> None:
         self.run_dir, self.info = run_dir, info
-        self.path = storage.join(run_dir, LOCK_FILE)
+        self.path = lock_path(run_dir)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="grpo-ray-run-lock", daemon=True)
         self._thread.start()
@@ -147,7 +147,7 @@ def acquire(run_dir: str, resume: bool, command: str = "") -> RunLock:
     now = time.time()
     info = LockInfo(host=_host(), pid=os.getpid(), started_at=now, heartbeat_at=now,
                     token=uuid.uuid4().hex, command=command)
-    path = storage.join(run_dir, LOCK_FILE)
+    path = lock_path(run_dir)
     held = read_lock(run_dir)
     if held is not None:
         if holder_alive(held):

@@ -12,7 +12,14 @@ import json
 import os
 from pathlib import Path
 
-from grpo_ray import template
+from grpo_ray.config.sections import (
+    DEFAULT_SYSTEM_PROMPT,
+    REASONING_END,
+    REASONING_START,
+    SOLUTION_END,
+    SOLUTION_START,
+)
+from grpo_ray.task import template
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -26,12 +33,12 @@ QWEN2_SPLIT = (
 
 def _training_text() -> list[str]:
     rows = (Path(__file__).parent / "assets" / "math_mini.jsonl").read_text().splitlines()
-    texts = [template.DEFAULT_SYSTEM_PROMPT]
+    texts = [DEFAULT_SYSTEM_PROMPT]
     for line in rows:
         r = json.loads(line)
         texts.append(
-            f"{r['question']}{template.REASONING_START}{r['reasoning']}{template.REASONING_END}"
-            f"{template.SOLUTION_START}{r['answer']}{template.SOLUTION_END}"
+            f"{r['question']}{REASONING_START}{r['reasoning']}{REASONING_END}"
+            f"{SOLUTION_START}{r['answer']}{SOLUTION_END}"
         )
     return texts
 

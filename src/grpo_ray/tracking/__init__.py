@@ -1,10 +1,10 @@
 """Where ML engineers already look: a sweep in MLflow and Weights & Biases, its winner on the Hub.
 
-* :func:`callbacks`: Ray Tune callbacks from ``spec.tracking`` (search.py adds them to the
+* :func:`callbacks`: Ray Tune callbacks from ``spec.tracking`` (sweep/search.py adds them to the
   Tuner's RunConfig): one MLflow run / W&B run per trial, with its sampled config, every
   reported metric by GRPO step and its final status; the sweep is the MLflow parent run and
   the W&B group.
-* :func:`log_winner`: after best.json is written (sweep.py), the best trial's run is tagged
+* :func:`log_winner`: after best.json is written (sweep/driver.py), the best trial's run is tagged
   and gets best.json, the model card and the GGUF file names.
 * ``hub.push_run``: ``grpo-ray push`` (cli.py).
 
@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from grpo_ray import storage
 from grpo_ray.tracking.common import TrackingError, best_files, final_status, metrics_of, params_of
+from grpo_ray.run_dir import best_path
 
 if TYPE_CHECKING:
     from ray.tune import Callback
 
-    from grpo_ray.spec import SweepSpec
+    from grpo_ray.config.spec import SweepSpec
 
 __all__ = ["TrackingError", "best_files", "callbacks", "final_status", "log_winner", "metrics_of", "params_of",
            "wandb_dir"]
@@ -53,7 +54,7 @@ def callbacks(spec: SweepSpec, run_dir: str) -> list[Callback]:
     """The Tune callbacks ``spec.tracking`` asks for (none when it names no backend)."""
     import importlib.util
 
-    from grpo_ray.spec import SpecError
+    from grpo_ray.config.errors import SpecError
 
     out: list[Callback] = []
     t = spec.tracking
@@ -82,7 +83,7 @@ def log_winner(spec: SweepSpec, run_dir: str, info: dict[str, Any],
     t = spec.tracking
     if not (t.mlflow_uri or t.wandb_project):
         return
-    best_dir = storage.join(run_dir, "best")
+    best_dir = best_path(run_dir)
     files = best_files(best_dir, info)
     if t.mlflow_uri:
         try:

@@ -8,7 +8,8 @@ import os
 from typing import Any
 
 from grpo_ray import storage
-from grpo_ray.report import last_line
+from grpo_ray.run_dir import BEST_JSON, MODEL_CARD
+from grpo_ray.views.report import last_line
 
 # Tune's own bookkeeping in every result: not what the trial measured (time_total_s is kept).
 TUNE_KEYS = frozenset({
@@ -55,10 +56,10 @@ def final_status(last_result: dict[str, Any] | None, error: str | None) -> tuple
 def best_files(best_dir: str, info: dict[str, Any]) -> dict[str, Any]:
     """What the winner's run gets: best.json's text, the model card's text (None without one) and
     the names of the GGUF files the export wrote, read from ``best_dir`` (local or URI)."""
-    card = storage.join(best_dir, "README.md")
+    card = storage.join(best_dir, MODEL_CARD)
     return {
-        "best.json": json.dumps(info, indent=2, default=str),
-        "README.md": storage.read_text(card) if storage.exists(card) else None,
+        BEST_JSON: json.dumps(info, indent=2, default=str),
+        MODEL_CARD: storage.read_text(card) if storage.exists(card) else None,
         "gguf": [n for n in storage.list_dir(best_dir) if n.endswith(".gguf")],
         "best_dir": best_dir,
     }
@@ -67,7 +68,7 @@ def best_files(best_dir: str, info: dict[str, Any]) -> dict[str, Any]:
 def trial_error(trial: Any, run_dir: str) -> str:
     """Why a Tune trial failed: the cause it recorded itself (fault.txt: a hang that ended its
     process), else Tune's error.txt, else the exception Tune holds."""
-    from grpo_ray.report import trial_cause
+    from grpo_ray.views.report import trial_cause
 
     rel = getattr(trial, "relative_logdir", None)
     cause = trial_cause(run_dir, rel) if rel else None

@@ -25,9 +25,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 from grpo_ray import storage
+from grpo_ray.run_dir import (
+    BEST_JSON,
+    EXPORT_JSON,
+    LORA_DIR,
+    MERGED_DIR,
+    MODEL_CARD,
+    MODELFILE,
+    best_json_path,
+    best_path,
+    spec_resolved_path,
+)
 
-WEIGHT_DIRS = ("lora", "merged16")
-ALWAYS = ("Modelfile", "best.json", "export.json")
+WEIGHT_DIRS = (LORA_DIR, MERGED_DIR)
+ALWAYS = (MODELFILE, BEST_JSON, EXPORT_JSON)
 
 
 class PushError(RuntimeError):
@@ -101,9 +112,9 @@ def hub_card(card: str, repo_id: str, ggufs: list[str], base_model: str | None) 
 def stage(best_dir: Path, dest: Path, repo_id: str, gguf_only: bool, base_model: str | None) -> list[str]:
     """Lay out the repo's files under ``dest`` (links to the export's files, the README written);
     returns the repo paths."""
-    best = json.loads((best_dir / "best.json").read_text())
+    best = json.loads((best_dir / BEST_JSON).read_text())
     ggufs = sorted(p.name for p in best_dir.glob("*.gguf"))
-    card_path = best_dir / "README.md"
+    card_path = best_dir / MODEL_CARD
     card = card_path.read_text() if card_path.is_file() else f"# {best.get('run')}: best trial {best.get('trial_id')}\n"
     (dest / "README.md").write_text(hub_card(card, repo_id, ggufs, base_model))
     names = [*ggufs, *(n for n in ALWAYS if (best_dir / n).is_file())]
@@ -165,8 +176,8 @@ def push_run(run: str, repo_id: str, private: bool = False, gguf_only: bool = Fa
     from huggingface_hub.utils import validate_repo_id
 
     run = storage.normalize(run)
-    best_uri = storage.join(run, "best")
-    if not storage.exists(storage.join(best_uri, "best.json")):
+    best_uri = best_path(run)
+    if not storage.exists(best_json_path(run)):
         raise PushError(f"{run}: no best/best.json (the sweep or its export has not finished); nothing to push")
     try:
         validate_repo_id(repo_id)
@@ -183,7 +194,7 @@ def push_run(run: str, repo_id: str, private: bool = False, gguf_only: bool = Fa
             storage.copy_dir(best_uri, str(best_dir))
         else:
             best_dir = Path(best_uri)
-        spec_file = storage.join(run, "spec.resolved.yaml")
+        spec_file = spec_resolved_path(run)
         base = _hub_base(storage.read_text(spec_file)) if storage.exists(spec_file) else None
         local = Path(tmp, "repo")
         local.mkdir()
@@ -202,7 +213,7 @@ def push_run(run: str, repo_id: str, private: bool = False, gguf_only: bool = Fa
             if remote is None:
                 progress(f"creating {'private ' if private else ''}model repo {repo_id}")
                 url = str(api.create_repo(repo_id, private=private, repo_type="model"))
-            best = json.loads((best_dir / "best.json").read_text())
+            best = json.loads((best_dir / BEST_JSON).read_text())
             progress(f"uploading {len(files)} files")
             api.upload_folder(
                 repo_id=repo_id, folder_path=str(local), repo_type="model",

@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Any
 
+from grpo_ray.run_dir import BEST_DIR, BEST_JSON, MODEL_CARD
 from grpo_ray.tracking.callback import TrialRunCallback
 from grpo_ray.tracking.common import FAILED, STOPPED_EARLY, TrackingError, final_status, metrics_of, params_of
 
@@ -219,9 +220,9 @@ def log_winner(uri: str, experiment: str, run_dir: str, info: dict[str, Any], fi
     c.set_tag(run, BEST, "true")
     c.set_tag(run, "grpo_ray.gguf_files", ", ".join(files["gguf"]) or "none")
     c.set_tag(run, "grpo_ray.best_dir", files["best_dir"])
-    c.log_text(run, files["best.json"], "best/best.json")
-    if files["README.md"] is not None:
-        c.log_text(run, files["README.md"], "best/README.md")
+    c.log_text(run, files[BEST_JSON], f"{BEST_DIR}/{BEST_JSON}")
+    if files[MODEL_CARD] is not None:
+        c.log_text(run, files[MODEL_CARD], f"{BEST_DIR}/{MODEL_CARD}")
     c.set_tag(parent, "grpo_ray.best_trial", tid)
     c.set_tag(parent, "grpo_ray.best_run_id", run)
-    c.log_text(parent, files["best.json"], "best/best.json")
+    c.log_text(parent, files[BEST_JSON], f"{BEST_DIR}/{BEST_JSON}")

@@ -21,6 +21,7 @@ import re
 import threading
 from typing import Any
 
+from grpo_ray.run_dir import BEST_JSON, MODEL_CARD
 from grpo_ray.tracking.callback import TrialRunCallback
 from grpo_ray.tracking.common import FAILED, STEP, TrackingError, final_status, metrics_of, params_of
 
@@ -151,7 +152,7 @@ def log_winner(project: str, entity: str | None, mode: str, sweep: str, director
         run.summary["best_dir"] = files["best_dir"]
         # Written into the run's own files directory (uploaded by sync), not linked from best/:
         # a bucket's best/ is not a local file, and a link would break when best/ is re-exported.
-        for name in ("best.json", "README.md"):
+        for name in (BEST_JSON, MODEL_CARD):
             if files[name] is not None:
                 with open(os.path.join(run.dir, name), "w") as f:
                     f.write(files[name])

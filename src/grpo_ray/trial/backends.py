@@ -35,7 +35,7 @@ def share_compile_caches() -> dict[str, str]:
     and vLLM already keep theirs per node (``~/.triton``, ``/tmp/torchinductor_<user>``,
     ``~/.cache/vllm``). A value the user set wins. Returns what was set.
     """
-    from grpo_ray.gguf_base import default_cache_root
+    from grpo_ray.gguf.cache import default_cache_root
 
     wanted = {"UNSLOTH_COMPILE_LOCATION": str(default_cache_root() / "unsloth_compiled_cache")}
     for key, value in wanted.items():

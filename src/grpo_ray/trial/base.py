@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from grpo_ray.spec import SweepSpec
+from grpo_ray.config.spec import SweepSpec
 
 # Called after each GRPO optimizer step with (step, TRL's logged metrics); see common.StepReporter.
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -54,9 +54,9 @@ class Backend(Protocol):
 
 
 class SettingChangedError(ValueError):
-    """A backend's trainer ran with another value than the trial sampled (trial/common.py
+    """A backend's trainer ran with another value than the trial sampled (trial/trl_args.py
     refuse_sampled_changes): the search would be told a result for a configuration that never
-    ran. Deterministic: a retry changes nothing (search.py fails it at once)."""
+    ran. Deterministic: a retry changes nothing (sweep/search.py fails it at once)."""
 
 
 class BackendError(RuntimeError):

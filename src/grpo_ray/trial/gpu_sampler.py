@@ -6,7 +6,7 @@ the samples are taken where the GPU is: a daemon thread in the trial reads NVML'
 nvidia-smi shows) and ``memory.used`` of each GPU the trial may use, every ``interval``
 seconds, and keeps running sums: overall (from the sampler's start) and during steps (from
 the trial's first training step or evaluation, ``FirstStep.at``, on). Every report carries
-:meth:`GpuSampler.metrics`; utilization.py aggregates them per device and per sweep.
+:meth:`GpuSampler.metrics`; views/utilization.py aggregates them per device and per sweep.
 
 NVML reports the whole card: trials packed on one GPU (``resources.gpu: 0.5``) each see
 their neighbour's load too, so their numbers are the card's, not their own share; per device
@@ -156,7 +156,7 @@ class GpuSampler:
     def metrics(self) -> dict[str, float]:
         """Means so far (%), the largest memory used (GiB) and sample counts; ``{}`` without samples.
 
-        ``gpu_steps_samples`` lets utilization.py weight ``gpu_util_steps_mean`` across trials.
+        ``gpu_steps_samples`` lets views/utilization.py weight ``gpu_util_steps_mean`` across trials.
         """
         with self._lock:
             if not self._n:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from transformers import TrainerCallback
 
-from grpo_ray.spec import SweepSpec
+from grpo_ray.config.spec import SweepSpec
 
 EXIT_HUNG = 75  # the process's exit status when a native-code hang forces it down
 

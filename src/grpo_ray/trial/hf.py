@@ -9,11 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from grpo_ray.spec import SweepSpec
-from grpo_ray.workdirs import make_workdir
+from grpo_ray.config.spec import SweepSpec
+from grpo_ray.trial.workdirs import make_workdir
 from grpo_ray.trial.common import (
     guard_memory,
-    grpo_config_kwargs,
     init_lora,
     instance_forward,
     load_lora_weights,
@@ -23,8 +22,8 @@ from grpo_ray.trial.common import (
     restore_forward,
     save_tokenizer,
     seed_adapter_init,
-    sft_config_kwargs,
 )
+from grpo_ray.trial.trl_args import grpo_config_kwargs, sft_config_kwargs
 
 
 class HFBackend:

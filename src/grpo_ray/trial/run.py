@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from grpo_ray import template
-from grpo_ray.data import DataError, Datasets, load_datasets
-from grpo_ray.spec import SweepSpec, apply_overrides
+from grpo_ray.task import template
+from grpo_ray.task.data import DataError, Datasets, load_datasets
+from grpo_ray.config.overrides import apply_overrides
+from grpo_ray.config.spec import SweepSpec
 from grpo_ray.trial.compile_clock import CompileClock
 from grpo_ray.trial.gpu_sampler import GpuSampler
 
@@ -31,7 +32,7 @@ FORMAT_RATE = "format_rate"  # an extra zero-weight reward so TRL logs the forma
 
 
 def _format_rate_reward(fmt: template.Format, eos_token: str | None):
-    from grpo_ray.rewards import make_rewards
+    from grpo_ray.task.rewards import make_rewards
 
     exact = make_rewards(fmt, eos_token)["match_format_exactly"]
 
@@ -113,7 +114,7 @@ class EffectiveRecord:
     ``trials.json`` and the report show it beside the sampled ``config``), in full in each
     checkpoint's ``effective_config.json``, and every value changed from what the trial passed
     (``changed_by_backend``). A change to a value the search sampled ends the trial instead
-    (common.refuse_sampled_changes): the search must never be told a result for a
+    (trl_args.refuse_sampled_changes): the search must never be told a result for a
     configuration that did not run.
     """
 
@@ -124,7 +125,7 @@ class EffectiveRecord:
         self.full: dict[str, dict[str, Any]] = {}
 
     def record(self, stage: str, args: Any, ran: dict[str, Any], changes: list[Any]) -> None:
-        from grpo_ray.trial.common import trl_args_dict
+        from grpo_ray.trial.trl_args import trl_args_dict
 
         self.ran |= ran
         self.full[stage] = trl_args_dict(args)
@@ -135,7 +136,7 @@ class EffectiveRecord:
               ) -> dict[str, Any]:
         """Record ``args`` (a TRL config: one just built, before training, or a trainer's as its loop
         starts, through :meth:`callback`) and refuse a sampled value changed. Returns ``requested``."""
-        from grpo_ray.trial.common import effective_settings, refuse_sampled_changes
+        from grpo_ray.trial.trl_args import effective_settings, refuse_sampled_changes
 
         ran, changes = effective_settings(args, requested, table)
         self.record(stage, args, ran, changes)
@@ -161,7 +162,7 @@ class EffectiveRecord:
 
 def grpo_rows(data: Datasets, tokenizer: Any, spec: SweepSpec) -> list[dict[str, Any]]:
     """GRPO prompts with their answers; prompts longer than max_prompt_length are dropped (as the seed)."""
-    fmt = spec.format.to_format()
+    fmt = template.format_of(spec.format)
     rows = []
     for e in data.grpo:
         prompt = template.prompt_messages(e.question, fmt)
@@ -223,16 +224,17 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, sampled: set[str], report, watc
 
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(trial_spec.resources.cpu)))
-    from grpo_ray.evaluate import evaluate
-    from grpo_ray.rewards import resolve_rewards
-    from grpo_ray.trial.common import GRPO_ARGS, SFT_ARGS, FirstStep, LoopStart, StepReporter, lora_norm
+    from grpo_ray.task.evaluate import evaluate
+    from grpo_ray.task.rewards import resolve_rewards
+    from grpo_ray.trial.common import FirstStep, LoopStart, StepReporter, lora_norm
+    from grpo_ray.trial.trl_args import GRPO_ARGS, SFT_ARGS
     from grpo_ray.trial.guard import TrialGuard
 
     watchdog.beat("loading the model")
     # Data and GRPO prompts depend on these alone; a warm actor's next trial gets them as they were.
     data_key = (trial_spec.data.model_dump_json(),)
     data = warm.shared(("data", *data_key), lambda: load_datasets(trial_spec.data), trial_spec)
-    fmt = trial_spec.format.to_format()
+    fmt = template.format_of(trial_spec.format)
     eos = backend.tokenizer.eos_token
     names = [r.name for r in trial_spec.rewards]
     funcs = resolve_rewards(names, fmt, eos)
@@ -369,7 +371,7 @@ def tune_trainable(config: dict[str, Any], spec: SweepSpec) -> None:
 
 
 def _placement() -> dict[str, Any]:
-    """Where this trial runs: node, GPU(s) and worker process (utilization.py groups by them)."""
+    """Where this trial runs: node, GPU(s) and worker process (views/utilization.py groups by them)."""
     import ray
 
     gpus = ",".join(str(g) for g in ray.get_gpu_ids())
@@ -382,7 +384,7 @@ def _record_fault_in_storage(cause: str) -> None:
     # when the process dies; its storage context knows the trial's place in the run's storage.
     from ray.train._internal.session import get_session
 
-    from grpo_ray.report import FAULT_FILE
+    from grpo_ray.run_dir import FAULT_FILE
 
     st = get_session().storage
     with st.storage_filesystem.open_output_stream(f"{st.trial_fs_path}/{FAULT_FILE}") as f:

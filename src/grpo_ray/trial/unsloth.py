@@ -20,12 +20,11 @@ import unsloth  # noqa: E402,F401  (must come first: it patches transformers, tr
 from pathlib import Path
 from typing import Any, Callable
 
-from grpo_ray.spec import SweepSpec
-from grpo_ray.workdirs import make_workdir
+from grpo_ray.config.spec import SweepSpec
+from grpo_ray.trial.workdirs import make_workdir
 from grpo_ray.trial.common import (
     guard_memory,
     gradient_checkpointing,
-    grpo_config_kwargs,
     init_lora,
     instance_forward,
     load_lora_weights,
@@ -35,8 +34,8 @@ from grpo_ray.trial.common import (
     restore_forward,
     save_tokenizer,
     seed_adapter_init,
-    sft_config_kwargs,
 )
+from grpo_ray.trial.trl_args import grpo_config_kwargs, sft_config_kwargs
 from grpo_ray.trial.compile_clock import restore_torch_logs
 from grpo_ray.trial.engine_lock import one_start_per_gpu, visible_gpus
 

@@ -29,7 +29,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-from grpo_ray.spec import SweepSpec
+from grpo_ray.config.spec import SweepSpec
 from grpo_ray.trial.backends import choose_backend, make_backend
 from grpo_ray.trial.base import Backend
 

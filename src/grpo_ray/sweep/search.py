@@ -25,13 +25,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from grpo_ray import storage
-from grpo_ray.report import last_line, trial_cause, trial_log
+from grpo_ray.config.errors import SpecError
+from grpo_ray.config.load import parse_spec
+from grpo_ray.config.search import Choice, IntRange, LogUniform, Uniform, in_domain
+from grpo_ray.config.spec import SweepSpec
+from grpo_ray.run_dir import STUDY_JOURNAL, spec_resolved_path, trials_path
 from grpo_ray.select import TrialRecord
-from grpo_ray.spec import Choice, IntRange, LogUniform, SpecError, SweepSpec, Uniform, _in_domain, parse_spec
+from grpo_ray.views.report import last_line, trial_cause, trial_log
 
 if TYPE_CHECKING:
-    from grpo_ray.searcher import BaselineOnceSearch
-    from grpo_ray.tune_progress import ProgressFn
+    from grpo_ray.sweep.searcher import BaselineOnceSearch
+    from grpo_ray.sweep.tune_progress import ProgressFn
 
 
 class SweepInterrupted(Exception):
@@ -116,9 +120,6 @@ def grid_space(spec: SweepSpec) -> dict[str, list[Any]]:
             for path, dom in spec.search.space.items()}
 
 
-STUDY_JOURNAL = "optuna-journal.log"  # in a local run directory: the study, readable by optuna-dashboard
-
-
 def study_storage(spec: SweepSpec, storage_root: str):
     """The Optuna storage for this sweep's study (see ``search.study_storage``), or None (in memory)."""
     import optuna
@@ -150,7 +151,7 @@ class WarmStart:
 def _previous_spec(run: str) -> SweepSpec | None:
     """The previous run's resolved spec, for the values its trials held fixed; None if unreadable."""
     try:
-        return parse_spec(storage.read_text(storage.join(run, "spec.resolved.yaml")))
+        return parse_spec(storage.read_text(spec_resolved_path(run)))
     except (OSError, SpecError):
         return None
 
@@ -176,7 +177,7 @@ def _point(spec: SweepSpec, prev: SweepSpec | None, config: dict[str, Any]) -> d
             except SpecError:
                 return None
         # Optuna's integer distribution refuses 3.0 where the spec's range check would take it.
-        if not _in_domain(value, dom) or (isinstance(dom, IntRange) and not isinstance(value, int)):
+        if not in_domain(value, dom) or (isinstance(dom, IntRange) and not isinstance(value, int)):
             return None
         params[path] = value
     for path in config.keys() - space.keys():
@@ -199,7 +200,7 @@ def load_warm_start(spec: SweepSpec) -> WarmStart:
         if not storage.exists(run):
             raise SweepError(f"search.warm_start: {entry}: no such run directory")
         try:
-            rows = json.loads(storage.read_text(storage.join(run, "trials.json")))
+            rows = json.loads(storage.read_text(trials_path(run)))
         except (OSError, ValueError) as e:
             why = "no trials.json (a finished sweep's directory has one)" if isinstance(e, OSError) else f"{e}"
             raise SweepError(f"search.warm_start: {entry}: {why}") from None
@@ -225,7 +226,7 @@ def make_searcher(spec: SweepSpec, storage_root: str | None = None,
                   on_event: ProgressFn | None = None) -> BaselineOnceSearch:
     import optuna
 
-    from grpo_ray.searcher import BaselineOnceSearch
+    from grpo_ray.sweep.searcher import BaselineOnceSearch
 
     s = spec.search
     # Optuna samples its first n_startup_trials (10 by default) at random: a short sweep needs fewer.
@@ -280,9 +281,9 @@ def _configuration_errors() -> tuple[type[BaseException], ...]:
     """Errors a trial's configuration causes (the spec, data, rewards, model, backend, a sampled
     value the backend would change): the same
     every attempt, so a retry would only spend another model load to fail again."""
-    from grpo_ray.data import DataError
     from grpo_ray.models import ModelError
-    from grpo_ray.rewards import RewardError
+    from grpo_ray.task.data import DataError
+    from grpo_ray.task.rewards import RewardError
     from grpo_ray.trial.base import BackendError, SettingChangedError
 
     return (SpecError, DataError, ModelError, RewardError, BackendError, SettingChangedError)
@@ -343,7 +344,7 @@ def experiment_path(spec: SweepSpec, storage_root: str) -> str:
 
 
 def _finished(run_dir: str) -> int:
-    from grpo_ray.report import read_status
+    from grpo_ray.views.report import read_status
 
     try:
         return sum(t.status == "TERMINATED" for t in read_status(run_dir))
@@ -366,20 +367,20 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
     path = experiment_path(spec, storage_root)
-    from grpo_ray.tune_progress import ProgressCallback
+    from grpo_ray.sweep.tune_progress import ProgressCallback
 
     callbacks = [ProgressCallback(on_event)] if on_event else []
     from grpo_ray.tracking import callbacks as tracking_callbacks
 
     callbacks += tracking_callbacks(spec, path)  # MLflow / W&B runs per trial (spec.tracking)
-    from grpo_ray.early_stop import MarkStoppedEarly, make_scheduler
+    from grpo_ray.sweep.early_stop import MarkStoppedEarly, make_scheduler
 
     scheduler = make_scheduler(spec)  # ASHA (search.early_stopping) or None: Tune's FIFO
     if scheduler is not None:
         callbacks.append(MarkStoppedEarly(spec.grpo.max_steps))
     if resume and tune.Tuner.can_restore(path):
-        from grpo_ray.report import read_status
-        from grpo_ray.tune_progress import set_listener
+        from grpo_ray.sweep.tune_progress import set_listener
+        from grpo_ray.views.report import read_status
 
         set_listener(on_event)  # the restored callbacks come without the display
         if on_event:

@@ -25,17 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grpo_ray import storage
-from grpo_ray.report import TrialStatus, last_line, read_status
+from grpo_ray.config.load import parse_spec
+from grpo_ray.config.search import Choice, IntRange, LogUniform, SearchSpec, Uniform
+from grpo_ray.config.spec import SweepSpec
+from grpo_ray.run_dir import REPORT_HTML, RESULT_FILE, best_json_path, spec_resolved_path, trials_path
 from grpo_ray.select import TrialRecord, pareto_front
-from grpo_ray.spec import (
-    Choice,
-    IntRange,
-    LogUniform,
-    SearchSpec,
-    SweepSpec,
-    Uniform,
-    parse_spec,
-)
+from grpo_ray.views.report import TrialStatus, last_line, read_status
 
 
 @dataclass
@@ -75,7 +70,7 @@ def _history(run_dir: str, status: TrialStatus) -> list[dict[str, Any]]:
     """The trial's reports, in order, from its result.json (a line per report; the last may be mid-write)."""
     if not status.logdir:
         return []
-    text = _try_read(storage.join(run_dir, status.logdir, "result.json")) or ""
+    text = _try_read(storage.join(run_dir, status.logdir, RESULT_FILE)) or ""
     rows = []
     for line in text.splitlines():
         try:
@@ -88,10 +83,10 @@ def _history(run_dir: str, status: TrialStatus) -> list[dict[str, Any]]:
 def load_run(run_dir: str) -> RunData:
     """Everything the report shows, read from ``run_dir``; FileNotFoundError when it holds no sweep."""
     statuses = read_status(run_dir)
-    spec_text = _try_read(storage.join(run_dir, "spec.resolved.yaml"))
-    spec = parse_spec(spec_text, file=storage.join(run_dir, "spec.resolved.yaml")) if spec_text else None
-    records = {t["trial_id"]: t for t in json.loads(_try_read(storage.join(run_dir, "trials.json")) or "[]")}
-    best_text = _try_read(storage.join(run_dir, "best", "best.json"))
+    spec_text = _try_read(spec_resolved_path(run_dir))
+    spec = parse_spec(spec_text, file=spec_resolved_path(run_dir)) if spec_text else None
+    records = {t["trial_id"]: t for t in json.loads(_try_read(trials_path(run_dir)) or "[]")}
+    best_text = _try_read(best_json_path(run_dir))
     es = spec.search.early_stopping if spec else None
     trials = []
     for s in statuses:
@@ -422,8 +417,8 @@ def _effective_html(metrics: dict[str, Any]) -> str:
 
 
 def _utilization_html(run: RunData) -> str:
-    """Busy fraction, start-up and hand-over times, trials per device-hour, measured GPU load (utilization.py)."""
-    from grpo_ray.utilization import summary_line, utilization
+    """Busy fraction, start-up and hand-over times, trials per device-hour, measured GPU load (views/utilization.py)."""
+    from grpo_ray.views.utilization import summary_line, utilization
 
     use = utilization((t.last, t.state in ("finished", "stopped early")) for t in run.trials)
     if not use:
@@ -465,6 +460,6 @@ def _hp(config: dict[str, Any]) -> str:
 def write_report(run_dir: str, output: str | None = None) -> str:
     """Write the report of the sweep at ``run_dir`` to ``output`` (default ``<run_dir>/report.html``); its path."""
     run = load_run(run_dir)
-    dest = output or storage.join(run_dir, "report.html")
+    dest = output or storage.join(run_dir, REPORT_HTML)
     storage.write_text(dest, render(run))
     return dest

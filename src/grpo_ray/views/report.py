@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from grpo_ray import storage
+from grpo_ray.run_dir import ERROR_FILE, FAULT_FILE, is_snapshot
 
-FAULT_FILE = "fault.txt"  # written by a trial into its storage directory when it cannot raise (trial/guard.py)
 UNFINISHED = ("RUNNING", "PENDING", "PAUSED")  # states a trial leaves only while a driver runs the sweep
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
@@ -38,7 +38,7 @@ class TrialStatus:
 
 def read_status(run_dir: str) -> list[TrialStatus]:
     """Every trial of the sweep at ``run_dir`` (``<storage>/<name>``), from Tune's newest snapshot."""
-    snapshots = [n for n in storage.list_dir(run_dir) if n.startswith("experiment_state-") and n.endswith(".json")]
+    snapshots = [n for n in storage.list_dir(run_dir) if is_snapshot(n)]
     if not snapshots:
         raise FileNotFoundError(f"{run_dir}: no sweep here yet (no experiment_state-*.json)")
     # Names carry the start time; after --resume a newer file holds every trial.
@@ -70,14 +70,14 @@ def trial_cause(run_dir: str, logdir: str | None) -> str | None:
     if not logdir:
         return None
     base = storage.join(run_dir, logdir)
-    for name in (FAULT_FILE, "error.txt"):
+    for name in (FAULT_FILE, ERROR_FILE):
         try:
             text = storage.read_text(storage.join(base, name))
         except OSError:  # FileNotFoundError, or the object store's "not found"
             continue
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if lines:
-            return last_line(text) if name == "error.txt" else clean_line(lines[0])
+            return last_line(text) if name == ERROR_FILE else clean_line(lines[0])
     return None
 
 
@@ -86,7 +86,7 @@ def trial_log(run_dir: str, logdir: str | None) -> str | None:
     fault.txt of a trial that had to end its own process."""
     if not logdir:
         return None
-    for name in ("error.txt", FAULT_FILE):
+    for name in (ERROR_FILE, FAULT_FILE):
         path = storage.join(run_dir, logdir, name)
         if storage.exists(path):
             return path
@@ -114,7 +114,7 @@ def status_table(trials: list[TrialStatus]):
     """A rich table: one row per trial with its state, progress, objectives and hyperparameters."""
     from rich.table import Table
 
-    from grpo_ray.utilization import summary_line, utilization
+    from grpo_ray.views.utilization import summary_line, utilization
 
     use = utilization((t.last, t.status == "TERMINATED") for t in trials)
     table = Table(title=f"{len(trials)} trials", caption=summary_line(use))

@@ -18,7 +18,6 @@ import tempfile
 import weakref
 from pathlib import Path
 
-PREFIXES = ("grpo-ray-hf-", "grpo-ray-unsloth-")
 _NAME = re.compile(r"^(?P<prefix>grpo-ray-(?:hf|unsloth)-)(?P<pid>\d+)-")
 
 

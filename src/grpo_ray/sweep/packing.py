@@ -38,7 +38,8 @@ import math
 import os
 from pathlib import Path
 
-from grpo_ray.spec import SweepSpec, apply_overrides
+from grpo_ray.config.overrides import apply_overrides
+from grpo_ray.config.spec import SweepSpec
 
 PACK_WEIGHT_SHARE = 0.02  # weights at most 2% of the card: two trials per GPU
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grpo_ray.rewards import parse_number
-from grpo_ray.spec import DataSpec, DatasetSpec
+from grpo_ray.config.sections import DatasetSpec, DataSpec
+from grpo_ray.task.rewards import parse_number
 
-BUILTIN = {"builtin:math_mini": Path(__file__).parent / "assets" / "math_mini.jsonl"}
+BUILTIN = {"builtin:math_mini": Path(__file__).resolve().parents[1] / "assets" / "math_mini.jsonl"}  # grpo_ray/assets
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from grpo_ray import template
-from grpo_ray.data import Example
-from grpo_ray.rewards import extract_solution, make_rewards, parse_number
+from grpo_ray.task import template
+from grpo_ray.task.data import Example
+from grpo_ray.task.rewards import extract_solution, make_rewards, parse_number
 
 
 @dataclass(frozen=True)

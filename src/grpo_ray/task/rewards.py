@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from grpo_ray.template import Format
+from grpo_ray.task.template import Format
 
 RewardFn = Callable[..., list[float]]
 

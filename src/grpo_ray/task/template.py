@@ -3,23 +3,20 @@
 The format follows Unsloth's GRPO tutorial: the model works between ``<think>`` and
 ``</think>`` and then answers between ``<SOLUTION>`` and ``</SOLUTION>``. The generation
 prompt already ends with ``<think>``, so completions start inside the reasoning block.
-Scoring lives in :mod:`grpo_ray.rewards`; this module only builds text.
+Scoring lives in :mod:`grpo_ray.task.rewards`; this module only builds text.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-REASONING_START = "<think>"
-REASONING_END = "</think>"
-SOLUTION_START = "<SOLUTION>"
-SOLUTION_END = "</SOLUTION>"
-
-DEFAULT_SYSTEM_PROMPT = (
-    "You are given a problem.\n"
-    "Think about the problem and provide your working out.\n"
-    f"Place it between {REASONING_START} and {REASONING_END}.\n"
-    f"Then, provide your solution between {SOLUTION_START}{SOLUTION_END}"
+from grpo_ray.config.sections import (
+    DEFAULT_SYSTEM_PROMPT,
+    REASONING_END,
+    REASONING_START,
+    SOLUTION_END,
+    SOLUTION_START,
+    FormatSpec,
 )
 
 
@@ -32,6 +29,11 @@ class Format:
     reasoning_end: str = REASONING_END
     solution_start: str = SOLUTION_START
     solution_end: str = SOLUTION_END
+
+
+def format_of(spec: FormatSpec) -> Format:
+    """The :class:`Format` a spec's ``format:`` section names."""
+    return Format(**spec.model_dump())
 
 
 def _jinja_literal(text: str) -> str:

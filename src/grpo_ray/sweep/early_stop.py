@@ -26,7 +26,7 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from grpo_ray.spec import SweepSpec
+from grpo_ray.config.spec import SweepSpec
 
 STOPPED_EARLY = "stopped_early"
 TIME_ATTR = "step"  # what trial/run.py reports: the GRPO step of the window
@@ -72,7 +72,7 @@ class PruningOptunaSearch(OptunaSearch):
     """OptunaSearch that tells Optuna a trial stopped early as PRUNED, not COMPLETE.
 
     ``warm_start``: (params, objective values, source) of trials a previous sweep finished
-    (search.py, ``search.warm_start``), added to the study as COMPLETE when it is created.
+    (sweep/search.py, ``search.warm_start``), added to the study as COMPLETE when it is created.
     Ray's own ``evaluated_rewards`` cannot carry them: it passes one ``value`` to Optuna
     (a TypeError with several objectives) and turns every ``points_to_evaluate`` entry into an
     evaluated trial, so the baseline could no longer be queued beside them.

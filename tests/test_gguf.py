@@ -1,4 +1,4 @@
-"""grpo_ray.gguf_base: GGUF metadata I/O, the node-wide cache, and the real Gemma 3 270M GGUF
+"""grpo_ray.gguf: GGUF metadata I/O, the node-wide cache, and the real Gemma 3 270M GGUF
 checked against llama.cpp (tokenizer ids on 1,200+ strings, next-token distributions).
 
 The real-model tests are ``slow`` (about a minute and a half on 2 cores, most of it the one
@@ -19,16 +19,15 @@ import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFValue, GGUFValueType, GGUFWriter
 
-from grpo_ray import gguf_base
-from grpo_ray.gguf_base import (
-    SOURCE_FILE,
+from grpo_ray.gguf.cache import FORMAT_VERSION, SOURCE_FILE, cached_build, file_sha256
+from grpo_ray.gguf.hf_dir import materialize_gguf
+from grpo_ray.gguf.reader import _pack_kv, read_gguf_metadata, replace_gguf_kv
+from grpo_ray.gguf.tokenizer import (
     TOKENIZER_SIDECAR,
-    cached_build,
-    materialize_gguf,
-    read_gguf_metadata,
     read_tokenizer_kv,
-    replace_gguf_kv,
+    save_hf_tokenizer,
     tokenizer_flags,
+    tokenizer_kv,
     write_tokenizer_kv,
 )
 
@@ -145,7 +144,7 @@ def test_write_tokenizer_kv_replaces_writer_tokenizer(tmp_path: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    got = gguf_base.tokenizer_kv(read_gguf_metadata(tmp_path / "t.gguf"))
+    got = tokenizer_kv(read_gguf_metadata(tmp_path / "t.gguf"))
     assert got == kv
 
 
@@ -162,7 +161,7 @@ def _slow_build(tmp: Path, counter: Path) -> None:
     for i in range(5):
         (tmp / f"part{i}").write_text("x" * 1000)
         time.sleep(0.1)
-    (tmp / SOURCE_FILE).write_text(json.dumps({"gguf_sha256": _SHA, "format_version": gguf_base.FORMAT_VERSION}))
+    (tmp / SOURCE_FILE).write_text(json.dumps({"gguf_sha256": _SHA, "format_version": FORMAT_VERSION}))
 
 
 def _worker(target: str, counter: str, out: Any) -> None:
@@ -205,7 +204,7 @@ def test_cached_build_rebuilds_an_older_format(tmp_path: Path) -> None:
     target.mkdir(parents=True)
     (target / SOURCE_FILE).write_text(json.dumps({"gguf_sha256": _SHA, "format_version": 0}))
     cached_build(target, _SHA, lambda tmp: _slow_build(tmp, tmp_path / "n.txt"))
-    assert json.loads((target / SOURCE_FILE).read_text())["format_version"] == gguf_base.FORMAT_VERSION
+    assert json.loads((target / SOURCE_FILE).read_text())["format_version"] == FORMAT_VERSION
     assert (target / "part4").exists()
 
 
@@ -250,7 +249,7 @@ def llama_vocab(gemma_gguf: Path, llama_cpp: Any) -> Any:
 
 @pytest.fixture(scope="session")
 def gemma_kv(gemma_gguf: Path) -> dict[str, GGUFValue]:
-    return gguf_base.tokenizer_kv(read_gguf_metadata(gemma_gguf))
+    return tokenizer_kv(read_gguf_metadata(gemma_gguf))
 
 
 @pytest.mark.slow
@@ -261,7 +260,7 @@ def test_materialized_directory(materialized: dict[str, Any], gemma_gguf: Path) 
             "tokenizer_config.json", TOKENIZER_SIDECAR, SOURCE_FILE} <= names  # fmt: skip
     assert not any(n.endswith(".gguf") and n != TOKENIZER_SIDECAR for n in names)  # no stripped copy left
     info = json.loads((model_dir / SOURCE_FILE).read_text())
-    sha = gguf_base.file_sha256(gemma_gguf)
+    sha = file_sha256(gemma_gguf)
     assert info["gguf_sha256"] == sha and info["architecture"] == "gemma3"
     assert Path(info["gguf_path"]) == gemma_gguf.resolve()
     assert model_dir == materialized["root"] / "gguf" / sha[:16]
@@ -288,7 +287,7 @@ def test_tokenizer_sidecar_is_the_original_tokenizer(materialized: dict[str, Any
     assert kv is not None
     assert list(kv) == [k for k in meta.kv if k.startswith("tokenizer.")]
     for key, entry in kv.items():  # byte-exact: re-packing gives the original file's bytes
-        assert gguf_base._pack_kv(key, entry) == meta.kv_raw[key], key
+        assert _pack_kv(key, entry) == meta.kv_raw[key], key
     side = read_gguf_metadata(Path(materialized["dir"]) / TOKENIZER_SIDECAR)
     assert side.tensor_count == 0
     assert set(side.kv) == set(kv) | {"general.architecture"}
@@ -359,7 +358,7 @@ def test_decode_inverts_encode(hf_tokenizer: Any, llama_vocab: Any) -> None:
 @pytest.mark.slow
 def test_one_bos_with_the_chat_template(hf_tokenizer: Any, llama_vocab: Any) -> None:
     """The training path: TRL renders the template and tokenizes with add_special_tokens=False."""
-    from grpo_ray import template
+    from grpo_ray.task import template
 
     msgs = template.prompt_messages("Tom has 3 apples and buys 5 more. How many?")
     bos = hf_tokenizer.bos_token_id
@@ -397,8 +396,8 @@ def test_space_prefix_and_eos_variant_matches_llama_cpp(
             "tokenizer.ggml.add_eos_token": GGUFValue(True, GGUFValueType.BOOL),
         },
     )
-    kv = gguf_base.tokenizer_kv(read_gguf_metadata(variant))
-    gguf_base.save_hf_tokenizer(kv, work / "tok")
+    kv = tokenizer_kv(read_gguf_metadata(variant))
+    save_hf_tokenizer(kv, work / "tok")
     ours = Tokenizer.from_file(str(work / "tok" / "tokenizer.json"))
     llm = llama_cpp.Llama(model_path=str(variant), vocab_only=True, verbose=False)
     try:
@@ -419,7 +418,7 @@ def test_next_token_distributions_match_llama_cpp(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from grpo_ray import template
+    from grpo_ray.task import template
 
     model = AutoModelForCausalLM.from_pretrained(materialized["dir"], dtype=torch.float32).eval()
     llm = llama_cpp.Llama(model_path=str(gemma_gguf), logits_all=True, n_ctx=256, verbose=False)
