@@ -207,3 +207,59 @@ def test_tracking_settings_are_checked_before_any_trial(tmp_path):
                         str(tmp_path), "--wandb", "team/project"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and "--wandb" in r.stderr and "cannot contain" in r.stderr
     assert "Traceback" not in r.stderr and not list(tmp_path.iterdir())  # refused before anything ran
+
+
+@pytest.fixture(scope="module")
+def reexported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A second small tracked sweep whose two trials both finish (a grid over lora.rank), then
+    `grpo-ray export --trial <the other one>`: the winner moves, and the trackers must follow."""
+    import yaml
+
+    spec = yaml.safe_load((REPO / "sweeps" / "smoke.yaml").read_text())
+    spec["name"] = "moved"
+    spec["sft"]["max_steps"] = 2
+    spec["grpo"].update(max_steps=2, report_every=2)
+    spec["data"]["eval"].update(size=4, max_new_tokens=16)
+    spec["search"].update(sampler="grid", num_samples=2, max_concurrent_trials=2, space={"lora.rank": {"choice": [4, 8]}})
+    spec["export"] = {"gguf": ["f16"], "check": False, "agreement_prompts": 0}
+    root = tmp_path_factory.mktemp("moved")
+    (root / "moved.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": str(root / "wandb-config"),
+           "WANDB_CACHE_DIR": str(root / "wandb-cache"), "WANDB_DATA_DIR": str(root / "wandb-data")}
+    cli = [sys.executable, "-m", "grpo_ray.cli"]
+    r = subprocess.run(cli + ["sweep", str(root / "moved.yaml"), "--storage", str(root / "runs"), "--mlflow",
+                              str(root / "mlruns"), "--wandb", "grpo-ray-test"],
+                       capture_output=True, text=True, cwd=REPO, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = root / "runs" / "moved"
+    first = json.loads((run / "best" / "best.json").read_text())["trial_id"]
+    (other,) = [t for t in _trials(run) if t != first]
+    e = subprocess.run(cli + ["export", str(run), "--trial", other], capture_output=True, text=True, cwd=REPO,
+                       timeout=900, env=env)
+    assert e.returncode == 0, e.stdout[-3000:] + e.stderr[-3000:]
+    return {"root": root, "run": run, "mlruns": root / "mlruns", "first": first, "other": other, "export": e}
+
+
+def test_a_re_export_of_another_trial_moves_the_best_tag_in_mlflow(reexported):
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    mlflow.set_tracking_uri(f"file://{reexported['mlruns']}")
+    runs = mlflow.search_runs(experiment_names=["moved"], output_format="list")
+    (parent,) = [r for r in runs if r.data.tags.get("grpo_ray.role") == "sweep"]
+    by_trial = {r.data.tags["grpo_ray.trial_id"]: r for r in runs if "grpo_ray.trial_id" in r.data.tags}
+    first, other = by_trial[reexported["first"]], by_trial[reexported["other"]]
+    assert other.data.tags.get("grpo_ray.best") == "true" and other.data.tags["grpo_ray.gguf_files"] == "moved-f16.gguf"
+    assert "grpo_ray.best" not in first.data.tags and "grpo_ray.gguf_files" not in first.data.tags
+    assert parent.data.tags["grpo_ray.best_trial"] == reexported["other"]
+    assert parent.data.tags["grpo_ray.best_run_id"] == other.info.run_id
+    assert "MLflow: tagged trial " + reexported["other"] in reexported["export"].stderr
+
+
+def test_a_re_export_of_another_trial_moves_the_best_tag_in_wandb(reexported):
+    runs = [_wandb_records(d) for d in sorted(reexported["run"].glob("wandb/offline-run-*"))]
+    # W&B keeps every reopening as its own offline directory; the newest of each trial is its state now.
+    newest: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        newest[r["id"]] = r
+    assert "best" in newest[reexported["other"]]["tags"] and newest[reexported["other"]]["summary"]["best"] is True
+    assert "best" not in newest[reexported["first"]]["tags"]
+    assert newest[reexported["first"]]["summary"]["best"] is False

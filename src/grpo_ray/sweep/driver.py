@@ -174,10 +174,24 @@ def export_run(run_dir: str, trial_id: str | None = None,
         # best.json means "this export finished": it must not describe files being replaced. The
         # whole directory goes, so files of the previous export (another trial, other GGUF types)
         # cannot pass as this one's.
+        previous = _exported_trial(run_dir)
         storage.remove_dir(best_path(run_dir))
         info = export_best(spec, run_dir, trials, best, progress)
         storage.write_text(best_json_path(run_dir), json.dumps(info, indent=2, default=str))
+    from grpo_ray.tracking import log_winner
+
+    # The sweep's MLflow / W&B runs follow best/: the exported trial is tagged with the new files,
+    # and an earlier winner, if this export picked another trial, is untagged. Never raises.
+    log_winner(spec, run_dir, info, progress, previous=previous)
     return info
+
+
+def _exported_trial(run_dir: str) -> str | None:
+    """The trial id of the export in ``<run>/best`` now, if there is one that can be read."""
+    try:
+        return str(json.loads(storage.read_text(best_json_path(run_dir)))["trial_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # A hub repo id: `name` or `org/name` (letters, digits, -, _, .). Validate checks only this shape

@@ -76,10 +76,13 @@ def callbacks(spec: SweepSpec, run_dir: str) -> list[Callback]:
 
 
 def log_winner(spec: SweepSpec, run_dir: str, info: dict[str, Any],
-               progress: Callable[[str], None] = lambda s: None) -> None:
+               progress: Callable[[str], None] = lambda s: None, previous: str | None = None) -> None:
     """Tag the best trial's run in every configured backend and attach best.json, the model card
     (best/README.md) and the GGUF file names. A tracking server that is down must not cost the
-    sweep its export, so a failure here is reported through ``progress`` and logged, never raised."""
+    sweep its export, so a failure here is reported through ``progress`` and logged, never raised.
+
+    ``previous``: the trial id of the export this one replaces (``grpo-ray export``), whose run
+    loses the tag when the winner changes (MLflow finds it from the sweep's run itself)."""
     t = spec.tracking
     if not (t.mlflow_uri or t.wandb_project):
         return
@@ -99,7 +102,7 @@ def log_winner(spec: SweepSpec, run_dir: str, info: dict[str, Any],
             from grpo_ray.tracking.wandb import log_winner as wandb_winner
 
             wandb_winner(t.wandb_project, t.wandb_entity, t.wandb_mode, spec.name, wandb_dir(spec, run_dir), info,
-                         files)
+                         files, previous)
             progress(f"W&B: tagged trial {info['trial_id']}'s run as the best, with best.json and the model card")
         except Exception as e:  # noqa: BLE001
             log.warning("W&B: could not log the winner: %s", e, exc_info=True)

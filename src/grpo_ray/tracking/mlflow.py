@@ -217,6 +217,15 @@ def log_winner(uri: str, experiment: str, run_dir: str, info: dict[str, Any], fi
     run = find_trial_run(c, exp, parent, tid)
     if run is None:
         raise TrackingError(f"no MLflow run of trial {tid} under the sweep's run {parent}")
+    # A re-export (grpo-ray export) of another trial moves the winner: the earlier one's run loses
+    # its tags, so a filter on grpo_ray.best = 'true' finds one run, the one best/ now holds.
+    before = c.get_run(parent).data.tags.get("grpo_ray.best_run_id")
+    if before and before != run:
+        for key in (BEST, "grpo_ray.gguf_files", "grpo_ray.best_dir"):
+            try:
+                c.delete_tag(before, key)
+            except Exception:  # noqa: BLE001 - a tag already gone (deleted by hand) is what we want
+                pass
     c.set_tag(run, BEST, "true")
     c.set_tag(run, "grpo_ray.gguf_files", ", ".join(files["gguf"]) or "none")
     c.set_tag(run, "grpo_ray.best_dir", files["best_dir"])

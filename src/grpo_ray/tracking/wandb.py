@@ -140,10 +140,18 @@ class WandbCallback(TrialRunCallback):
 
 
 def log_winner(project: str, entity: str | None, mode: str, sweep: str, directory: str, info: dict[str, Any],
-               files: dict[str, Any]) -> str:
+               files: dict[str, Any], previous: str | None = None) -> str:
     """Reopen the best trial's run: tag it, put best.json and the model card in its files and the
-    GGUF names in its summary. Returns the run's local directory."""
+    GGUF names in its summary. ``previous``: the trial an earlier export made the winner; when it
+    is another one (``grpo-ray export --trial``), its run loses the tag. Returns the run's local directory."""
     tid = str(info["trial_id"])
+    if previous and str(previous) != tid:
+        old = init_run(project, entity, mode, sweep, directory, str(previous))
+        try:
+            old.tags = tuple(t for t in (old.tags or ()) if t != BEST_TAG)
+            old.summary["best"] = False
+        finally:
+            old.finish()
     run = init_run(project, entity, mode, sweep, directory, tid)
     try:
         run.tags = tuple(t for t in (run.tags or ()) if t != BEST_TAG) + (BEST_TAG,)
