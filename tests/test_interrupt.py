@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,3 +140,18 @@ def test_interrupt_concurrent_driver_and_resume(spec_file, tmp_path):
     SUMMARY.update(clean_resumes=1, lost=len(finished - {t["trial_id"] for t in trials}))
     assert (run / "best" / "best.json").exists()
     assert "best trial" in out and "reward " in out and "eval_accuracy " in out
+
+    # 5. --resume of a run saved by a grpo-ray whose modules have moved (an upgrade between two
+    # nights): Tune pickled our callbacks by module path. Simulated by renaming one module path in
+    # a copy's tuner.pkl to a same-length one that does not exist (the pickle stays well-formed).
+    old = tmp_path / "old" / "intr"
+    shutil.copytree(run, old)
+    pkl = (old / "tuner.pkl").read_bytes()
+    assert b"grpo_ray.sweep.tune_progress" in pkl
+    (old / "tuner.pkl").write_bytes(pkl.replace(b"grpo_ray.sweep.tune_progress", b"grpo_ray.xxxxx.tune_progress"))
+    e = subprocess.run([sys.executable, "-m", "grpo_ray.cli", "sweep", str(spec_file), "--storage",
+                        str(tmp_path / "old"), "--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    said = " ".join(e.stderr.split())
+    assert e.returncode == 2 and "Traceback" not in said, e.stderr[-3000:]
+    assert "saved by another version of grpo-ray" in said and f"search.warm_start: ['{old}']" in said, said
+    assert (old / "best" / "best.json").exists() and not (old / "driver.lock.json").exists()  # nothing lost, lock freed

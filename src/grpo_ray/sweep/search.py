@@ -385,7 +385,21 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
         set_listener(on_event)  # the restored callbacks come without the display
         if on_event:
             on_event("resumed", {"finished": sum(t.status == "TERMINATED" for t in read_status(path))})
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space(spec))
+        try:
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space(spec))
+        except ModuleNotFoundError as e:
+            # Tune pickled our searcher and callbacks by module path: a run saved by a grpo-ray whose
+            # modules have since moved cannot be unpickled. Its finished trials are not lost.
+            if not (e.name or "").startswith("grpo_ray"):
+                raise
+            from grpo_ray import storage
+            from grpo_ray.errors import SweepError
+            from grpo_ray.run_dir import trials_path
+
+            reuse = (f"; its trials can seed the new search: search.warm_start: ['{path}']"
+                     if storage.exists(trials_path(path)) else "; `grpo-ray status` still shows its trials")
+            raise SweepError(f"{path}: saved by another version of grpo-ray (its module {e.name} does not exist "
+                             f"in this one), so it cannot be resumed. Run the spec under a new name{reuse}") from None
     else:
         tuner = tune.Tuner(
             trainable,
