@@ -63,3 +63,18 @@ def test_compile_time_cold_and_warm_apart():
     u = utilization([cold, warm1, warm2, _t(0, 50, 90, 8, False, gpus="1")])  # one from before the metric
     assert u["compile_s"]["cold"] == {"n": 1, "mean": 80.0, "median": 80.0, "max": 80.0}
     assert u["compile_s"]["warm"] == {"n": 2, "mean": 6.0, "median": 6.0, "max": 12.0}
+
+
+def test_engine_start_queue_of_packed_cold_trials():
+    # Three trials packed on GPU 0 start together; the engine starts queue: 0, 130 and 260 s of
+    # waiting. A warm trial waits for nothing, a trial from before the metric is left out.
+    ts = [_t(0, 150, 400, 1, False), _t(0, 280, 500, 2, False), _t(0, 410, 600, 3, False),
+          _t(401, 405, 700, 1, True), _t(0, 100, 300, 4, False, gpus="1")]
+    for (m, _), w in zip(ts, (0.0, 130.0, 260.0, 0.0)):
+        m["engine_wait_s"] = w
+    u = utilization(ts)
+    assert u["engine_wait_s"] == {"n": 3, "mean": 130.0, "median": 130.0, "max": 260.0}
+    assert "queued for an engine start up to 260 s" in summary_line(u)
+    for m, _ in ts:  # one at a time per GPU: nothing queued, nothing said
+        m["engine_wait_s"] = 0.0
+    assert "queued" not in summary_line(utilization(ts))

@@ -249,7 +249,9 @@ def _run(trial_spec: SweepSpec, spec: SweepSpec, sampled: set[str], report, watc
     gpu.steps_since = lambda: busy.at  # its samples from here on count as "during steps"
     fixed: dict[str, float] = {"eval_size": float(len(data.eval))}  # kept in checkpoints for a retry
     # This attempt's own timings and place; a retry reports its own, not the checkpoint's.
-    attempt = {"trial_started_at": t0, "load_s": t_loaded - t0, "model_reused": float(reused)} | (context or {})
+    attempt = {"trial_started_at": t0, "load_s": t_loaded - t0, "model_reused": float(reused),
+               # of load_s, the wait for packed neighbours' engine starts (trial/engine_lock.py)
+               "engine_wait_s": 0.0 if reused else float(getattr(backend, "engine_wait_s", 0.0))} | (context or {})
 
     # Where a trial's time goes (seconds), reported with every window: set-up of each trainer,
     # held-out evaluation, and GRPO's own steps (bench/warm_sweep.py reads them).

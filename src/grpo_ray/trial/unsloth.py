@@ -52,6 +52,7 @@ class UnslothBackend:
         # Removed with this backend, or by the driver once this process is gone (workdirs.py).
         self._workdir = make_workdir(self, "grpo-ray-unsloth-")
         self._spec: SweepSpec | None = None  # the spec the model's current adapter was made for
+        self.engine_wait_s = 0.0  # seconds the last load waited for other trials' engine starts
 
     def load(self, model_dir: str, spec: SweepSpec) -> None:
         from unsloth import FastLanguageModel
@@ -68,7 +69,8 @@ class UnslothBackend:
             self.tokenizer = tokenizer
 
         # A packed neighbour starting its engine at the same time would skew vLLM's memory profile.
-        with one_start_per_gpu(visible_gpus()):
+        with one_start_per_gpu(visible_gpus()) as waited:
+            self.engine_wait_s = waited  # queued behind neighbours' starts: part of load_s, not its cost
             guard_memory(_load, spec)
         self.new_adapter(spec)
 

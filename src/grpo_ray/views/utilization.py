@@ -13,6 +13,8 @@ a running sweep too:
   ``busy_fraction_after_first``: the same from the end of each device's first trial, where
   a warm actor has nothing left to load;
 - ``startup_s``: trial start to first step, cold (model loaded) and warm (reused) apart;
+  ``engine_wait_s``: of a cold start, the time spent queued behind packed neighbours' vLLM
+  engine starts (trial/engine_lock.py): how much of start-up is packing's queue, not loading;
 - ``compile_s``: each trial's time in torch.compile (``compile_s``, its model load included),
   cold and warm apart: what warm actors save of compilation, and which warm trials recompiled;
 - ``handoff_s``: from the end of the trial before it on the same actor (a reused model) or,
@@ -50,6 +52,7 @@ class _Trial:
     finished: bool
     compile_s: float | None  # None from a grpo-ray before the metric
     gpu: dict[str, float] | None = None  # NVML samples (trial/gpu_sampler.py); None without them
+    engine_wait_s: float | None = None  # queued for the GPU's engine-start lock; None before the metric
 
 
 def _trial(m: dict[str, Any], finished: bool) -> _Trial | None:
@@ -58,9 +61,10 @@ def _trial(m: dict[str, Any], finished: bool) -> _Trial | None:
     except (KeyError, TypeError, ValueError):
         return None  # no report yet (or from a grpo-ray before these metrics)
     node, gpus, pid = m.get("node", "?"), str(m.get("gpus") or ""), str(m.get("worker_pid", "?"))
-    compile_s = m.get("compile_s")
+    compile_s, wait = m.get("compile_s"), m.get("engine_wait_s")
     return _Trial(started, first, end, bool(m.get("model_reused")), f"{node}/gpu{gpus}" if gpus else f"{node}/cpu",
-                  f"{node}/pid{pid}", finished, float(compile_s) if compile_s is not None else None, _gpu(m))
+                  f"{node}/pid{pid}", finished, float(compile_s) if compile_s is not None else None, _gpu(m),
+                  float(wait) if wait is not None else None)
 
 
 def _gpu(m: dict[str, Any]) -> dict[str, float] | None:
@@ -141,6 +145,7 @@ def utilization(trials: Iterable[tuple[dict[str, Any], bool]]) -> dict[str, Any]
         "busy_fraction_after_first": round(after_busy / after_wall, 4) if after_wall > 0 else None,
         "startup_s": {"cold": _stats([t.first_step - t.started for t in ts if not t.reused]),
                       "warm": _stats([t.first_step - t.started for t in ts if t.reused])},
+        "engine_wait_s": _stats([t.engine_wait_s for t in ts if not t.reused and t.engine_wait_s is not None]),
         "handoff_s": _stats(handoffs),
         "compile_s": {"cold": _stats([t.compile_s for t in ts if not t.reused and t.compile_s is not None]),
                       "warm": _stats([t.compile_s for t in ts if t.reused and t.compile_s is not None])},
@@ -168,7 +173,9 @@ def summary_line(u: dict[str, Any] | None) -> str:
     if u["busy_fraction_after_first"] is not None:
         parts.append(f"{u['busy_fraction_after_first']:.0%} after each device's first trial")
     if cold:
-        parts.append(f"start-up cold {cold['median']:.1f} s (x{cold['n']})")
+        queued = u.get("engine_wait_s")
+        parts.append(f"start-up cold {cold['median']:.1f} s (x{cold['n']})"
+                     + (f", queued for an engine start up to {queued['max']:.0f} s" if queued and queued["max"] >= 1 else ""))
     if warm:
         parts.append(f"warm {warm['median']:.1f} s (x{warm['n']})")
     if u["handoff_s"]:
