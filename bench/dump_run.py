@@ -19,7 +19,7 @@ KEEP = ["trial_started_at", "first_step_at", "reported_at", "startup_s", "load_s
 
 def snapshot(run_dir: str) -> dict:
     """The sweep so far, from Tune's newest experiment snapshot (what `grpo-ray status` reads)."""
-    from grpo_ray.views.report import read_status
+    from grpo_ray.views.status import read_status
     from grpo_ray.views.utilization import utilization
 
     trials = sorted(read_status(run_dir), key=lambda t: t.last.get("trial_started_at") or float("inf"))

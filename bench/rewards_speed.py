@@ -53,7 +53,7 @@ def _seed_child(name: str, text: str, conn) -> None:
 
 
 def _seed_time(name: str, text: str, timeout: float) -> float | None:
-    """Seconds the seed's ``name`` takes on ``text``; None past ``timeout`` (the child is killed)."""
+    """Seconds the tutorial's ``name`` takes on ``text``; None past ``timeout`` (the child is killed)."""
     parent, child = mp.Pipe(duplex=False)
     proc = mp.get_context("fork").Process(target=_seed_child, args=(name, text, child))
     proc.start()

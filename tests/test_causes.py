@@ -1,7 +1,7 @@
 """A failed trial's cause in trials.json, status and the report: one line, no ANSI colour codes, the
 location prefix said once (a SpecError rebuilt by Ray's unpickling repeats it). Issue #26."""
 
-from grpo_ray.views.report import last_line
+from grpo_ray.views.status import last_line
 
 RAY_ERROR = """Failure # 1 (occurred at 2026-12-02_06-00-00)
 \x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=123, ip=10.0.0.1, actor_id=abc)

@@ -101,7 +101,7 @@ def test_stopped_trials_are_pruned_in_the_optuna_study(asha_run):
 
 def test_status_marks_stopped_trials(asha_run):
     run_dir, _ = asha_run
-    from grpo_ray.views.report import read_status
+    from grpo_ray.views.status import read_status
 
     stopped = {tid for tid, t in _trials(run_dir).items() if t["stopped_early"]}
     status = read_status(str(run_dir))

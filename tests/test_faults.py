@@ -95,7 +95,7 @@ def test_every_fault_ends_its_trial_with_its_cause_and_the_sweep_finishes(chaos_
         if t["error"]:
             assert "\n" not in t["error"] and "\x1b" not in t["error"] and len(t["error"]) < 600, t["error"]
             assert t["log"] and Path(t["log"]).is_file(), t
-    from grpo_ray.views.report import read_status
+    from grpo_ray.views.status import read_status
 
     failures = {s.trial_id: s.failures for s in read_status(str(run_dir))}
     config_trial = trials[[f for f, _ in PLAN].index("config")]["trial_id"]

@@ -197,7 +197,7 @@ def test_utilization_without_gpu_samples_says_nothing_of_them():
 
 def test_status_and_report_show_gpu_utilization():
     from grpo_ray.views.html_report import _utilization_html
-    from grpo_ray.views.report import TrialStatus, status_table
+    from grpo_ray.views.status import TrialStatus, status_table
 
     lasts = [_t(0, 10, 110, 1, gpu=_g(20, 100, 30, 60))[0], _t(0, 10, 110, 2, gpus="1", gpu=_g(10, 100, 16, 50))[0]]
     table = status_table([TrialStatus(f"t{i}", "TERMINATED", {}, last, 0) for i, last in enumerate(lasts)])

@@ -214,7 +214,7 @@ def test_sweep_survives_losing_a_worker_node(cluster, tmp_path):
     assert set(node_of_pid.values()) == {"a", "b"}, node_of_pid
 
     # The lost trial was retried (Tune counts the failure) and finished on the surviving node.
-    from grpo_ray.views.report import read_status
+    from grpo_ray.views.status import read_status
 
     status = {s.trial_id: s for s in read_status(str(run))}
     killed_id = killed_trial.name.split("_")[2]

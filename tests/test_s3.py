@@ -37,7 +37,7 @@ def bucket_uri():
 
 def test_sweep_to_a_bucket_then_status_and_pull(bucket_uri, tmp_path):
     from grpo_ray import storage
-    from grpo_ray.views.report import read_status
+    from grpo_ray.views.status import read_status
 
     cli = [sys.executable, "-m", "grpo_ray.cli"]
     r = subprocess.run([*cli, "sweep", "sweeps/smoke.yaml", "--storage", bucket_uri],

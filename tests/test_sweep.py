@@ -107,7 +107,7 @@ def test_export_and_pull_commands(smoke_run, tmp_path):
 
 def test_status_lists_every_trial_from_storage(smoke_run):
     run_dir, _ = smoke_run
-    from grpo_ray.views.report import read_status
+    from grpo_ray.views.status import read_status
 
     trials = {t["trial_id"]: t for t in json.loads((run_dir / "trials.json").read_text())}
     status = read_status(str(run_dir))

@@ -239,7 +239,7 @@ def status(
 
     from rich.live import Live
 
-    from grpo_ray.views.report import read_status, status_table
+    from grpo_ray.views.status import read_status, status_table
 
     run = _run_path(run)
     try:

@@ -7,7 +7,7 @@ used by whatever writes it and whatever reads it.
       spec.resolved.yaml        the spec with every default filled in (written before the search)
       driver.lock.json          the driver that holds the run (run_lock.py)
       optuna-journal.log        the Optuna study (local storage, search.study_storage unset)
-      experiment_state-*.json   Ray Tune's snapshots of the experiment (views/report.py reads the newest)
+      experiment_state-*.json   Ray Tune's snapshots of the experiment (views/status.py reads the newest)
       tune_trainable_<id>_*/    one directory per trial: checkpoint_*/ (its LoRA), result.json (Tune's log of
                                 its reports), error.txt (Tune's traceback), fault.txt (what the trial
                                 wrote when it could not raise)

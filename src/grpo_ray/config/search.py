@@ -124,7 +124,7 @@ class SearchSpec(Strict):
     )
     max_failures: int = Field(1, ge=0, description="Retries of a trial that raised, before it counts as failed.")
     baseline_first: bool = Field(
-        True, description="Run the spec's own values (the seed recipe) as the first trial, when inside the space."
+        True, description="Run the spec's own values (the baseline) as the first trial, when inside the space."
     )
     early_stopping: EarlyStopping | None = Field(None, description="Stop poor trials early (ASHA); off by default.")
     warm_start: list[str] = Field(

@@ -33,7 +33,7 @@ from grpo_ray.run_dir import (
     utilization_path,
 )
 from grpo_ray.select import TrialRecord, pareto_front, pick_best
-from grpo_ray.views.report import last_line
+from grpo_ray.views.status import last_line
 
 
 @dataclass

@@ -31,7 +31,7 @@ from grpo_ray.config.search import Choice, IntRange, LogUniform, Uniform, in_dom
 from grpo_ray.config.spec import SweepSpec
 from grpo_ray.run_dir import STUDY_JOURNAL, spec_resolved_path, trials_path
 from grpo_ray.select import TrialRecord
-from grpo_ray.views.report import last_line, trial_cause, trial_log
+from grpo_ray.views.status import last_line, trial_cause, trial_log
 
 if TYPE_CHECKING:
     from grpo_ray.sweep.searcher import BaselineOnceSearch
@@ -244,7 +244,7 @@ def make_searcher(spec: SweepSpec, storage_root: str | None = None,
     warm = load_warm_start(spec)
     if s.warm_start:
         note(warm.summary(len(s.warm_start)))
-    # The seed recipe goes first, so every sweep is measured against it; unless a previous run measured it.
+    # The baseline goes first, so every sweep is measured against it; unless a previous run measured it.
     # A grid visits every combination anyway, the spec's own values among them when they lie inside.
     baseline = spec.baseline_point() if s.baseline_first and s.sampler != "grid" else None
     if baseline is not None and any(params == baseline for params, _, _ in warm.points):
@@ -344,7 +344,7 @@ def experiment_path(spec: SweepSpec, storage_root: str) -> str:
 
 
 def _finished(run_dir: str) -> int:
-    from grpo_ray.views.report import read_status
+    from grpo_ray.views.status import read_status
 
     try:
         return sum(t.status == "TERMINATED" for t in read_status(run_dir))
@@ -380,7 +380,7 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
         callbacks.append(MarkStoppedEarly(spec.grpo.max_steps))
     if resume and tune.Tuner.can_restore(path):
         from grpo_ray.sweep.tune_progress import set_listener
-        from grpo_ray.views.report import read_status
+        from grpo_ray.views.status import read_status
 
         set_listener(on_event)  # the restored callbacks come without the display
         if on_event:

@@ -1,5 +1,5 @@
 """The sweep's searcher: OptunaSearch with early-stopping and warm-start support
-(:class:`~grpo_ray.sweep.early_stop.PruningOptunaSearch`), plus the seed recipe queued once per run.
+(:class:`~grpo_ray.sweep.early_stop.PruningOptunaSearch`), plus the baseline queued once per run.
 
 Ray's ``points_to_evaluate`` queues its points into the Optuna study each time the searcher
 sets its study up, and ``Tuner.restore`` sets up again the searcher pickled when the run

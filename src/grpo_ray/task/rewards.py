@@ -31,9 +31,9 @@ BUILTIN_REWARDS: tuple[str, ...] = (
     "match_format_exactly", "match_format_approximately", "check_answer", "check_numbers",
 )
 
-# The seed's number, [-]?[\d\.\,]{1,}, minus the sign (checked by hand: the search runs 3x faster
+# The tutorial's number, [-]?[\d\.\,]{1,}, minus the sign (checked by hand: the search runs 3x faster
 # without the optional prefix). A greedy run of one class never backtracks, so the search is linear.
-# \d (and \s below) are Unicode, exactly as in the seed's regexes.
+# \d (and \s below) are Unicode, exactly as in the tutorial's regexes.
 _DIGITS = re.compile(r"[\d.,]+")
 
 
@@ -43,7 +43,7 @@ class RewardError(ValueError):
 
 @functools.lru_cache(maxsize=64)
 def _closing_tag(solution_end: str, eos: str | None) -> re.Pattern[str]:
-    """A solution-end tag followed by the seed's tail ``[\\s]{0,}(?:EOS)?[\\s]{0,}$`` (MULTILINE).
+    """A solution-end tag followed by the tutorial's tail ``[\\s]{0,}(?:EOS)?[\\s]{0,}$`` (MULTILINE).
 
     MULTILINE ``$`` holds before *any* ``\\n`` or at the very end, so ``\\s*$`` is ``\\s*(?:\\n|\\Z)``:
     text on a later line does not matter. Linear: the lookahead only backtracks through the whitespace
@@ -55,7 +55,7 @@ def _closing_tag(solution_end: str, eos: str | None) -> re.Pattern[str]:
 
 
 def extract_solution(text: str, fmt: Format = Format(), eos_token: str | None = None) -> str | None:
-    """The text ``check_answer`` grades: the seed's ``match_format.search(text).group(1)``, or None.
+    """The text ``check_answer`` grades: the tutorial's ``match_format.search(text).group(1)``, or None.
 
     Why the scan equals the regex: ``.*?`` and ``.+?`` match anything (DOTALL), so a match starting at a
     reasoning-end tag exists iff the first solution-start tag after it is followed (one character or
@@ -78,7 +78,7 @@ def extract_solution(text: str, fmt: Format = Format(), eos_token: str | None = 
 
 
 def _number_guess(text: str, fmt: Format) -> str | None:
-    """The seed's ``match_numbers.search(text).group(1)``: the first number after the first solution tag.
+    """The tutorial's ``match_numbers.search(text).group(1)``: the first number after the first solution tag.
 
     ``.*?`` skips ahead to the first place ``-?[\\d.,]+`` matches (whitespace never does), so the regex
     reduces to a search from the first solution-start tag (a later tag could only find less): the
@@ -171,7 +171,7 @@ def _answer(text: str, answer: str | None, fmt: Format, eos: str | None) -> floa
         return 3.5
     try:  # float() parses; nothing is evaluated
         ratio = float(guess) / float(answer)
-    except Exception:  # the seed's bare except: ValueError, ZeroDivisionError
+    except Exception:  # the tutorial's bare except: ValueError, ZeroDivisionError
         return -4.5
     if 0.9 <= ratio <= 1.1:
         return 2.0
@@ -229,7 +229,7 @@ def make_rewards(fmt: Format = Format(), eos_token: str | None = None) -> dict[s
     Each is called ``fn(prompts, completions, **kwargs) -> list[float]`` with the ``answer`` column
     in kwargs; completions may be strings or ``[{"role": "assistant", "content": str}]``.
     """
-    eos = eos_token or None  # an empty EOS makes the seed's optional group match nothing
+    eos = eos_token or None  # an empty EOS makes the tutorial's optional group match nothing
     return {name: _Reward(name, fmt, eos) for name in BUILTIN_REWARDS}
 
 

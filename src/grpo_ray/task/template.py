@@ -1,4 +1,4 @@
-"""The seed's reasoning format: tags, system prompt, chat template and prompt building.
+"""The tutorial's reasoning format: tags, system prompt, chat template and prompt building.
 
 The format follows Unsloth's GRPO tutorial: the model works between ``<think>`` and
 ``</think>`` and then answers between ``<SOLUTION>`` and ``</SOLUTION>``. The generation
@@ -42,7 +42,7 @@ def _jinja_literal(text: str) -> str:
 
 
 def chat_template(fmt: Format = Format(), bos_token: bool = False) -> str:
-    """The seed's chat template: system prompt + EOS, user turns verbatim, assistant + EOS.
+    """The tutorial's chat template: system prompt + EOS, user turns verbatim, assistant + EOS.
 
     ``bos_token`` prepends the tokenizer's BOS, for models (Gemma) whose tokenizer does not
     add it and that produce garbage without it.

@@ -9,7 +9,7 @@ from typing import Any
 
 from grpo_ray import storage
 from grpo_ray.run_dir import BEST_JSON, MODEL_CARD
-from grpo_ray.views.report import last_line
+from grpo_ray.views.status import last_line
 
 # Tune's own bookkeeping in every result: not what the trial measured (time_total_s is kept).
 TUNE_KEYS = frozenset({
@@ -68,7 +68,7 @@ def best_files(best_dir: str, info: dict[str, Any]) -> dict[str, Any]:
 def trial_error(trial: Any, run_dir: str) -> str:
     """Why a Tune trial failed: the cause it recorded itself (fault.txt: a hang that ended its
     process), else Tune's error.txt, else the exception Tune holds."""
-    from grpo_ray.views.report import trial_cause
+    from grpo_ray.views.status import trial_cause
 
     rel = getattr(trial, "relative_logdir", None)
     cause = trial_cause(run_dir, rel) if rel else None

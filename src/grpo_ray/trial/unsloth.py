@@ -1,4 +1,4 @@
-"""The ``unsloth`` backend: Unsloth's FastLanguageModel with vLLM generation (the seed's fast path).
+"""The ``unsloth`` backend: Unsloth's FastLanguageModel with vLLM generation (the tutorial's fast path).
 
 One model object serves SFT, GRPO and evaluation: Unsloth loads the base weights once,
 shares them with an in-process vLLM engine (``fast_inference=True``) sized for the largest

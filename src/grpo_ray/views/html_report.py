@@ -30,7 +30,7 @@ from grpo_ray.config.search import Choice, IntRange, LogUniform, SearchSpec, Uni
 from grpo_ray.config.spec import SweepSpec
 from grpo_ray.run_dir import REPORT_HTML, RESULT_FILE, best_json_path, spec_resolved_path, trials_path
 from grpo_ray.select import TrialRecord, pareto_front
-from grpo_ray.views.report import TrialStatus, last_line, read_status
+from grpo_ray.views.status import TrialStatus, last_line, read_status
 
 
 @dataclass
