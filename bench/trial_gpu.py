@@ -10,6 +10,7 @@
 Usage (device, after ../shared/device/stage.sh --model):
     python bench/trial_gpu.py learn --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --out $OUT/learn.json
     python bench/trial_gpu.py speed --out $OUT/speed.json
+    python bench/trial_gpu.py speed --phases --out $OUT/phases.json   # where each step's time goes
 Results are committed under bench/results/.
 """
 
@@ -123,6 +124,14 @@ def speed_child(which: str, model_dir: str, out: str) -> None:
     """One process: ours (run_trial) or bare (the tutorial's GRPOTrainer script)."""
     t0 = time.time()
     step_times: list[float] = []
+    # --phases: where each step's time goes (bench/phase_clock.py); it synchronises the GPU around
+    # each phase, so step times of such a run are a profile, not the speed comparison.
+    phases = os.environ.get("GRPO_BENCH_PHASES") == "1"
+    if phases:
+        import unsloth  # noqa: F401 - patches trl's GRPOTrainer, the class the clock must wrap
+        import phase_clock
+
+        phase_clock.install()
     if which == "ours":
         from grpo_ray.config.load import load_spec
         from grpo_ray.config.overrides import apply_overrides
@@ -183,7 +192,7 @@ def speed_child(which: str, model_dir: str, out: str) -> None:
         "which": which, "total_s": total, "init_s": init_s,
         "first_step_end_s": (step_times[0] - t0) if step_times else None,
         "step_s": deltas, "steady_step_s": sum(steady) / len(steady) if steady else None,
-    }))
+    } | ({"phases": __import__("phase_clock").CLOCK.summary()} if phases else {})))
 
 
 def speed(args: argparse.Namespace) -> dict:
@@ -191,7 +200,7 @@ def speed(args: argparse.Namespace) -> dict:
     results = {}
     for which in args.order.split(","):
         out = f"/tmp/speed_{which}.json"
-        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        env = os.environ | {"PYTHONUNBUFFERED": "1"} | ({"GRPO_BENCH_PHASES": "1"} if args.phases else {})
         subprocess.run([sys.executable, __file__, "speed-child", which, model_dir, out], check=True, env=env,
                        timeout=args.child_timeout)
         results[which] = json.loads(Path(out).read_text())
@@ -199,7 +208,8 @@ def speed(args: argparse.Namespace) -> dict:
     ratio = None
     if "ours" in results and "bare" in results and results["bare"]["steady_step_s"]:
         ratio = results["ours"]["steady_step_s"] / results["bare"]["steady_step_s"]
-    return {"bench": "trial_gpu.speed", "config": SPEED | {"model": "random Qwen3-1.7B shape", "order": args.order},
+    return {"bench": "trial_gpu.speed", "config": SPEED | {"model": "random Qwen3-1.7B shape", "order": args.order,
+                                                           "phases": args.phases},
             "numbers": results | {"ours_over_bare_steady_step": ratio}}
 
 
@@ -215,6 +225,8 @@ def main() -> None:
     b.add_argument("--model-dir", default="/tmp/qwen3-1.7b-random")
     b.add_argument("--order", default="bare,ours")
     b.add_argument("--child-timeout", type=int, default=900)
+    b.add_argument("--phases", action="store_true",
+                   help="clock each step's phases (bench/phase_clock.py): a profile, slower than the plain run")
     b.add_argument("--out", required=True)
     c = sub.add_parser("speed-child")
     c.add_argument("which")
