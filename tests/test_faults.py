@@ -65,7 +65,9 @@ def chaos_run(tmp_path_factory: pytest.TempPathFactory):
     env = {**os.environ, **SECRETS, "GRPO_RAY_FAULT_PLAN": ",".join(f for f, _ in PLAN),
            "GRPO_RAY_FAULT_DIR": str(root / "faults"),
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    r = _cli("sweep", str(root / "chaos.yaml"), "--storage", str(root / "runs"), env=env, timeout=900)
+    # Tracked into MLflow (a file store) as a user's overnight sweep would be: faults must reach it too.
+    r = _cli("sweep", str(root / "chaos.yaml"), "--storage", str(root / "runs"), "--mlflow", str(root / "mlruns"),
+             env=env, timeout=900)
     return root / "runs" / "chaos", r, env
 
 
@@ -138,13 +140,38 @@ def test_no_secret_reaches_any_artifact(chaos_run):
     assert rep.returncode == 0 and (run_dir / "report.html").exists(), rep.stderr[-2000:]
     ray_logs = Path("/tmp/ray/session_latest/logs")  # the chaos sweep's session: no Ray started since
     leaks = []
-    for path in [*Path(run_dir).rglob("*"), *(ray_logs.rglob("*") if ray_logs.exists() else [])]:
+    mlruns = Path(run_dir).parents[1] / "mlruns"
+    for path in [*Path(run_dir).rglob("*"), *mlruns.rglob("*"), *(ray_logs.rglob("*") if ray_logs.exists() else [])]:
         if path.is_file():
             data = path.read_bytes()
             leaks += [f"{path}: {k}" for k, v in SECRETS.items() if v.encode() in data]
     leaks += [f"CLI output: {k}" for k, v in SECRETS.items() if v in r.stdout + r.stderr + rep.stdout + rep.stderr]
     assert not leaks
     SUMMARY["secrets_leaked"] = len(leaks)
+
+
+def test_mlflow_records_every_fault_and_recovery(chaos_run):
+    """The tracked run of the night: one MLflow run per trial, each failed one FAILED with its
+    cause, the retried ones (SIGKILL, transient) finished, the winner tagged."""
+    mlflow = pytest.importorskip("mlflow")
+    run_dir, _, _ = chaos_run
+    trials = _trials(run_dir)
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    mlflow.set_tracking_uri(f"file://{run_dir.parents[1] / 'mlruns'}")
+    runs = mlflow.search_runs(experiment_names=["chaos"], output_format="list")
+    tagged = [r for r in runs if "grpo_ray.trial_id" in r.data.tags]
+    by_trial = {r.data.tags["grpo_ray.trial_id"]: r for r in tagged}
+    # One run per trial: a retried trial (SIGKILL, transient) logs on into its run, not a second one.
+    assert len(tagged) == len(by_trial) and sorted(by_trial) == sorted(t["trial_id"] for t in trials.values())
+    best = json.loads((run_dir / "best" / "best.json").read_text())["trial_id"]
+    for i, (fault, cause) in enumerate(PLAN):
+        run = by_trial[trials[i]["trial_id"]]
+        if cause is None:
+            assert run.data.tags["grpo_ray.status"] == "finished" and run.info.status == "FINISHED", fault
+        else:
+            assert run.data.tags["grpo_ray.status"] == "failed" and run.info.status == "FAILED", fault
+            assert run.data.tags["grpo_ray.error"] in trials[i]["error"], (fault, run.data.tags["grpo_ray.error"])
+        assert (run.data.tags.get("grpo_ray.best") == "true") == (trials[i]["trial_id"] == best), fault
 
 
 def test_unwritable_storage_fails_before_any_trial(tmp_path):
