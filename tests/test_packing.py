@@ -30,6 +30,16 @@ def test_auto_rule(weights, gpus, gib, alone, share):
     assert got == share and why
 
 
+@pytest.mark.parametrize("cpu, cpus_per_gpu, share, words", [
+    (4, 8, 0.5, "two trials per GPU"),      # 8 cores per GPU hold two trials of 4
+    (4, 6, 1.0, "two would need 8 CPUs per GPU (2 x resources.cpu), the GPU nodes have 6"),
+    (4, None, 0.5, "two trials per GPU"),   # no GPU node up to ask (an autoscaler's first minutes)
+])
+def test_packing_never_asks_for_more_cpus_than_a_gpu_node_has_per_gpu(cpu, cpus_per_gpu, share, words):
+    got, why = gpu_per_trial(0.5, 1, 141, True, cpu, cpus_per_gpu)
+    assert got == share and words in why, why
+
+
 def test_weights_of_real_models(tiny_model_dir):
     from safetensors.torch import load_file
 
@@ -71,12 +81,13 @@ def resolve(cpus: int, gpus: int, resources: dict, *overrides: dict, home: Path 
     return [json.loads(line) for line in r.stdout.strip().splitlines()[-len(overrides):]]
 
 
-@pytest.mark.parametrize("gpus, resources, share, words", [
-    (0, {}, 0.0, "no GPU on this machine"),
-    (1, {"accelerator_type:H100": 1}, 0.5, "two trials per GPU"),
+@pytest.mark.parametrize("cpus, gpus, resources, share, words", [
+    (1, 0, {}, 0.0, "no GPU on this machine"),
+    (2, 1, {"accelerator_type:H100": 1}, 0.5, "two trials per GPU"),   # the smoke spec's trials ask for 1 CPU
+    (1, 1, {"accelerator_type:H100": 1}, 1.0, "the GPU nodes have 1"),  # two would need 2 cores
 ])
-def test_auto_resolves_against_the_real_ray_cluster(gpus, resources, share, words):
-    [out] = resolve(1, gpus, resources, {})
+def test_auto_resolves_against_the_real_ray_cluster(cpus, gpus, resources, share, words):
+    [out] = resolve(cpus, gpus, resources, {})
     assert out["gpu"] == share and words in out["notes"][0], out
 
 
@@ -114,7 +125,7 @@ def test_the_autoscalers_gpus_from_the_config_ray_up_leaves(tmp_path):
 
 
 def test_concurrency_auto_fills_the_real_ray_cluster(tmp_path):
-    packed, whole, kept = resolve(2, 2, {"accelerator_type:H100": 1},
+    packed, whole, kept = resolve(4, 2, {"accelerator_type:H100": 1},  # 2 cores per GPU: room for two trials
                                   {"search.num_samples": 40},
                                   {"search.num_samples": 40, "resources.gpu": 1},
                                   {"search.max_concurrent_trials": 1, "resources.gpu": 1})

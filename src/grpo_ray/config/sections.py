@@ -158,7 +158,8 @@ class ResourcesSpec(Strict):
 
     gpu: Union[float, Literal["auto"]] = Field(
         "auto", description="GPUs per trial; a fraction packs trials onto one GPU (0.5: two per GPU). auto: 0 on a "
-        "machine without GPUs, 0.5 when the model's weights are at most 2% of the GPU's memory, else 1 (sweep/packing.py).")
+        "machine without GPUs, 0.5 when the model's weights are at most 2% of the GPU's memory and the GPU nodes have "
+        "2 x resources.cpu cores per GPU, else 1 (sweep/packing.py).")
 
     @field_validator("gpu", mode="before")
     @classmethod

@@ -9,7 +9,11 @@ reward scoring and Python overhead with the other's kernels. ``resources.gpu: au
   :data:`PACK_WEIGHT_SHARE` of the smallest GPU's memory in the cluster: e.g. gemma-3-270m
   (0.5 GiB) on any card of 27 GiB or more, Qwen3-1.7B (3.4 GiB) only on a 170 GiB card;
 - ``1`` otherwise, and whenever the model size or the GPU memory cannot be known on the
-  driver (a hub model not on its disk, an autoscaling cluster with no GPU node up yet).
+  driver (a hub model not on its disk, an autoscaling cluster with no GPU node up yet);
+- ``1`` too when the GPU nodes up have fewer CPU cores per GPU than two trials ask for
+  (2 x ``resources.cpu``): Ray would then pack two trials on some cards and leave others idle,
+  because it places trials by CPUs as well as GPU shares, and a small model's step is bound by
+  its host process (the quality benchmark's four packed steps took 3-4 times one alone).
 
 Each packed trial's vLLM engine reserves ``model.gpu_memory_utilization`` of its *slice*
 (SweepSpec.vllm_memory_share), so the engines split the card instead of each claiming 0.7
@@ -90,6 +94,15 @@ def cluster_gpus() -> tuple[int, float | None, bool]:
     return total, (min(mems) if mems else None), alone
 
 
+def cpus_per_gpu() -> float | None:
+    """The fewest CPU cores per GPU on the GPU nodes up now; None when no GPU node is up."""
+    import ray
+
+    ratios = [float(n["Resources"].get("CPU", 0)) / float(n["Resources"]["GPU"])
+              for n in ray.nodes() if n.get("Alive") and float(n.get("Resources", {}).get("GPU", 0) or 0) > 0]
+    return min(ratios) if ratios else None
+
+
 def _local_gpu_gib() -> float | None:
     try:
         import torch
@@ -100,13 +113,20 @@ def _local_gpu_gib() -> float | None:
     return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())) / 2**30
 
 
-def gpu_per_trial(weights: float | None, gpus: int, gpu_gib: float | None, alone: bool) -> tuple[float, str]:
-    """The ``auto`` rule (module docstring): the GPU share per trial and why."""
+def gpu_per_trial(weights: float | None, gpus: int, gpu_gib: float | None, alone: bool,
+                  cpu_per_trial: float = 0.0, node_cpus_per_gpu: float | None = None) -> tuple[float, str]:
+    """The ``auto`` rule (module docstring): the GPU share per trial and why.
+
+    ``node_cpus_per_gpu``: the fewest CPU cores per GPU on the GPU nodes up (None: none up, not checked)."""
     if gpus == 0 and alone:
         return 0.0, "no GPU on this machine: trials run on its CPUs"
     if weights is None or gpu_gib is None:
         known = "model size" if weights is None else "GPU memory"
         return 1.0, f"one trial per GPU (the {known} is not known on the driver)"
+    if weights <= PACK_WEIGHT_SHARE * gpu_gib and node_cpus_per_gpu is not None \
+            and 2 * cpu_per_trial > node_cpus_per_gpu + 1e-9:
+        return 1.0, (f"one trial per GPU: two would need {2 * cpu_per_trial:g} CPUs per GPU (2 x resources.cpu), "
+                     f"the GPU nodes have {node_cpus_per_gpu:g}; lower resources.cpu to pack them")
     if weights <= PACK_WEIGHT_SHARE * gpu_gib:
         return 0.5, (f"two trials per GPU: {weights:.2g} GiB of 16-bit weights is at most "
                      f"{PACK_WEIGHT_SHARE:.0%} of a {gpu_gib:.0f} GiB GPU")
@@ -177,7 +197,8 @@ def resolve_resources(spec: SweepSpec) -> tuple[SweepSpec, list[str]]:
         return spec, notes  # both set by the user: no need to ask the cluster (or CUDA) anything
     gpus, gpu_gib, alone = cluster_gpus()
     if spec.resources.gpu == "auto":
-        share, why = gpu_per_trial(weights_gib(spec.model.source), gpus, gpu_gib, alone)
+        share, why = gpu_per_trial(weights_gib(spec.model.source), gpus, gpu_gib, alone, spec.resources.cpu,
+                                   cpus_per_gpu())
         spec = apply_overrides(spec, {"resources.gpu": share})
         notes.append(f"resources.gpu: auto -> {share:g} ({why})")
     if spec.search.max_concurrent_trials == "auto":
