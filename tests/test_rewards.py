@@ -457,3 +457,13 @@ def test_bad_reward_names(name: str, user_module: str) -> None:
     message = str(info.value)
     assert repr(name) in message
     assert "match_format_exactly" in message and "module:function" in message and "callable" in message
+
+
+def test_reward_set_doctest():
+    """task/rewards.py's RewardSet example (what a trial hands TRL, what the objective weighs) runs."""
+    import doctest
+
+    from grpo_ray.task import rewards
+
+    result = doctest.testmod(rewards)
+    assert result.attempted >= 3 and result.failed == 0

@@ -21,6 +21,7 @@ import math
 import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from grpo_ray.task.template import Format
@@ -282,3 +283,77 @@ match_format_exactly: RewardFn = _DEFAULT["match_format_exactly"]
 match_format_approximately: RewardFn = _DEFAULT["match_format_approximately"]
 check_answer: RewardFn = _DEFAULT["check_answer"]
 check_numbers: RewardFn = _DEFAULT["check_numbers"]
+
+
+FORMAT_RATE = "format_rate"  # an extra zero-weight reward: TRL then logs the format rate at every step
+
+
+def format_rate_reward(fmt: Format, eos_token: str | None) -> RewardFn:
+    """1.0 where ``match_format_exactly`` scores a completion, else 0.0 (weight 0: a measurement)."""
+    exact = make_rewards(fmt, eos_token)["match_format_exactly"]
+
+    def format_rate(prompts: Any = None, completions: Any = None, **kwargs: Any) -> list[float]:
+        return [1.0 if s > 0 else 0.0 for s in exact(prompts=prompts, completions=completions, **kwargs)]
+
+    return format_rate
+
+
+@dataclass(frozen=True)
+class Reward:
+    """One reward of a trial.
+
+    ``name``: as the spec writes it (a builtin or ``package.module:function``); ``func``: what TRL
+    calls, and logs as ``rewards/<func.__name__>/mean``; ``weight``: the weight this trial trains
+    with (the search may sample it); ``base_weight``: the spec's own, which the objective
+    ``reward`` uses so that trials sampling different weights stay comparable.
+    """
+
+    name: str
+    func: RewardFn
+    weight: float
+    base_weight: float
+
+    @property
+    def logged_as(self) -> str:
+        return self.func.__name__
+
+
+@dataclass(frozen=True)
+class RewardSet:
+    """A trial's rewards, resolved once, in the spec's order, plus the format-rate measurement.
+
+    >>> rs = RewardSet.resolve([("check_answer", 2.0)], {"check_answer": 1.0})
+    >>> [r.logged_as for r in rs.rewards], rs.weights, rs.base_weights
+    (['check_answer'], [2.0, 0.0], {'check_answer': 1.0})
+    >>> [f.__name__ for f in rs.funcs]  # what TRL gets: the rewards, then the zero-weight format rate
+    ['check_answer', 'format_rate']
+    """
+
+    rewards: tuple[Reward, ...]
+    format_rate: RewardFn
+
+    @classmethod
+    def resolve(cls, trial: Iterable[tuple[str, float]], base: Mapping[str, float], fmt: Format = Format(),
+                eos_token: str | None = None) -> RewardSet:
+        """``trial``: (name, weight) in the spec's order; ``base``: the spec's weights by name."""
+        pairs = list(trial)
+        funcs = resolve_rewards([n for n, _ in pairs], fmt, eos_token)
+        rewards = tuple(Reward(n, f, float(w), float(base.get(n, w))) for (n, w), f in zip(pairs, funcs))
+        return cls(rewards, format_rate_reward(fmt, eos_token))
+
+    @property
+    def funcs(self) -> list[RewardFn]:
+        return [r.func for r in self.rewards] + [self.format_rate]
+
+    @property
+    def weights(self) -> list[float]:
+        return [r.weight for r in self.rewards] + [0.0]
+
+    @property
+    def logged_names(self) -> list[str]:
+        return [r.logged_as for r in self.rewards]
+
+    @property
+    def base_weights(self) -> dict[str, float]:
+        """By the name TRL logs each reward under: the objective's weights."""
+        return {r.logged_as: r.base_weight for r in self.rewards}

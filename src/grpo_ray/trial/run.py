@@ -1,8 +1,10 @@
-"""One trial, top to bottom: the Ray Tune trainable.
+"""One trial, top to bottom: the Ray Tune trainable (:func:`tune_trainable` -> :func:`run_trial`
+-> :class:`TrialRecipe`).
 
-    config (sampled by Optuna) -> the trial's spec -> data -> model + LoRA
-    -> SFT format warm-up -> held-out eval -> GRPO, reporting to Tune every few steps
-       (rewards, format rate, completion length, held-out accuracy, LoRA checkpoint)
+    config (sampled by Optuna) -> the trial's spec -> setup(): model + LoRA, data, rewards, the
+    TRL configurations that will run -> warm_up(): SFT format warm-up, held-out eval -> train():
+    GRPO, reporting to Tune every few steps (rewards, format rate, completion length, group
+    diagnostics, held-out accuracy, LoRA checkpoint)
 
 The objective ``reward`` is the sum of each reward's mean weighted by the *spec's* weights,
 not the trial's sampled ones: when the search varies reward weights, the weighted total a
@@ -21,6 +23,7 @@ from typing import Any, Callable
 
 from grpo_ray.task import template
 from grpo_ray.task.data import DataError, Datasets, load_datasets
+from grpo_ray.task.rewards import FORMAT_RATE
 from grpo_ray.config.overrides import apply_overrides
 from grpo_ray.config.spec import SweepSpec
 from grpo_ray.trial.compile_clock import CompileClock
@@ -28,18 +31,6 @@ from grpo_ray.trial.gpu_sampler import GpuSampler
 
 STATE_FILE = "trial_state.json"  # in each checkpoint: the GRPO step reached and the trial's fixed metrics
 EFFECTIVE_FILE = "effective_config.json"  # in each checkpoint: every TRL argument the trainers ran with
-FORMAT_RATE = "format_rate"  # an extra zero-weight reward so TRL logs the format rate per step
-
-
-def _format_rate_reward(fmt: template.Format, eos_token: str | None):
-    from grpo_ray.task.rewards import make_rewards
-
-    exact = make_rewards(fmt, eos_token)["match_format_exactly"]
-
-    def format_rate(prompts: Any = None, completions: Any = None, **kwargs: Any) -> list[float]:
-        return [1.0 if s > 0 else 0.0 for s in exact(prompts=prompts, completions=completions, **kwargs)]
-
-    return format_rate
 
 
 # What each GRPO step says about its groups, averaged over a report window: reported to Tune
@@ -198,7 +189,11 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, report=None,
     watchdog = Watchdog(trial_spec.trial.step_timeout_s, write_cause=record_fault)
     try:  # the GPU sampler (NVML, in this process: the driver may have no GPU) stops when the trial does
         with watchdog, GpuSampler() as gpu:
-            return _run(trial_spec, spec, set(config), report or _tune_report, watchdog, resume_from, context, gpu)
+            recipe = TrialRecipe(trial_spec, spec, set(config), report or _tune_report, watchdog, resume_from,
+                                 context, gpu)
+            recipe.setup()
+            recipe.warm_up()
+            return recipe.train()
     except TrialHungError:
         warm.release()
         raise TrialHungError(watchdog.cause) from None
@@ -209,141 +204,192 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, report=None,
         raise
 
 
-def _run(trial_spec: SweepSpec, spec: SweepSpec, sampled: set[str], report, watchdog, resume_from: Path | None,
-         context: dict[str, Any] | None, gpu: GpuSampler) -> dict[str, float]:
-    from grpo_ray.models import resolve_model
-    from grpo_ray.trial import warm
+class TrialRecipe:
+    """One trial, read top to bottom (torchtune's recipe shape): :meth:`setup` (model, data,
+    rewards, the configurations that will run), :meth:`warm_up` (held-out eval before SFT, SFT,
+    held-out eval after it; or a retry's checkpoint), :meth:`train` (GRPO, a report to Tune every
+    ``grpo.report_every`` steps through :meth:`_report_window`).
 
-    t0 = time.time()
-    compile_clock = CompileClock()  # torch.compile's share of this trial, model load included
-    # First: the unsloth backend must be imported before trl. A warm actor's model is reused.
-    model_dir = resolve_model(trial_spec.model.source)
-    backend, reused = warm.acquire(model_dir, trial_spec)
-    t_loaded = time.time()
-    import torch
+    ``trial_spec``: the spec with the sampled values; ``spec``: the sweep's own (the objective's
+    reward weights); ``sampled``: the dotted paths the search chose (a backend may not change them).
+    """
 
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, int(trial_spec.resources.cpu)))
-    from grpo_ray.task.evaluate import evaluate
-    from grpo_ray.task.rewards import resolve_rewards
-    from grpo_ray.trial.common import FirstStep, LoopStart, StepReporter, lora_norm
-    from grpo_ray.trial.trl_args import GRPO_ARGS, SFT_ARGS
-    from grpo_ray.trial.guard import TrialGuard
+    def __init__(self, trial_spec: SweepSpec, spec: SweepSpec, sampled: set[str], report, watchdog,
+                 resume_from: Path | None, context: dict[str, Any] | None, gpu: GpuSampler) -> None:
+        self.spec, self.base_spec, self.sampled = trial_spec, spec, sampled
+        self.report, self.watchdog, self.resume_from, self.context, self.gpu = report, watchdog, resume_from, context, gpu
+        self.t0 = time.time()
+        self.compile_clock = CompileClock()  # torch.compile's share of this trial, model load included
+        self.fixed: dict[str, Any] = {}  # reported with every window and kept in checkpoints for a retry
+        # Where a trial's time goes (seconds), reported with every window: set-up of each trainer,
+        # held-out evaluation, and GRPO's own steps (bench/warm_sweep.py reads them).
+        self.phases: dict[str, float] = {"eval_seconds": 0.0}
+        self.last: dict[str, float] = {}
+        self.first_step = 0
 
-    watchdog.beat("loading the model")
-    # Data and GRPO prompts depend on these alone; a warm actor's next trial gets them as they were.
-    data_key = (trial_spec.data.model_dump_json(),)
-    data = warm.shared(("data", *data_key), lambda: load_datasets(trial_spec.data), trial_spec)
-    fmt = template.format_of(trial_spec.format)
-    eos = backend.tokenizer.eos_token
-    names = [r.name for r in trial_spec.rewards]
-    funcs = resolve_rewards(names, fmt, eos)
-    func_names = [f.__name__ for f in funcs]
-    funcs.append(_format_rate_reward(fmt, eos))
-    weights = [r.weight for r in trial_spec.rewards] + [0.0]
-    base_weights = {f.__name__: w for f, w in zip(funcs, spec.reward_weights().values())}
+    # ------------------------------------------------------------------------------- set-up
+    def setup(self) -> None:
+        self._setup_model()
+        self._setup_data()
+        self._setup_rewards()
+        self._setup_configs()
 
-    # When the GPU starts working for this trial: its first training step or evaluation.
-    # Start-up is everything before it (model load or adapter reset, data, trainer set-up).
-    busy = FirstStep()
-    gpu.steps_since = lambda: busy.at  # its samples from here on count as "during steps"
-    fixed: dict[str, float] = {"eval_size": float(len(data.eval))}  # kept in checkpoints for a retry
-    # This attempt's own timings and place; a retry reports its own, not the checkpoint's.
-    attempt = {"trial_started_at": t0, "load_s": t_loaded - t0, "model_reused": float(reused),
-               # of load_s, the wait for packed neighbours' engine starts (trial/engine_lock.py)
-               "engine_wait_s": 0.0 if reused else float(getattr(backend, "engine_wait_s", 0.0))} | (context or {})
+    def _setup_model(self) -> None:
+        from grpo_ray.models import resolve_model
+        from grpo_ray.trial import warm
+        from grpo_ray.trial.common import FirstStep
 
-    # Where a trial's time goes (seconds), reported with every window: set-up of each trainer,
-    # held-out evaluation, and GRPO's own steps (bench/warm_sweep.py reads them).
-    phases = {"eval_seconds": 0.0}
+        # First: the unsloth backend must be imported before trl. A warm actor's model is reused.
+        self.model_dir = resolve_model(self.spec.model.source)
+        self.backend, reused = warm.acquire(self.model_dir, self.spec)
+        t_loaded = time.time()
+        import torch
 
-    def held_out():  # greedy, on the same held-out set every time
-        busy.mark()
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, int(self.spec.resources.cpu)))
+        self.watchdog.beat("loading the model")
+        # This attempt's own timings and place; a retry reports its own, not the checkpoint's.
+        self.attempt = {"trial_started_at": self.t0, "load_s": t_loaded - self.t0, "model_reused": float(reused),
+                        # of load_s, the wait for packed neighbours' engine starts (trial/engine_lock.py)
+                        "engine_wait_s": 0.0 if reused else float(getattr(self.backend, "engine_wait_s", 0.0))
+                        } | (self.context or {})
+        # When the GPU starts working for this trial: its first training step or evaluation.
+        # Start-up is everything before it (model load or adapter reset, data, trainer set-up).
+        self.busy = FirstStep()
+        self.gpu.steps_since = lambda: self.busy.at  # its samples from here on count as "during steps"
+
+    def _setup_data(self) -> None:
+        from grpo_ray.trial import warm
+
+        # Data and GRPO prompts depend on these alone; a warm actor's next trial gets them as they were.
+        self.data_key = (self.spec.data.model_dump_json(),)
+        self.data = warm.shared(("data", *self.data_key), lambda: load_datasets(self.spec.data), self.spec)
+        self.fmt = template.format_of(self.spec.format)
+        self.fixed["eval_size"] = float(len(self.data.eval))
+
+    def _setup_rewards(self) -> None:
+        from grpo_ray.task.rewards import RewardSet
+
+        self.rewards = RewardSet.resolve([(r.name, r.weight) for r in self.spec.rewards],
+                                         self.base_spec.reward_weights(), self.fmt, self.backend.tokenizer.eos_token)
+
+    def _setup_configs(self) -> None:
+        # The configuration that really runs: refused now, before any step, if the backend would
+        # change a sampled value; recorded again by each trainer as its loop starts.
+        from grpo_ray.trial.trl_args import GRPO_ARGS, SFT_ARGS
+
+        self.effective = EffectiveRecord(self.sampled, self.backend.name)
+        self.run_sft = self.spec.sft.enabled and bool(self.data.sft)
+        self.sft_kwargs = (self.effective.check("SFT", *self.backend.sft_args(self.spec), SFT_ARGS)
+                           if self.run_sft else {})
+        self.grpo_kwargs = self.effective.check("GRPO", *self.backend.grpo_args(self.spec, self.rewards.weights),
+                                                GRPO_ARGS)
+
+    # ------------------------------------------------------------------------- warm-up (SFT)
+    def warm_up(self) -> None:
+        """SFT and the held-out evaluations around it; a retry loads its checkpoint instead."""
+        state = _read_state(self.resume_from)
+        self.first_step = int(state["step"]) if state else 0
+        if state:  # a retry: SFT and the first GRPO steps are in the checkpoint's LoRA
+            self.backend.load_adapter(self.resume_from)
+            self.fixed |= state["fixed"] | {"resumed_from_step": self.first_step}
+            self.watchdog.beat(f"loading the checkpoint of step {self.first_step}")
+            return
+        if self.spec.data.eval.before_sft:
+            ev = self._held_out()
+            self.fixed |= ev.accuracy_metrics("base_eval_accuracy") | {"base_format_rate": ev.format_rate}
+        if self.run_sft:
+            self._sft()
+        ev = self._held_out()
+        self.fixed |= ev.accuracy_metrics("sft_eval_accuracy") | {"sft_format_rate": ev.format_rate}
+
+    def _sft(self) -> None:
+        from grpo_ray.trial.common import LoopStart, lora_norm
+        from grpo_ray.trial.guard import TrialGuard
+        from grpo_ray.trial.trl_args import SFT_ARGS
+
+        t_sft, sft_loop, sft_clock = time.time(), LoopStart(), CompileClock()
+        msgs = [template.sft_messages(e.question, e.reasoning or "", e.answer, self.fmt) for e in self.data.sft]
+        self.fixed |= self.backend.sft(msgs, self.spec, [TrialGuard(self.watchdog, self.spec, "SFT"), self.busy,
+                                                          sft_loop,
+                                                          self.effective.callback("SFT", self.sft_kwargs, SFT_ARGS)])
+        self.fixed["sft_seconds"] = time.time() - t_sft
+        self.fixed["sft_setup_s"] = (sft_loop.at or t_sft) - t_sft
+        self.fixed["sft_compile_s"] = sft_clock.since()[1]
+        self.fixed["sft_lora_norm"] = lora_norm(self.backend.model)
+
+    def _held_out(self):  # greedy, on the same held-out set every time
+        from grpo_ray.task.evaluate import evaluate
+
+        self.busy.mark()
         t = time.time()
-        ev = evaluate(backend, data.eval, fmt, trial_spec.data.eval.max_new_tokens)
-        phases["eval_seconds"] += time.time() - t
-        watchdog.beat("a held-out evaluation")
+        ev = evaluate(self.backend, self.data.eval, self.fmt, self.spec.data.eval.max_new_tokens)
+        self.phases["eval_seconds"] += time.time() - t
+        self.watchdog.beat("a held-out evaluation")
         return ev
 
-    # The configuration that really runs: refused now, before any step, if the backend would
-    # change a sampled value; recorded again by each trainer as its loop starts.
-    effective = EffectiveRecord(sampled, backend.name)
-    run_sft = trial_spec.sft.enabled and bool(data.sft)
-    sft_kwargs = effective.check("SFT", *backend.sft_args(trial_spec), SFT_ARGS) if run_sft else {}
-    grpo_kwargs = effective.check("GRPO", *backend.grpo_args(trial_spec, weights), GRPO_ARGS)
+    # -------------------------------------------------------------------------------- GRPO
+    def train(self) -> dict[str, float]:
+        """GRPO to grpo.max_steps (the rest of them on a retry); returns the last metrics reported."""
+        from grpo_ray.trial import warm
+        from grpo_ray.trial.common import LoopStart, StepReporter
+        from grpo_ray.trial.guard import TrialGuard
+        from grpo_ray.trial.trl_args import GRPO_ARGS
 
-    state = _read_state(resume_from)
-    first_step = int(state["step"]) if state else 0
-    if state:  # a retry: SFT and the first GRPO steps are in the checkpoint's LoRA
-        backend.load_adapter(resume_from)
-        fixed |= state["fixed"] | {"resumed_from_step": first_step}
-        watchdog.beat(f"loading the checkpoint of step {first_step}")
-    else:
-        if trial_spec.data.eval.before_sft:
-            ev = held_out()
-            fixed |= ev.accuracy_metrics("base_eval_accuracy") | {"base_format_rate": ev.format_rate}
-        if run_sft:
-            t_sft, sft_loop, sft_clock = time.time(), LoopStart(), CompileClock()
-            msgs = [template.sft_messages(e.question, e.reasoning or "", e.answer, fmt) for e in data.sft]
-            fixed |= backend.sft(msgs, trial_spec, [TrialGuard(watchdog, trial_spec, "SFT"), busy, sft_loop,
-                                                    effective.callback("SFT", sft_kwargs, SFT_ARGS)])
-            fixed["sft_seconds"] = time.time() - t_sft
-            fixed["sft_setup_s"] = (sft_loop.at or t_sft) - t_sft
-            fixed["sft_compile_s"] = sft_clock.since()[1]
-            fixed["sft_lora_norm"] = lora_norm(backend.model)
-        ev = held_out()
-        fixed |= ev.accuracy_metrics("sft_eval_accuracy") | {"sft_format_rate": ev.format_rate}
+        spec, first_step = self.spec, self.first_step
+        reporter = WindowReporter(spec, self.rewards.base_weights, self.rewards.logged_names, self._report_window,
+                                  first_step)
+        self.grpo_loop = LoopStart()
+        grpo_spec, grpo_kwargs = spec, self.grpo_kwargs
+        if first_step:
+            if first_step >= spec.grpo.max_steps:  # it died after its last report: nothing left to do
+                return {}
+            # The rest of the steps, with a fresh optimizer and learning-rate schedule, on a shuffle
+            # other than the first attempt's (the same seed would replay its first prompts).
+            grpo_spec = apply_overrides(spec, {"grpo.max_steps": spec.grpo.max_steps - first_step,
+                                               "grpo.seed": spec.grpo.seed + first_step})
+            grpo_kwargs = self.backend.grpo_args(grpo_spec, self.rewards.weights)[0]
+        self.eval_before_grpo = self.phases["eval_seconds"]
+        rows_key = ("grpo_rows", *self.data_key, self.model_dir, spec.format.model_dump_json(), spec.model.add_bos,
+                    spec.grpo.max_prompt_length)
+        rows = warm.shared(rows_key, lambda: grpo_rows(self.data, self.backend.tokenizer, grpo_spec), spec)
+        callbacks = [TrialGuard(self.watchdog, spec, "GRPO"), StepReporter(reporter.on_step), self.busy,
+                     self.grpo_loop, self.effective.callback("GRPO", grpo_kwargs, GRPO_ARGS)]
+        self.t_grpo = time.time()
+        self.backend.grpo(rows, self.rewards.funcs, self.rewards.weights, grpo_spec, callbacks)
+        reporter.flush(reporter.step)  # a run that ended before max_steps reports its last window too
+        return dict(self.last)
 
-    last: dict[str, float] = {}
+    def _report_window(self, step: int, metrics: dict[str, float]) -> None:
+        """Evaluate, then report the window's metrics and a LoRA checkpoint to Tune."""
+        import torch
 
-    def report_window(step: int, metrics: dict[str, float]) -> None:
-        ev = held_out()
-        if grpo_loop.at is not None:  # the steps' own time: the loop's, less the evaluations in it
-            steps = max(step - first_step, 1)
-            phases["grpo_setup_s"] = grpo_loop.at - t_grpo
-            phases["grpo_step_s"] = (time.time() - grpo_loop.at - (phases["eval_seconds"] - eval_before_grpo)) / steps
-        graphs, compile_s = compile_clock.since()
-        metrics |= fixed | attempt | busy.metrics(t0) | phases | gpu.metrics() | {
+        ev = self._held_out()
+        if self.grpo_loop.at is not None:  # the steps' own time: the loop's, less the evaluations in it
+            steps = max(step - self.first_step, 1)
+            self.phases["grpo_setup_s"] = self.grpo_loop.at - self.t_grpo
+            self.phases["grpo_step_s"] = (time.time() - self.grpo_loop.at
+                                          - (self.phases["eval_seconds"] - self.eval_before_grpo)) / steps
+        graphs, compile_s = self.compile_clock.since()
+        metrics |= self.fixed | self.attempt | self.busy.metrics(self.t0) | self.phases | self.gpu.metrics() | {
             "compiled_graphs": float(graphs),
             "compile_s": compile_s,
             "step": step,
             **ev.accuracy_metrics("eval_accuracy"),
             "eval_format_rate": ev.format_rate,
-            **effective.metrics(),
-            "elapsed_s": time.time() - t0,
+            **self.effective.metrics(),
+            "elapsed_s": time.time() - self.t0,
             "reported_at": time.time(),  # the trial's last report is its end (bench and report: utilization)
         }
         if torch.cuda.is_available():  # vLLM's KV cache lives in torch's allocator too (Unsloth)
             metrics["gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         with tempfile.TemporaryDirectory(prefix="grpo-ray-ckpt-") as d:
-            backend.save_adapter(Path(d))
-            Path(d, STATE_FILE).write_text(json.dumps({"step": step, "fixed": fixed}))
-            effective.write(Path(d, EFFECTIVE_FILE))
-            report(metrics, d)
-        last.clear()
-        last.update(metrics)
-
-    reporter = WindowReporter(trial_spec, base_weights, func_names, report_window, first_step)
-    grpo_loop = LoopStart()
-    grpo_spec = trial_spec
-    if first_step:
-        if first_step >= trial_spec.grpo.max_steps:  # it died after its last report: nothing left to do
-            return {}
-        # The rest of the steps, with a fresh optimizer and learning-rate schedule, on a shuffle
-        # other than the first attempt's (the same seed would replay its first prompts).
-        grpo_spec = apply_overrides(trial_spec, {"grpo.max_steps": trial_spec.grpo.max_steps - first_step,
-                                                 "grpo.seed": trial_spec.grpo.seed + first_step})
-        grpo_kwargs = backend.grpo_args(grpo_spec, weights)[0]
-    eval_before_grpo = phases["eval_seconds"]
-    rows_key = ("grpo_rows", *data_key, model_dir, trial_spec.format.model_dump_json(), trial_spec.model.add_bos,
-                trial_spec.grpo.max_prompt_length)
-    rows = warm.shared(rows_key, lambda: grpo_rows(data, backend.tokenizer, grpo_spec), trial_spec)
-    callbacks = [TrialGuard(watchdog, trial_spec, "GRPO"), StepReporter(reporter.on_step), busy, grpo_loop,
-                 effective.callback("GRPO", grpo_kwargs, GRPO_ARGS)]
-    t_grpo = time.time()
-    backend.grpo(rows, funcs, weights, grpo_spec, callbacks)
-    reporter.flush(reporter.step)  # a run that ended before max_steps reports its last window too
-    return dict(last)
+            self.backend.save_adapter(Path(d))
+            Path(d, STATE_FILE).write_text(json.dumps({"step": step, "fixed": self.fixed}))
+            self.effective.write(Path(d, EFFECTIVE_FILE))
+            self.report(metrics, d)
+        self.last.clear()
+        self.last.update(metrics)
 
 
 def _read_state(checkpoint: Path | None) -> dict[str, Any] | None:
