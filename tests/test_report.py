@@ -88,3 +88,26 @@ def test_importances_from_a_study_rebuilt_from_trial_records():
     assert Image.open(io.BytesIO(base64.b64decode(importances_png(imp).split(",", 1)[1]))).format == "PNG"
     imp, note = importances(_run([("finished", 1.0, 0.5), ("stopped early", 2.0, 0.9)]))
     assert imp is None and "at least 2 finished trials" in note and "has 1" in note
+
+
+def test_status_advises_when_grpo_wastes_its_steps():
+    """The status caption names the shared problem and the field to change; healthy trials get none."""
+    import doctest
+
+    from grpo_ray.views import status
+    from grpo_ray.views.status import TrialStatus, advice, status_table
+
+    assert doctest.testmod(status).failed == 0
+    sick = [TrialStatus(f"t{i}", "RUNNING", {}, {"step": 20, "zero_std_groups": z, "truncated_rate": c,
+                                                "format_rate": fr}, 0)
+            for i, (z, c, fr) in enumerate([(0.6, 0.5, 0.2), (0.5, 0.3, 0.4)])]
+    lines = advice(sick)
+    assert len(lines) == 3
+    assert "no-grad 55%" in lines[0] and "grpo.num_generations" in lines[0]
+    assert "cut 40%" in lines[1] and "grpo.max_completion_length" in lines[1]
+    assert "format 30%" in lines[2] and "sft.max_steps" in lines[2]
+    assert "grpo.num_generations" in str(status_table(sick).caption)
+    healthy = [TrialStatus("h", "TERMINATED", {}, {"step": 40, "zero_std_groups": 0.3, "truncated_rate": 0.0,
+                                                   "format_rate": 1.0}, 0),
+               TrialStatus("p", "PENDING", {}, {}, 0)]  # not reported yet: not counted
+    assert advice(healthy) == []

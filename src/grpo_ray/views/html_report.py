@@ -30,7 +30,7 @@ from grpo_ray.config.search import Choice, IntRange, LogUniform, SearchSpec, Uni
 from grpo_ray.config.spec import SweepSpec
 from grpo_ray.run_dir import REPORT_HTML, RESULT_FILE, best_json_path, spec_resolved_path, trials_path
 from grpo_ray.select import TrialRecord, pareto_front
-from grpo_ray.views.status import TrialStatus, last_line, read_status
+from grpo_ray.views.status import TrialStatus, advice, last_line, read_status
 
 
 @dataclass
@@ -57,6 +57,7 @@ class RunData:
     spec: SweepSpec | None
     trials: list[TrialView]
     best: dict[str, Any] | None
+    advice: list[str] = field(default_factory=list)  # views/status.py advice: what the diagnostics say to change
 
 
 def _try_read(location: str) -> str | None:
@@ -105,7 +106,7 @@ def load_run(run_dir: str) -> RunData:
             state = s.status.lower()
         trials.append(TrialView(s.trial_id, state, s.config, s.last, _history(run_dir, s), cause))
     return RunData(run_dir=run_dir, search=spec.search if spec else SearchSpec(), spec=spec, trials=trials,
-                   best=json.loads(best_text) if best_text else None)
+                   best=json.loads(best_text) if best_text else None, advice=advice(statuses))
 
 
 # --------------------------------------------------------------------------- plots
@@ -343,6 +344,8 @@ def render(run: RunData) -> str:
         f"{len(run.trials)} trials: {html.escape(states)}.</p>",
         f"<p>Objectives: {html.escape(objectives)}; sampler {html.escape(s.sampler)}; {html.escape(stopping)}.</p>",
     ]
+    if run.advice:
+        parts.append("<p class='note'>" + "<br>".join(html.escape(a) for a in run.advice) + "</p>")
     if run.spec is None:
         parts.append("<p class='note'>No spec.resolved.yaml in the run directory: objectives are the defaults "
                      "and importances are not computed.</p>")

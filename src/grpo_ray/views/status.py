@@ -110,6 +110,41 @@ def last_line(error: str) -> str:
     return clean_line(lines[-1]) if lines else error
 
 
+# When the group diagnostics say a sweep's GRPO is wasting its steps, and what to change. The
+# thresholds are where most of the signal is gone: in the quality benchmark (bench/README.md)
+# 20-55% of groups gave no gradient at 4 completions per prompt, and GRPO's own gain stayed
+# within the seeds' spread.
+NO_GRAD_WARN = 0.5
+CUT_WARN = 0.3
+FORMAT_WARN = 0.5
+
+
+def advice(trials: list[TrialStatus]) -> list[str]:
+    """One line per problem the reporting trials share (their last windows, averaged), and the fix.
+
+    >>> advice([TrialStatus("a", "RUNNING", {}, {"step": 10, "zero_std_groups": 0.7}, 0)])[0][:22]
+    'no-grad 70% on average'
+    """
+    last = [t.last for t in trials if t.last.get("step")]
+
+    def mean(key: str) -> float | None:
+        vals = [float(m[key]) for m in last if isinstance(m.get(key), (int, float)) and m[key] == m[key]]
+        return sum(vals) / len(vals) if vals else None
+
+    out = []
+    if (v := mean("zero_std_groups")) is not None and v >= NO_GRAD_WARN:
+        out.append(f"no-grad {v:.0%} on average: in most GRPO groups every completion scored the same, which "
+                   "gives no gradient; raise grpo.num_generations (more completions per prompt) or make the "
+                   "rewards finer")
+    if (v := mean("truncated_rate")) is not None and v >= CUT_WARN:
+        out.append(f"cut {v:.0%} on average: completions end at grpo.max_completion_length; raise it, or set "
+                   "grpo.mask_truncated_completions: true so cut completions do not count")
+    if (v := mean("format_rate")) is not None and v < FORMAT_WARN:
+        out.append(f"format {v:.0%} on average: the model rarely writes the answer format, so the answer rewards "
+                   "see little; lengthen the SFT warm-up (sft.max_steps) or raise sft.learning_rate")
+    return out
+
+
 def status_table(trials: list[TrialStatus]):
     """A rich table: one row per trial with its state, progress, objectives and hyperparameters."""
     from rich.table import Table
@@ -117,7 +152,7 @@ def status_table(trials: list[TrialStatus]):
     from grpo_ray.views.utilization import summary_line, utilization
 
     use = utilization((t.last, t.status == "TERMINATED") for t in trials)
-    table = Table(title=f"{len(trials)} trials", caption=summary_line(use))
+    table = Table(title=f"{len(trials)} trials", caption="\n".join([summary_line(use), *advice(trials)]))
     causes = any(t.cause for t in trials)
     # "no-grad": the share of GRPO groups whose rewards were all equal; "cut": completions cut at
     # max_completion_length (trial/run.py GROUP_DIAGNOSTICS), over the last report window.
