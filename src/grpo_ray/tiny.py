@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from grpo_ray.config.sections import (
     DEFAULT_SYSTEM_PROMPT,
@@ -43,7 +44,7 @@ def _training_text() -> list[str]:
     return texts
 
 
-def build_tokenizer(vocab_size: int = 1024):
+def build_tokenizer(vocab_size: int = 1024) -> Any:
     """Train a byte-level BPE on the shipped math set (deterministic) and wrap it for transformers."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -9,7 +9,7 @@ import ctypes
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from grpo_ray.export.base import ExportError
 
@@ -27,7 +27,7 @@ def llama_cpp_available() -> bool:
     return _llama_cpp() is not None
 
 
-def require_llama_cpp(what: str):
+def require_llama_cpp(what: str) -> Any:
     mod = _llama_cpp()
     if mod is None:
         raise ExportError(

@@ -16,7 +16,7 @@ from grpo_ray.gguf.tokenizer import TOKENIZER_SIDECAR
 
 
 def merge_lora(base_model_dir: Path, adapter_dir: Path, merged_dir: Path, hf_arch: str, cfg: dict[str, Any],
-           chat_template: str | None):
+           chat_template: str | None) -> tuple[str, Any]:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -121,7 +121,7 @@ def _modelfile(gguf_name: str, template: str | None, system: str | None, stop: l
     return "\n".join(lines) + "\n"
 
 
-def write_modelfile(path: Path, gguf_name: str, tok, chat_template: str | None, system_prompt: str | None,
+def write_modelfile(path: Path, gguf_name: str, tok: Any, chat_template: str | None, system_prompt: str | None,
                      add_bos: bool, adapter: str | None = None) -> dict[str, Any]:
     seg = _template_segments(tok, chat_template) if chat_template else None
     if seg is not None:

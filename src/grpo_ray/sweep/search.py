@@ -120,7 +120,7 @@ def grid_space(spec: SweepSpec) -> dict[str, list[Any]]:
             for path, dom in spec.search.space.items()}
 
 
-def study_storage(spec: SweepSpec, storage_root: str):
+def study_storage(spec: SweepSpec, storage_root: str) -> Any:
     """The Optuna storage for this sweep's study (see ``search.study_storage``), or None (in memory)."""
     import optuna
 

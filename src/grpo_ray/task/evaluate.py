@@ -8,6 +8,7 @@ same number as the reference answer; format rate counts completions in the exact
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from grpo_ray.task import template
 from grpo_ray.task.data import Example
@@ -50,7 +51,7 @@ def score(completions: list[str], examples: list[Example], fmt: template.Format,
     )
 
 
-def evaluate(backend, examples: list[Example], fmt: template.Format, max_new_tokens: int) -> EvalResult:
+def evaluate(backend: Any, examples: list[Example], fmt: template.Format, max_new_tokens: int) -> EvalResult:
     """Greedy completions for every held-out problem, scored."""
     prompts = [template.prompt_messages(e.question, fmt) for e in examples]
     completions = backend.generate(prompts, max_new_tokens)

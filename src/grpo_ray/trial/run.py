@@ -169,7 +169,7 @@ def grpo_rows(data: Datasets, tokenizer: Any, spec: SweepSpec) -> list[dict[str,
     return rows
 
 
-def run_trial(config: dict[str, Any], spec: SweepSpec, report=None,
+def run_trial(config: dict[str, Any], spec: SweepSpec, report: Callable[[dict[str, Any], str], None] | None = None,
               record_fault: Callable[[str], None] | None = None, resume_from: Path | None = None,
               context: dict[str, Any] | None = None) -> dict[str, float]:
     """Run one trial of ``spec`` with the sampled ``config`` ({dotted path: value}).

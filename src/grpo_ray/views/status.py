@@ -145,7 +145,7 @@ def advice(trials: list[TrialStatus]) -> list[str]:
     return out
 
 
-def status_table(trials: list[TrialStatus]):
+def status_table(trials: list[TrialStatus]) -> Any:  # a rich Table (rich imported on use)
     """A rich table: one row per trial with its state, progress, objectives and hyperparameters."""
     from rich.table import Table
 
