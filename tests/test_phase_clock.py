@@ -32,9 +32,9 @@ def test_phases_nest_and_the_derived_ones_are_what_is_left():
     assert s["steps"] == 6 and s["steady_steps"] == 4  # the first third left out
     m = s["mean_s"]
     # sleep() only overshoots: firm lower bounds, loose upper ones (a busy 2-core machine)
-    assert 0.019 < m["backward"] < 0.08 and 0.004 < m["optimizer_and_rest"] < 0.05
-    assert abs(m["step"] - (m["training_step"] + m["optimizer_and_rest"])) < 1e-9
-    assert 0.25 < s["share_of_step"]["generate_and_score"] < 0.8
+    assert 0.019 < m["backward"] < 0.5 and 0.004 < m["optimizer_and_rest"] < 0.5
+    assert abs(m["step"] - (m["training_step"] + m["optimizer_and_rest"])) <= 1.5e-4  # each rounded to 4 places
+    assert 0.1 < s["share_of_step"]["generate_and_score"] < 0.9
 
 
 def test_no_step_no_numbers():
