@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 ROLE, SWEEP, RUN_DIR, TRIAL_ID = "grpo_ray.role", "grpo_ray.sweep", "grpo_ray.run_dir", "grpo_ray.trial_id"
 STATUS, ERROR, BEST = "grpo_ray.status", "grpo_ray.error", "grpo_ray.best"
+GGUF_FILES, BEST_DIR_TAG, BEST_RUN_ID = "grpo_ray.gguf_files", "grpo_ray.best_dir", "grpo_ray.best_run_id"
 PARENT = "mlflow.parentRunId"
 _RUN_STATUS = {FAILED: "FAILED", STOPPED_EARLY: "KILLED"}  # else FINISHED: MLflow's own run states
 
@@ -219,19 +220,19 @@ def log_winner(uri: str, experiment: str, run_dir: str, info: dict[str, Any], fi
         raise TrackingError(f"no MLflow run of trial {tid} under the sweep's run {parent}")
     # A re-export (grpo-ray export) of another trial moves the winner: the earlier one's run loses
     # its tags, so a filter on grpo_ray.best = 'true' finds one run, the one best/ now holds.
-    before = c.get_run(parent).data.tags.get("grpo_ray.best_run_id")
+    winner_tags = {BEST: "true", GGUF_FILES: ", ".join(files["gguf"]) or "none", BEST_DIR_TAG: files["best_dir"]}
+    before = c.get_run(parent).data.tags.get(BEST_RUN_ID)
     if before and before != run:
-        for key in (BEST, "grpo_ray.gguf_files", "grpo_ray.best_dir"):
+        for key in winner_tags:
             try:
                 c.delete_tag(before, key)
             except Exception:  # noqa: BLE001 - a tag already gone (deleted by hand) is what we want
                 pass
-    c.set_tag(run, BEST, "true")
-    c.set_tag(run, "grpo_ray.gguf_files", ", ".join(files["gguf"]) or "none")
-    c.set_tag(run, "grpo_ray.best_dir", files["best_dir"])
+    for key, value in winner_tags.items():
+        c.set_tag(run, key, value)
     c.log_text(run, files[BEST_JSON], f"{BEST_DIR}/{BEST_JSON}")
     if files[MODEL_CARD] is not None:
         c.log_text(run, files[MODEL_CARD], f"{BEST_DIR}/{MODEL_CARD}")
     c.set_tag(parent, "grpo_ray.best_trial", tid)
-    c.set_tag(parent, "grpo_ray.best_run_id", run)
+    c.set_tag(parent, BEST_RUN_ID, run)
     c.log_text(parent, files[BEST_JSON], f"{BEST_DIR}/{BEST_JSON}")
