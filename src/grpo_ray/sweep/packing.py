@@ -123,11 +123,10 @@ def gpu_per_trial(weights: float | None, gpus: int, gpu_gib: float | None, alone
     if weights is None or gpu_gib is None:
         known = "model size" if weights is None else "GPU memory"
         return 1.0, f"one trial per GPU (the {known} is not known on the driver)"
-    if weights <= PACK_WEIGHT_SHARE * gpu_gib and node_cpus_per_gpu is not None \
-            and 2 * cpu_per_trial > node_cpus_per_gpu + 1e-9:
-        return 1.0, (f"one trial per GPU: two would need {2 * cpu_per_trial:g} CPUs per GPU (2 x resources.cpu), "
-                     f"the GPU nodes have {node_cpus_per_gpu:g}; lower resources.cpu to pack them")
     if weights <= PACK_WEIGHT_SHARE * gpu_gib:
+        if node_cpus_per_gpu is not None and 2 * cpu_per_trial > node_cpus_per_gpu + 1e-9:
+            return 1.0, (f"one trial per GPU: two would need {2 * cpu_per_trial:g} CPUs per GPU (2 x "
+                         f"resources.cpu), the GPU nodes have {node_cpus_per_gpu:g}; lower resources.cpu to pack them")
         return 0.5, (f"two trials per GPU: {weights:.2g} GiB of 16-bit weights is at most "
                      f"{PACK_WEIGHT_SHARE:.0%} of a {gpu_gib:.0f} GiB GPU")
     return 1.0, f"one trial per GPU: {weights:.2g} GiB of weights is over {PACK_WEIGHT_SHARE:.0%} of {gpu_gib:.0f} GiB"
