@@ -9,6 +9,8 @@ as real sweeps through ``grpo_ray.sweep.driver.run_sweep`` (Ray Tune + Optuna), 
     packed-nockpt  the same without gradient checkpointing (lora.gradient_checkpointing: false)
     pack4, pack8   four or eight trials per GPU (resources.gpu 0.25 / 0.125; 3 / 2 CPUs each, so
                    that 8 fit a 16-core node): the density benchmark of "Fill the GPU"
+    eager   one per GPU with model.compile: false (no torch.compile, no CUDA graphs)
+    a+b     modes merged left to right: pack4+eager is four per GPU, eager
 
 and writes, after each mode, the sweep's utilization (utilization.py: busy fraction, start-up,
 hand-over, trials per GPU-hour) and every trial's timings and first GRPO step reward. The
@@ -44,7 +46,19 @@ MODES = {
     "pack4": {"trial.reuse_model": True, "resources.gpu": 0.25, "resources.cpu": 3, "search.max_concurrent_trials": 4},
     "pack8": {"trial.reuse_model": True, "resources.gpu": 0.125, "resources.cpu": 2,
               "search.max_concurrent_trials": 8},
+    # model.compile: false on top of reuse (one per GPU): eager training and an eager vLLM engine
+    "eager": {"trial.reuse_model": True, "model.compile": False},
 }
+
+
+def mode_overrides(mode: str) -> dict:
+    """A mode's overrides; ``a+b`` merges modes left to right (``pack4+eager``: four per GPU, eager)."""
+    out: dict = {}
+    for part in mode.split("+"):
+        if part not in MODES:
+            raise SystemExit(f"unknown mode {part!r} in {mode!r}; known: {', '.join(MODES)}")
+        out |= MODES[part]
+    return out
 
 
 def main() -> None:
@@ -71,7 +85,8 @@ def main() -> None:
         # for run-to-run noise); the second is recorded, and runs, as cold-2.
         runs_of[mode] = runs_of.get(mode, 0) + 1
         label = mode if runs_of[mode] == 1 else f"{mode}-{runs_of[mode]}"
-        spec = apply_overrides(base, MODES[mode] | {"name": f"warm-{label}", "search.num_samples": int(n)})
+        spec = apply_overrides(base, mode_overrides(mode) | {"name": f"warm-{label.replace('+', '-')}",
+                                                              "search.num_samples": int(n)})
         t0 = time.time()
         print(f"== {label}: {n} trials", flush=True)
         run_dir = f"{spec.storage}/{spec.name}"
@@ -94,7 +109,7 @@ def main() -> None:
         trials = [{"trial_id": t.trial_id, "config": t.config, "error": (t.error or "")[-300:] or None,
                    **{k: t.metrics.get(k) for k in KEEP}} for t in out.trials]
         trials.sort(key=lambda t: t["trial_started_at"] or 0)
-        result["modes"][label] = {"overrides": MODES[mode], "trials_requested": int(n), "wall_s": time.time() - t0,
+        result["modes"][label] = {"overrides": mode_overrides(mode), "trials_requested": int(n), "wall_s": time.time() - t0,
                                  "utilization": out.utilization, "trials": trials}
         print(json.dumps(out.utilization), flush=True)
         Path(args.out).write_text(json.dumps(result, indent=1, default=str))

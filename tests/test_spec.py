@@ -46,6 +46,8 @@ def test_defaults_follow_the_seed():
         ("name: x\nsearch:\n  space:\n    grpo.temperature: {beta: [1, 2]}\n", 3, "search.space", "choice"),
         ("name: x\nsearch:\n  space:\n    rewards.nope.weight: {uniform: [1, 2]}\n", 4,
          "search.space.rewards.nope.weight", "rewards.check_answer.weight"),
+        ("name: x\nsearch:\n  space:\n    model.compile: {choice: [true, false]}\n", 4,
+         "search.space.model.compile", "cannot be searched"),
         ("name: x\nrewards:\n  - name: a\n  - name: a\n", 2, "rewards", "twice"),
         ("name: [\n", 2, None, "invalid YAML"),
         ("- a\n", 1, None, "mapping"),

@@ -1,6 +1,7 @@
 """A real trial (TRL SFT + GRPO on the tiny Qwen3, hf backend) without Ray in the way."""
 
 import math
+import os
 import shutil
 
 import pytest
@@ -165,6 +166,26 @@ def test_unsloth_compiled_cache_is_shared_by_the_trials_of_a_node(monkeypatch, t
     assert share_compile_caches() == {"UNSLOTH_COMPILE_LOCATION": str(tmp_path / "unsloth_compiled_cache")}
     monkeypatch.setenv("UNSLOTH_COMPILE_LOCATION", "/mine")
     assert share_compile_caches() == {"UNSLOTH_COMPILE_LOCATION": "/mine"}  # the user's choice wins
+
+
+def test_model_compile_false_makes_training_and_engine_eager(monkeypatch):
+    """model.compile: false reaches Unsloth twice: its training compile is off from import on
+    (UNSLOTH_COMPILE_DISABLE, unless the user set it), and the engine is built eager. A warm
+    model made with the other setting is not reused."""
+    from grpo_ray.trial import warm
+    from grpo_ray.trial.backends import eager_training
+    from grpo_ray.trial.trl_args import engine_compile_kwargs
+
+    spec = load_spec(REPO / "sweeps" / "smoke.yaml")
+    eager = apply_overrides(spec, {"model.compile": False})
+    monkeypatch.delenv("UNSLOTH_COMPILE_DISABLE", raising=False)
+    assert eager_training(True) == {} and "UNSLOTH_COMPILE_DISABLE" not in os.environ
+    assert eager_training(False) == {"UNSLOTH_COMPILE_DISABLE": "1"}
+    monkeypatch.setenv("UNSLOTH_COMPILE_DISABLE", "partial")
+    assert eager_training(False) == {"UNSLOTH_COMPILE_DISABLE": "partial"}  # the user's choice wins
+    assert engine_compile_kwargs(spec) == {}
+    assert engine_compile_kwargs(eager) == {"enforce_eager": True, "compilation_config": 0}
+    assert warm.load_key("m", spec) != warm.load_key("m", eager)
 
 
 def test_gradient_checkpointing_is_what_the_spec_says(tiny_model_dir):

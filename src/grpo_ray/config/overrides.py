@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from grpo_ray.config.errors import SpecError, from_validation
 from grpo_ray.config.search import check_domain, domain_values
-from grpo_ray.config.spec import SweepSpec, slot_of
+from grpo_ray.config.spec import FIXED_PER_SWEEP, SweepSpec, slot_of
 
 
 def check_space(spec: SweepSpec) -> None:
@@ -20,6 +20,8 @@ def check_space(spec: SweepSpec) -> None:
     ends bound every value in between)."""
     for path, domain in spec.search.space.items():
         field = f"search.space.{path}"
+        if path in FIXED_PER_SWEEP:
+            raise SpecError(f"cannot be searched: {FIXED_PER_SWEEP[path]}; set {path} once for the sweep", field=field)
         try:
             check_domain(domain)
         except ValueError as e:

@@ -36,7 +36,7 @@ class ModelSpec(Strict):
 
     Parameters that choose the model: ``source``. Parameters that size it in memory:
     ``max_seq_length``, ``gpu_memory_utilization``, ``load_in_4bit``. Parameters of its
-    prompts: ``add_bos``.
+    prompts: ``add_bos``. Start-up against step speed: ``compile``.
     """
 
     source: str = Field(
@@ -58,6 +58,13 @@ class ModelSpec(Strict):
     add_bos: Literal["auto", "always", "never"] = Field(
         "auto", description="Put BOS in front of every prompt; auto = when the tokenizer has one (Gemma needs it)."
     )
+    compile: bool = Field(
+        True, description="Compile the model (unsloth backend): torch.compile of the training graphs and vLLM's "
+        "compiled, CUDA-graphed engine. true: minutes of compilation in every fresh trial process (the node's "
+        "caches shorten later ones), faster steps where the model is large enough to keep the GPU busy. false: "
+        "eager training and an eager engine (vLLM enforce_eager): a trial process starts in seconds, and a small "
+        "model's trial may finish sooner. Fixed per sweep: Unsloth reads it when a trial process imports it, so "
+        "it cannot be searched. The tutorial's: true. Measured: bench/README.md, \"Compiled or eager\".")
 
 
 class FormatSpec(Strict):

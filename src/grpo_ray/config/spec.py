@@ -23,6 +23,13 @@ from grpo_ray.config.sections import (
 from grpo_ray.config.training import GrpoSpec, LoraSpec, RewardSpec, SftSpec
 
 
+# Spec fields a trial process fixes once, so trials of one sweep cannot differ in them
+# (config/overrides.py check_space refuses them in search.space).
+FIXED_PER_SWEEP = {
+    "model.compile": "Unsloth reads it when a trial process imports it, and a warm process serves many trials",
+}
+
+
 def _default_rewards() -> list[RewardSpec]:
     names = ["match_format_exactly", "match_format_approximately", "check_answer", "check_numbers"]
     return [RewardSpec(name=n) for n in names]

@@ -43,12 +43,27 @@ def share_compile_caches() -> dict[str, str]:
     return {k: os.environ[k] for k in wanted}
 
 
-def make_backend(requested: str) -> Backend:
+def eager_training(compile: bool) -> dict[str, str]:
+    """Turn Unsloth's torch.compile of the training model off when ``model.compile`` is false.
+
+    Unsloth reads ``UNSLOTH_COMPILE_DISABLE`` when it is imported, so this must run before the
+    first import in the process; a value the user set wins. Returns what was set.
+    """
+    if compile:
+        return {}
+    os.environ.setdefault("UNSLOTH_COMPILE_DISABLE", "1")
+    return {"UNSLOTH_COMPILE_DISABLE": os.environ["UNSLOTH_COMPILE_DISABLE"]}
+
+
+def make_backend(requested: str, compile: bool = True) -> Backend:
+    """The backend ``requested`` names (``auto``: by the hardware); ``compile`` is the spec's
+    ``model.compile``, which the unsloth backend needs before it imports Unsloth."""
     name = choose_backend(requested)
     if name == "unsloth":
         if not cuda_available():
             raise BackendError("backend 'unsloth' needs a CUDA GPU; use backend: hf (or auto) on CPU")
         share_compile_caches()  # before unsloth is imported: it reads the location at import
+        eager_training(compile)  # likewise
         from grpo_ray.trial.unsloth import UnslothBackend  # imports unsloth before trl/transformers
 
         return UnslothBackend()

@@ -207,3 +207,20 @@ def trl_args_dict(args: Any) -> dict[str, Any]:
     return out
 
 
+
+
+# --------------------------------------------------------------------------- the spec -> vLLM engine
+def engine_compile_kwargs(spec: SweepSpec) -> dict[str, Any]:
+    """Unsloth ``from_pretrained`` arguments for vLLM's engine from ``model.compile``.
+
+    Compiled (the default) passes nothing: Unsloth's own choice, a torch.compile'd engine
+    (``compilation_config=3``). Eager needs both arguments: ``enforce_eager`` alone turns CUDA
+    graphs off, but vLLM still compiles the model at the level Unsloth sets explicitly.
+
+    >>> from grpo_ray.config.spec import SweepSpec
+    >>> engine_compile_kwargs(SweepSpec(name="x"))
+    {}
+    >>> engine_compile_kwargs(SweepSpec(name="x", model={"compile": False}))
+    {'enforce_eager': True, 'compilation_config': 0}
+    """
+    return {} if spec.model.compile else {"enforce_eager": True, "compilation_config": 0}

@@ -35,7 +35,7 @@ from grpo_ray.trial.common import (
     save_tokenizer,
     seed_adapter_init,
 )
-from grpo_ray.trial.trl_args import grpo_config_kwargs, sft_config_kwargs
+from grpo_ray.trial.trl_args import engine_compile_kwargs, grpo_config_kwargs, sft_config_kwargs
 from grpo_ray.trial.compile_clock import restore_torch_logs
 from grpo_ray.trial.engine_lock import one_start_per_gpu, visible_gpus
 
@@ -65,6 +65,7 @@ class UnslothBackend:
                 fast_inference=True,
                 max_lora_rank=spec.max_lora_rank(),
                 gpu_memory_utilization=spec.vllm_memory_share(),
+                **engine_compile_kwargs(spec),
             )
             self.tokenizer = tokenizer
 

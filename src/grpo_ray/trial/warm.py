@@ -67,7 +67,7 @@ def load_key(model_dir: str, spec: SweepSpec) -> tuple[Any, ...]:
     m = spec.model
     # Checkpointing too: Unsloth patches it into the model it wraps, and unwrapping need not undo it.
     return (choose_backend(spec.backend), model_dir, m.max_seq_length, m.load_in_4bit,
-            m.gpu_memory_utilization, spec.max_lora_rank(), spec.lora.gradient_checkpointing)
+            m.gpu_memory_utilization, m.compile, spec.max_lora_rank(), spec.lora.gradient_checkpointing)
 
 
 def acquire(model_dir: str, spec: SweepSpec) -> tuple[Backend, bool]:
@@ -83,7 +83,7 @@ def acquire(model_dir: str, spec: SweepSpec) -> tuple[Backend, bool]:
             _reset_device_stats()
             return _warm.backend, True
     release()
-    backend = make_backend(spec.backend)
+    backend = make_backend(spec.backend, compile=spec.model.compile)
     backend.load(model_dir, spec)
     if spec.trial.reuse_model:
         _warm = _Warm(key, backend)
