@@ -65,11 +65,16 @@ def test_unsloth_config_rewrites_are_caught_by_the_trial(tmp_path):
 
 def _short_spec(gemma_gguf):
     # One spec for the trials of this module: the same load key, so the process keeps one
-    # model and one vLLM engine (trial/warm.py) instead of starting a second engine.
+    # model and one vLLM engine (trial/warm.py) instead of starting a second engine. The
+    # trials differ in lora.rank, so the rank is searched, as in a sweep: the engine's LoRA
+    # slots are sized for the largest rank the search can sample, which is part of the key.
+    # (Left out, trial B's key had max rank 8 against A's 16 and B loaded a second model:
+    # bench/results/gpu_tests_h200_5446a99.log.gz.)
     spec = load_spec(REPO / "bench" / "gemma_learn.yaml")
     return apply_overrides(spec, {
         "model.source": gemma_gguf, "sft.max_steps": 10, "grpo.max_steps": 4, "grpo.report_every": 2,
         "data.eval.size": 16, "data.eval.before_sft": False, "grpo.num_generations": 4,
+        "search.space": {"lora.rank": {"choice": [8, 16]}},
     })
 
 

@@ -255,3 +255,39 @@ def test_sft_lora_norm_is_where_sft_left_the_adapter(tmp_path, tiny_model_dir):
     assert m["sft_lora_norm"] == pytest.approx(norm, rel=1e-6)
     b_norm = math.sqrt(sum(float(w.double().pow(2).sum()) for k, w in weights.items() if "lora_B" in k))
     assert b_norm > 1e-4  # SFT moved B away from its zero init: the norm is of a trained adapter
+
+
+STAND_IN_UNSLOTH = '''
+import json, os, sys
+# What a real Unsloth checks as it is imported: had transformers, peft or trl come first?
+json.dump({m: m in sys.modules for m in ("transformers", "peft", "trl")}, open(os.environ["SEEN"], "w"))
+'''
+
+
+def test_a_trial_imports_unsloth_before_transformers_peft_and_trl(tmp_path):
+    """Unsloth patches transformers, peft and trl as it is imported; after them it only warns
+    that training "may run slower" (every H200 trial process did at 5446a99: the watchdog's TRL
+    callback came first). No CUDA here, so a stand-in ``unsloth`` module on the path records
+    what was already imported, and the backend's CUDA check is bypassed; the trial then stops
+    at the stand-in's missing FastLanguageModel, after the import that is checked."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "unsloth.py").write_text(STAND_IN_UNSLOTH)
+    code = (
+        "import grpo_ray.trial.backends as b\n"
+        "b.cuda_available = lambda: True\n"
+        "from grpo_ray.config.load import load_spec\n"
+        "from grpo_ray.trial.run import run_trial\n"
+        f"spec = load_spec({str(REPO / 'sweeps' / 'smoke.yaml')!r})\n"
+        "try:\n"
+        "    run_trial({}, spec.model_copy(update={'backend': 'unsloth'}), report=lambda m, d: None)\n"
+        "except ImportError as e:\n"
+        "    print('stopped as expected:', e)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO / "src")]),
+               SEEN=str(tmp_path / "seen.json"))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "stopped as expected" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert json.loads((tmp_path / "seen.json").read_text()) == {"transformers": False, "peft": False, "trl": False}

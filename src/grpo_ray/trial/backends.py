@@ -55,16 +55,32 @@ def eager_training(compile: bool) -> dict[str, str]:
     return {"UNSLOTH_COMPILE_DISABLE": os.environ["UNSLOTH_COMPILE_DISABLE"]}
 
 
-def make_backend(requested: str, compile: bool = True) -> Backend:
-    """The backend ``requested`` names (``auto``: by the hardware); ``compile`` is the spec's
-    ``model.compile``, which the unsloth backend needs before it imports Unsloth."""
+def import_backend_first(requested: str, compile: bool = True) -> str:
+    """Import the backend's module before anything else of the trial; returns the backend's name.
+
+    Unsloth patches transformers, peft and trl as it is imported, and only warns ("Unsloth
+    should be imported before [transformers, peft] ... may run slower") when they came first.
+    A trial imports them from many places (its watchdog's TRL callback, the trainers), so the
+    trial's entry point calls this first: the order then does not depend on who imports what.
+    On the H200 at 5446a99 every trial process printed that warning, because the watchdog's
+    module was imported first. For the unsloth backend the compile settings Unsloth reads at
+    import are set before it (the shared cache location, ``model.compile``).
+    """
     name = choose_backend(requested)
     if name == "unsloth":
         if not cuda_available():
             raise BackendError("backend 'unsloth' needs a CUDA GPU; use backend: hf (or auto) on CPU")
         share_compile_caches()  # before unsloth is imported: it reads the location at import
         eager_training(compile)  # likewise
-        from grpo_ray.trial.unsloth import UnslothBackend  # imports unsloth before trl/transformers
+        import grpo_ray.trial.unsloth  # noqa: F401  (imports unsloth before trl/transformers)
+    return name
+
+
+def make_backend(requested: str, compile: bool = True) -> Backend:
+    """The backend ``requested`` names (``auto``: by the hardware); ``compile`` is the spec's
+    ``model.compile``, which the unsloth backend needs before it imports Unsloth."""
+    if import_backend_first(requested, compile) == "unsloth":
+        from grpo_ray.trial.unsloth import UnslothBackend
 
         return UnslothBackend()
     from grpo_ray.trial.hf import HFBackend

@@ -182,6 +182,9 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, report: Callable[[dict[st
     (where the trial ran). Returns the last metrics reported.
     """
     trial_spec = apply_overrides(spec, config)
+    from grpo_ray.trial.backends import import_backend_first
+
+    import_backend_first(trial_spec.backend, trial_spec.model.compile)  # before the guard imports transformers
     from grpo_ray.trial import warm
     from grpo_ray.trial.base import SettingChangedError
     from grpo_ray.trial.guard import TrialHungError, Watchdog
@@ -237,9 +240,9 @@ class TrialRecipe:
     def _setup_model(self) -> None:
         from grpo_ray.models import resolve_model
         from grpo_ray.trial import warm
-        from grpo_ray.trial.common import FirstStep
+        from grpo_ray.trial.common import FirstStep  # after run_trial imported the backend first
 
-        # First: the unsloth backend must be imported before trl. A warm actor's model is reused.
+        # A warm actor's model is reused.
         self.model_dir = resolve_model(self.spec.model.source)
         self.backend, reused = warm.acquire(self.model_dir, self.spec)
         t_loaded = time.time()
