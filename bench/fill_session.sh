@@ -4,11 +4,13 @@
 # from a copy of the repo and poll /tmp/res (bench/README.md, "Compiled or eager"):
 #   cp -r . /tmp/repo && cd /tmp/repo && setsid nohup bash bench/fill_session.sh <commit> > /tmp/res.log 2>&1 &
 # In order, each step's output kept under /tmp/res as it goes (a lease can end at any point):
-#   1. tests/test_gpu.py: the vLLM refusal in its own process, then the rest (they also fill the
-#      node's compile caches, so the compiled arm below starts as a sweep's later trials do);
-#   2. bench/warm_sweep.py, MODES (default eager:3,reuse:3,pack4+eager:8) with OVERRIDES (default
-#      20 GRPO steps per trial): eager against compiled, one trial per GPU, same search seed so
-#      trial k is the same configuration in both; then four eager trials per GPU;
+#   1. with TESTS (a pytest -k expression): those of tests/test_gpu.py (all of them took 870 s of
+#      the lease at 5446a99, most of it compilation on a cold machine);
+#   2. with SHARE (e.g. 1,2,4,8): bench/share_gpu.py, K processes stepping on one GPU at once,
+#      without and with CUDA MPS (minutes; no engine start);
+#   3. unless MODES=none, bench/warm_sweep.py, MODES (default eager:3,reuse:3,pack4+eager:8) with OVERRIDES (default
+#      20 GRPO steps per trial), under CUDA MPS when MPS is set. The lease at 5446a99 ran the
+#      default until its time ran out in the second mode;
 # with nvidia-smi every 2 s (smi.csv) and the busiest threads every 15 s (top.txt: host-side
 # contention of packed trials).
 set -u
@@ -19,14 +21,21 @@ R=/tmp/res
 mkdir -p $R
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 2 > $R/smi.csv 2>&1 &
 (while sleep 15; do date -u +%FT%TZ; top -b -H -n 1 -w 160 | sed -n 7,22p; done) > $R/top.txt 2>&1 &
-if [ -z "${SKIP_TESTS:-}" ]; then
-  python3 -m pytest tests/test_gpu.py -m gpu -k vllm_share -x -s -p no:cacheprovider > $R/gpu_oom.log 2>&1
-  echo "rc=$?" >> $R/gpu_oom.log
-  python3 -m pytest tests/test_gpu.py -m gpu -k "not vllm_share" -x -p no:cacheprovider --durations=0 > $R/gpu_tests.log 2>&1
+if [ -n "${TESTS:-}" ]; then  # a pytest -k expression, e.g. TESTS=in_place (the lease of 5446a99 ran them all)
+  python3 -m pytest tests/test_gpu.py -m gpu -k "$TESTS" -x -p no:cacheprovider --durations=0 > $R/gpu_tests.log 2>&1
   echo "rc=$?" >> $R/gpu_tests.log
 fi
+if [ -n "${SHARE:-}" ]; then  # do packed processes serialize on the GPU? (bench/share_gpu.py), e.g. SHARE=1,2,4,8
+  python3 bench/share_gpu.py --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --procs "$SHARE" --mps off,on \
+    --out $R/share.json > $R/share.log 2>&1
+  echo "rc=$?" >> $R/share.log
+fi
+[ -n "${MPS:-}" ] && nvidia-cuda-mps-control -d  # the sweep below with CUDA MPS (if share.json says it helps)
+if [ "${MODES:-}" != none ]; then
 python3 bench/warm_sweep.py --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --out $R/warm.json \
   --modes "${MODES:-eager:3,reuse:3,pack4+eager:8}" \
   --overrides "${OVERRIDES:-{\"grpo.max_steps\": 20, \"grpo.report_every\": 20\}}" > $R/warm.log 2>&1
 echo "rc=$?" >> $R/warm.log
+fi
+[ -n "${MPS:-}" ] && echo quit | nvidia-cuda-mps-control
 touch $R/DONE
