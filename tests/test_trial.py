@@ -101,7 +101,7 @@ def test_checkpoints_hold_a_trained_lora_adapter(trial_run):
 def test_out_of_memory_names_the_settings_to_lower():
     import torch
 
-    from grpo_ray.trial.common import TrialDoesNotFitError, guard_memory
+    from grpo_ray.trial.common import TrialDoesNotFitError, guard_errors
 
     spec = load_spec(REPO / "sweeps" / "rewards.yaml")
 
@@ -109,7 +109,7 @@ def test_out_of_memory_names_the_settings_to_lower():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     with pytest.raises(TrialDoesNotFitError) as exc:
-        guard_memory(oom, spec)
+        guard_errors(oom, spec)
     msg = str(exc.value)
     for setting in ["model.gpu_memory_utilization (now 0.7", "grpo.max_completion_length (1536)",
                     "grpo.num_generations", "lora.rank in the search space (64)", "model.load_in_4bit"]:
@@ -119,20 +119,20 @@ def test_out_of_memory_names_the_settings_to_lower():
         raise ValueError("No available memory for the cache blocks. Try increasing `gpu_memory_utilization`")
 
     with pytest.raises(TrialDoesNotFitError, match=r"raise model.gpu_memory_utilization \(now 0.7\)"):
-        guard_memory(vllm_refuses, spec)
+        guard_errors(vllm_refuses, spec)
 
     def cuda_error_text():  # an OOM re-raised as a RuntimeError keeps the training advice
         raise RuntimeError("CUDA error: out of memory")
 
     with pytest.raises(TrialDoesNotFitError, match="lower model.gpu_memory_utilization"):
-        guard_memory(cuda_error_text, spec)
+        guard_errors(cuda_error_text, spec)
 
     def other():
         raise ValueError("unrelated")
 
     with pytest.raises(ValueError, match="unrelated"):
-        guard_memory(other, spec)
-    assert guard_memory(lambda: 3, spec) == 3
+        guard_errors(other, spec)
+    assert guard_errors(lambda: 3, spec) == 3
 
 
 def test_a_retried_trial_resumes_from_its_checkpoint(trial_run, tmp_path):
@@ -166,6 +166,33 @@ def test_unsloth_compiled_cache_is_shared_by_the_trials_of_a_node(monkeypatch, t
     assert share_compile_caches() == {"UNSLOTH_COMPILE_LOCATION": str(tmp_path / "unsloth_compiled_cache")}
     monkeypatch.setenv("UNSLOTH_COMPILE_LOCATION", "/mine")
     assert share_compile_caches() == {"UNSLOTH_COMPILE_LOCATION": "/mine"}  # the user's choice wins
+
+
+def test_a_failed_compilation_names_model_compile():
+    """A real torch.compile failure on CPU (a backend that raises, as Inductor or Triton do when a
+    kernel will not build): the trial says to set model.compile: false, with the cause; a trial
+    already eager gets the error as it was."""
+    import torch
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from grpo_ray.trial.common import TrialCompileError, guard_errors
+
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("ptxas fatal: unresolved extern function")
+
+    spec = load_spec(REPO / "sweeps" / "smoke.yaml")
+    for compiled in (True, False):
+        torch._dynamo.reset()
+        step = torch.compile(lambda x: x.sin() + 1, backend=failing_backend)
+        if compiled:
+            with pytest.raises(TrialCompileError) as exc:
+                guard_errors(lambda: step(torch.ones(3)), spec)
+            assert "set model.compile: false" in str(exc.value) and "ptxas fatal" in str(exc.value)
+            assert isinstance(exc.value.__cause__, BackendCompilerFailed)
+        else:
+            with pytest.raises(BackendCompilerFailed):
+                guard_errors(lambda: step(torch.ones(3)), apply_overrides(spec, {"model.compile": False}))
+    torch._dynamo.reset()
 
 
 def test_model_compile_false_makes_training_and_engine_eager(monkeypatch):

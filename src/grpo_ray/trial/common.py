@@ -50,14 +50,33 @@ def kv_cache_hint(spec: SweepSpec) -> str:
 _VLLM_TOO_SMALL = ("No available memory for the cache blocks", "KV cache is needed", "larger than the available KV cache")
 
 
-def guard_memory(fn: Callable[[], T], spec: SweepSpec) -> T:
-    """Run ``fn``; a CUDA or vLLM out-of-memory becomes :class:`TrialDoesNotFitError` naming the setting to change."""
+class TrialCompileError(RuntimeError):
+    """torch.compile failed inside the trial (Dynamo, AOTAutograd or Inductor), with the setting that avoids it."""
+
+
+def compile_hint(spec: SweepSpec, error: BaseException) -> str:
+    """What to change when the model's compilation fails: train and generate eager instead."""
+    # Dynamo's first line only names the backend ("backend='inductor' raised:"); the cause follows.
+    first = " ".join(line.strip() for line in str(error).splitlines() if line.strip())[:300]
+    return (f"compiling the model failed ({type(error).__name__}: {first}); set model.compile: false to "
+            "train and generate without torch.compile (slower generation: bench/README.md, \"Compiled or eager\")")
+
+
+def guard_errors(fn: Callable[[], T], spec: SweepSpec) -> T:
+    """Run ``fn``; an error the spec can avoid says which setting to change: a CUDA or vLLM
+    out-of-memory becomes :class:`TrialDoesNotFitError`, a failed torch.compile (while
+    ``model.compile`` is on) :class:`TrialCompileError`."""
     import torch
+    from torch._dynamo.exc import TorchDynamoException
 
     try:
         return fn()
     except torch.OutOfMemoryError as e:
         raise TrialDoesNotFitError(fit_hint(spec)) from e
+    except TorchDynamoException as e:  # BackendCompilerFailed (Inductor, Triton), unsupported graphs
+        if not spec.model.compile:
+            raise
+        raise TrialCompileError(compile_hint(spec, e)) from e
     except (RuntimeError, ValueError) as e:
         text = str(e)
         first = text.splitlines()[0][:200] if text else ""

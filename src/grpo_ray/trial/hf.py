@@ -12,7 +12,7 @@ from typing import Any, Callable
 from grpo_ray.config.spec import SweepSpec
 from grpo_ray.trial.workdirs import make_workdir
 from grpo_ray.trial.common import (
-    guard_memory,
+    guard_errors,
     init_lora,
     instance_forward,
     load_lora_weights,
@@ -101,7 +101,7 @@ class HFBackend:
             processing_class=self.tokenizer,
             callbacks=callbacks,
         )
-        out = guard_memory(trainer.train, spec)
+        out = guard_errors(trainer.train, spec)
         return {"sft_loss": float(out.training_loss)}
 
     def grpo(
@@ -124,7 +124,7 @@ class HFBackend:
             processing_class=self.tokenizer,
             callbacks=callbacks,
         )
-        guard_memory(trainer.train, spec)
+        guard_errors(trainer.train, spec)
 
     def generate(self, prompts: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
         import torch

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from grpo_ray.config.spec import SweepSpec
 from grpo_ray.trial.workdirs import make_workdir
 from grpo_ray.trial.common import (
-    guard_memory,
+    guard_errors,
     gradient_checkpointing,
     init_lora,
     instance_forward,
@@ -72,7 +72,7 @@ class UnslothBackend:
         # A packed neighbour starting its engine at the same time would skew vLLM's memory profile.
         with one_start_per_gpu(visible_gpus()) as waited:
             self.engine_wait_s = waited  # queued behind neighbours' starts: part of load_s, not its cost
-            guard_memory(_load, spec)
+            guard_errors(_load, spec)
         self.new_adapter(spec)
 
     def new_adapter(self, spec: SweepSpec) -> None:
@@ -141,7 +141,7 @@ class UnslothBackend:
             args=args,
             callbacks=callbacks,
         )
-        out = guard_memory(trainer.train, spec)
+        out = guard_errors(trainer.train, spec)
         return {"sft_loss": float(out.training_loss)}
 
     def _sampling_params(self, spec: SweepSpec, **overrides: Any) -> Any:
@@ -174,7 +174,7 @@ class UnslothBackend:
             train_dataset=Dataset.from_list(rows),
             callbacks=callbacks,
         )
-        guard_memory(trainer.train, spec)
+        guard_errors(trainer.train, spec)
 
     def generate(self, prompts: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]:
         # Token ids, not text: vLLM would add BOS again to a template that already prints it.
