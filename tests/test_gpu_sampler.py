@@ -23,7 +23,8 @@ class NVMLError(Exception):
 
 
 def fake_nvml(utils: dict[int, list[float]], mem_gib: dict[int, float] | None = None,
-              uuids: list[str] | None = None, init_error: bool = False) -> types.ModuleType:
+              uuids: list[str] | None = None, init_error: bool = False,
+              total_gib: dict[int, float] | None = None) -> types.ModuleType:
     """A pynvml whose device i reports ``utils[i]`` one value per call (the last one repeats)."""
     m = types.ModuleType("pynvml")
     m.NVMLError = NVMLError
@@ -50,7 +51,8 @@ def fake_nvml(utils: dict[int, list[float]], mem_gib: dict[int, float] | None = 
     m.nvmlDeviceGetHandleByIndex = lambda i: i  # the handle is the index
     m.nvmlDeviceGetUUID = lambda h: uuids[h].encode()  # older bindings return bytes
     m.nvmlDeviceGetUtilizationRates = util
-    m.nvmlDeviceGetMemoryInfo = lambda h: SimpleNamespace(used=int((mem_gib or {}).get(h, 1.0) * GIB))
+    m.nvmlDeviceGetMemoryInfo = lambda h: SimpleNamespace(used=int((mem_gib or {}).get(h, 1.0) * GIB),
+                                                          total=int((total_gib or {}).get(h, 80.0) * GIB))
     return m
 
 
@@ -122,6 +124,20 @@ def test_a_trial_samples_only_its_own_gpus(monkeypatch):
     assert s.metrics()["gpu_util_mean"] == 30 and s.metrics()["gpu_mem_used_max_gib"] == pytest.approx(9.0)
 
 
+def test_the_cards_size_is_the_smallest_of_the_trials_gpus(monkeypatch):
+    """For the packing advice: how much a card holds (a trial on two GPUs fits the smaller); a
+    binding without ``total`` gives no size and still samples."""
+    nvml = fake_nvml({0: [20], 1: [40]}, total_gib={0: 141.0, 1: 80.0})
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    with GpuSampler(interval=3600, visible="0,1") as s:
+        s.sample()
+    assert s.metrics()["gpu_mem_total_gib"] == pytest.approx(80.0)
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: SimpleNamespace(used=GIB)
+    with GpuSampler(interval=3600, visible="0") as s:
+        s.sample()
+    assert "gpu_mem_total_gib" not in s.metrics() and s.metrics()["gpu_util_mean"] == 20
+
+
 def test_no_pynvml_measures_nothing(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml raises ImportError
     s = GpuSampler(interval=0.01, visible="0").start()
@@ -165,9 +181,10 @@ def _t(start, first, end, pid, gpus="0", node="n1", gpu=None):
     return (m | (gpu or {}), True)
 
 
-def _g(overall, n, steps, n_steps, mem=10.0):
+def _g(overall, n, steps, n_steps, mem=10.0, total=None):
     return {"gpu_util_mean": overall, "gpu_samples": float(n), "gpu_util_steps_mean": steps,
-            "gpu_steps_samples": float(n_steps), "gpu_mem_used_max_gib": mem}
+            "gpu_steps_samples": float(n_steps), "gpu_mem_used_max_gib": mem} | (
+        {"gpu_mem_total_gib": total} if total else {})
 
 
 def test_utilization_weights_trials_by_their_samples_per_device_and_overall():
@@ -242,3 +259,39 @@ def test_a_real_trial_reports_its_gpu_samples(monkeypatch, tiny_model_dir):
     assert last["gpu_mem_used_max_gib"] == pytest.approx(3.0)
     assert made[0]._thread is None and made[0]._nvml is None  # stopped with the trial
     assert gpu_sampler  # imported as the trial imports it
+
+
+def test_the_most_trials_at_once_on_a_device_tells_packed_from_not():
+    from grpo_ray.views import utilization as u_mod
+
+    one_by_one = utilization([_t(0, 10, 100, 1), _t(100, 105, 200, 1), _t(0, 10, 150, 2, gpus="1")])
+    packed = utilization([_t(0, 10, 100, 1), _t(5, 20, 120, 2), _t(100, 105, 200, 1)])
+    assert one_by_one["trials_per_device_max"] == 1 and packed["trials_per_device_max"] == 2
+    import doctest
+
+    assert doctest.testmod(u_mod).failed == 0
+
+
+def test_status_advises_packing_only_when_the_card_idles_and_two_fit():
+    """One gemma-3-270m trial per H200 (the warm-sweep spec: vLLM holds 0.25 of the card, 35 of
+    141 GiB; the trial used 38.8): two fit, and the card was 4-9% busy, so pack. Not when the card
+    is busy, when the trials already share it, when two would not fit, or when the spec's
+    memory share is not known."""
+    from grpo_ray.views.status import TrialStatus, advice, status_table
+
+    def statuses(util, mem, packed=False):
+        trials = [_t(0, 10, 110, 1, gpu=_g(util, 100, util, 90, mem=mem, total=141.0)),
+                  _t(110, 112, 200, 1, gpu=_g(util, 100, util, 90, mem=mem, total=141.0))]
+        if packed:
+            trials.append(_t(5, 12, 100, 2, gpu=_g(util, 100, util, 90, mem=mem, total=141.0)))
+        return [TrialStatus(f"t{i}", "TERMINATED", {}, m, 0) for i, (m, _) in enumerate(trials)]
+
+    idle = statuses(8.0, 38.8)
+    lines = advice(idle, 0.25)
+    assert len(lines) == 1 and lines[0].startswith("GPU busy 8% during steps with one trial per GPU")
+    assert "resources.gpu: 0.5" in lines[0] and "(42 of 141 GiB)" in lines[0]  # 35.25 + 2 x 3.55
+    assert lines[0] in str(status_table(idle, 0.25).caption)
+    assert advice(statuses(55.0, 38.8), 0.25) == []  # the card is busy
+    assert advice(statuses(8.0, 38.8, packed=True), 0.25) == []  # already two per GPU
+    assert advice(statuses(8.0, 120.0), 0.7) == []  # 98.7 + 2 x 21.3 GiB > 0.9 x 141
+    assert advice(idle) == []  # no spec to read the engine's share from

@@ -239,11 +239,12 @@ def status(
 
     from rich.live import Live
 
-    from grpo_ray.views.status import read_status, status_table
+    from grpo_ray.views.status import memory_share, read_status, status_table
 
     run = _run_path(run)
+    share = memory_share(run)  # for the packing advice
     try:
-        table = status_table(read_status(run))
+        table = status_table(read_status(run), share)
     except (OSError, ValueError) as e:  # no snapshot yet, or an unreadable one
         _fail(e)
     if watch <= 0:
@@ -252,7 +253,7 @@ def status(
     with Live(table, console=out, refresh_per_second=1) as live:
         while True:
             time.sleep(watch)
-            live.update(status_table(read_status(run)))
+            live.update(status_table(read_status(run), share))
 
 
 @app.command()

@@ -82,6 +82,7 @@ class GpuSampler:
         self._n = self._n_steps = 0
         self._sum = self._sum_steps = 0.0
         self._mem_max = 0.0
+        self._mem_total: float | None = None  # the smallest card among its devices (GiB)
 
     def start(self) -> GpuSampler:
         """Open NVML and start sampling; without NVML or a visible GPU, do nothing."""
@@ -131,7 +132,11 @@ class GpuSampler:
         for h in self._handles:
             try:
                 utils.append(float(nvml.nvmlDeviceGetUtilizationRates(h).gpu))
-                mem = max(mem, float(nvml.nvmlDeviceGetMemoryInfo(h).used) / GIB)
+                info = nvml.nvmlDeviceGetMemoryInfo(h)
+                mem = max(mem, float(info.used) / GIB)
+                if getattr(info, "total", None):
+                    total = float(info.total) / GIB
+                    self._mem_total = total if self._mem_total is None else min(self._mem_total, total)
             except Exception:  # a GPU that fell off the bus, NotSupported: skip it this time
                 continue
         if not utils:
@@ -163,6 +168,8 @@ class GpuSampler:
                 return {}
             out = {"gpu_util_mean": self._sum / self._n, "gpu_mem_used_max_gib": self._mem_max,
                    "gpu_samples": float(self._n), "gpu_steps_samples": float(self._n_steps)}
+            if self._mem_total is not None:  # the card's size: views/status.py's packing advice
+                out["gpu_mem_total_gib"] = self._mem_total
             if self._n_steps:
                 out["gpu_util_steps_mean"] = self._sum_steps / self._n_steps
             return out

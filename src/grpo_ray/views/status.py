@@ -117,14 +117,51 @@ def last_line(error: str) -> str:
 NO_GRAD_WARN = 0.5
 CUT_WARN = 0.3
 FORMAT_WARN = 0.5
+# Under this GPU utilization during steps (%) a card running one trial waits on that trial's host
+# process most of the time: one gemma-3-270m trial kept an H200 4-9% busy, and two per GPU ran
+# 2.7x the trials per GPU-hour of one (bench/README.md, "Warm trial actors"). Two fit where the
+# card holds the engine's share once (two half-shares) and the training memory twice.
+PACK_UTIL_WARN = 30.0
+PACK_MEMORY_SHARE = 0.9  # of the card: room for fragmentation and the CUDA contexts
 
 
-def advice(trials: list[TrialStatus]) -> list[str]:
+def packing_advice(use: dict[str, Any] | None, gpu_memory_utilization: float | None) -> str | None:
+    """Pack two trials per GPU? When one trial per GPU leaves the card idle and two would fit.
+
+    ``use``: views/utilization.py's numbers; ``gpu_memory_utilization``: the spec's
+    ``model.gpu_memory_utilization`` (vLLM's share of a trial's slice of the card).
+
+    >>> use = {"gpu_util_steps_mean": 8.0, "trials_per_device_max": 1, "gpu_mem_used_max_gib": 40.0,
+    ...        "gpu_mem_total_gib": 140.0}
+    >>> packing_advice(use, 0.25)[:47]
+    'GPU busy 8% during steps with one trial per GPU'
+    >>> packing_advice(use | {"gpu_mem_used_max_gib": 120.0}, 0.7) is None  # 98 + 2 x 22 GiB: no room
+    True
+    """
+    if not use or gpu_memory_utilization is None or use.get("trials_per_device_max", 1) > 1:
+        return None
+    util, used, total = use.get("gpu_util_steps_mean"), use.get("gpu_mem_used_max_gib"), use.get("gpu_mem_total_gib")
+    if util is None or used is None or not total or util >= PACK_UTIL_WARN:
+        return None
+    engine = gpu_memory_utilization * total  # one trial's engine; packed, each of two holds half of it
+    packed = engine + 2 * max(used - engine, 0.0)
+    if packed > PACK_MEMORY_SHARE * total:
+        return None
+    return (f"GPU busy {util:.0f}% during steps with one trial per GPU, and two would fit ({packed:.0f} of "
+            f"{total:.0f} GiB): pack two per GPU (resources.gpu: 0.5, with 2 x resources.cpu cores per GPU); "
+            "two gemma-3-270m trials per H200 ran 2.7x the trials per GPU-hour of one")
+
+
+def advice(trials: list[TrialStatus], gpu_memory_utilization: float | None = None) -> list[str]:
     """One line per problem the reporting trials share (their last windows, averaged), and the fix.
+
+    ``gpu_memory_utilization`` (the spec's, when known) lets it also say when to pack trials.
 
     >>> advice([TrialStatus("a", "RUNNING", {}, {"step": 10, "zero_std_groups": 0.7}, 0)])[0][:22]
     'no-grad 70% on average'
     """
+    from grpo_ray.views.utilization import utilization
+
     last = [t.last for t in trials if t.last.get("step")]
 
     def mean(key: str) -> float | None:
@@ -142,17 +179,32 @@ def advice(trials: list[TrialStatus]) -> list[str]:
     if (v := mean("format_rate")) is not None and v < FORMAT_WARN:
         out.append(f"format {v:.0%} on average: the model rarely writes the answer format, so the answer rewards "
                    "see little; lengthen the SFT warm-up (sft.max_steps) or raise sft.learning_rate")
-    return out
+    pack = packing_advice(utilization((t.last, t.status == "TERMINATED") for t in trials), gpu_memory_utilization)
+    return out + ([pack] if pack else [])
 
 
-def status_table(trials: list[TrialStatus]) -> Any:  # a rich Table (rich imported on use)
+def memory_share(run_dir: str) -> float | None:
+    """The run's ``model.gpu_memory_utilization`` from its spec.resolved.yaml; None when unreadable."""
+    import yaml
+
+    from grpo_ray.run_dir import spec_resolved_path
+
+    try:
+        spec = yaml.safe_load(storage.read_text(spec_resolved_path(run_dir)))
+        return float(spec["model"]["gpu_memory_utilization"])
+    except Exception:  # an older run, a partial file: the advice goes without the packing line
+        return None
+
+
+def status_table(trials: list[TrialStatus], gpu_memory_utilization: float | None = None) -> Any:  # a rich Table
     """A rich table: one row per trial with its state, progress, objectives and hyperparameters."""
     from rich.table import Table
 
     from grpo_ray.views.utilization import summary_line, utilization
 
     use = utilization((t.last, t.status == "TERMINATED") for t in trials)
-    table = Table(title=f"{len(trials)} trials", caption="\n".join([summary_line(use), *advice(trials)]))
+    table = Table(title=f"{len(trials)} trials",
+                  caption="\n".join([summary_line(use), *advice(trials, gpu_memory_utilization)]))
     causes = any(t.cause for t in trials)
     # "no-grad": the share of GRPO groups whose rewards were all equal; "cut": completions cut at
     # max_completion_length (trial/run.py GROUP_DIAGNOSTICS), over the last report window.

@@ -19,6 +19,7 @@ a running sweep too:
   cold and warm apart: what warm actors save of compilation, and which warm trials recompiled;
 - ``handoff_s``: from the end of the trial before it on the same actor (a reused model) or,
   for a fresh actor, on the same device, to this trial's first step;
+- ``trials_per_device_max``: the most trials that ran at once on one device (2: packed two per GPU);
 - ``trials_per_device_hour``: finished trials per wall hour per device;
   ``trials_per_device_hour_after_first``: the same from the end of each device's first trial
   (the steady rate a longer sweep tends to), a trial counted by the share of its own time
@@ -26,7 +27,7 @@ a running sweep too:
 - ``gpu_util_mean`` / ``gpu_util_steps_mean``: the GPUs' measured load (NVML ``utilization.gpu``,
   %, sampled about once a second inside each trial: trial/gpu_sampler.py) over the trials' whole
   time and from their first step on, means weighted by samples; ``gpu_mem_used_max_gib``: the
-  most memory used on a card; ``gpu_util_per_device``: the same per device. Packed trials each
+  most memory used on a card, ``gpu_mem_total_gib`` the smallest card's size; ``gpu_util_per_device``: the same per device. Packed trials each
   sample the whole card, so a device's mean averages its trials' samples (never sums them); the
   sweep's mean counts a packed device's samples once per trial on it. Only present when some
   trial reported them (a trial on CPU, or without nvidia-ml-py, reports none).
@@ -72,7 +73,8 @@ def _gpu(m: dict[str, Any]) -> dict[str, float] | None:
     try:
         n = float(m["gpu_samples"])
         out = {"n": n, "util": float(m["gpu_util_mean"]), "mem": float(m.get("gpu_mem_used_max_gib") or 0.0),
-               "n_steps": float(m.get("gpu_steps_samples") or 0.0), "steps": float(m.get("gpu_util_steps_mean") or 0.0)}
+               "n_steps": float(m.get("gpu_steps_samples") or 0.0), "steps": float(m.get("gpu_util_steps_mean") or 0.0),
+               "total": float(m.get("gpu_mem_total_gib") or 0.0)}  # 0: from a grpo-ray before the metric
     except (KeyError, TypeError, ValueError):
         return None
     return out if n > 0 else None
@@ -87,7 +89,22 @@ def _gpu_use(ts: list[_Trial]) -> dict[str, Any]:
     return {"gpu_util_mean": round(sum(x["util"] * x["n"] for x in g) / n, 1),
             "gpu_util_steps_mean": round(sum(x["steps"] * x["n_steps"] for x in g) / n_steps, 1) if n_steps else None,
             "gpu_mem_used_max_gib": round(max(x["mem"] for x in g), 2),
+            "gpu_mem_total_gib": round(min(totals), 2) if (totals := [x["total"] for x in g if x["total"]]) else None,
             "gpu_samples": int(n)}
+
+
+def _most_at_once(intervals: list[tuple[float, float]]) -> int:
+    """The most intervals that overlap at one moment (one ending as another starts: not overlapping).
+
+    >>> _most_at_once([(0, 10), (5, 15), (10, 20)])
+    2
+    """
+    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])  # ends sort first
+    most = cur = 0
+    for _, step in events:
+        cur += step
+        most = max(most, cur)
+    return most
 
 
 def _union(intervals: Iterable[tuple[float, float]], lo: float, hi: float) -> float:
@@ -121,8 +138,10 @@ def utilization(trials: Iterable[tuple[dict[str, Any], bool]]) -> dict[str, Any]
     devices = sorted({t.device for t in ts})
     busy = after_busy = after_wall = after_done = 0.0
     handoffs: list[float] = []
+    at_once = 1
     for dev in devices:
         on = sorted((t for t in ts if t.device == dev), key=lambda t: t.first_step)
+        at_once = max(at_once, _most_at_once([(t.started, t.end) for t in on]))
         busy += _union(((t.first_step, t.end) for t in on), start, end)
         first_end = min(t.end for t in on)
         after_wall += end - first_end
@@ -149,6 +168,7 @@ def utilization(trials: Iterable[tuple[dict[str, Any], bool]]) -> dict[str, Any]
         "handoff_s": _stats(handoffs),
         "compile_s": {"cold": _stats([t.compile_s for t in ts if not t.reused and t.compile_s is not None]),
                       "warm": _stats([t.compile_s for t in ts if t.reused and t.compile_s is not None])},
+        "trials_per_device_max": at_once,
         "trials_per_device_hour": round(sum(t.finished for t in ts) / (wall / 3600 * len(devices)), 2),
         "trials_per_device_hour_after_first": round(after_done / (after_wall / 3600), 2) if after_wall > 0 else None,
     } | _gpu_use_all(ts, devices)
