@@ -14,7 +14,10 @@ from _common import commit, device_info  # bench/ is on sys.path when a script h
 KEEP = ["trial_started_at", "first_step_at", "reported_at", "startup_s", "load_s", "model_reused", "worker_pid",
         "gpus", "first_step_reward", "sft_loss", "sft_lora_norm", "reward", "eval_accuracy", "sft_eval_accuracy",
         "step", "sft_seconds", "gpu_max_allocated_gib", "elapsed_s", "sft_setup_s", "eval_seconds", "grpo_setup_s",
-        "grpo_step_s", "compile_s", "sft_compile_s", "compiled_graphs"]
+        "grpo_step_s", "compile_s", "sft_compile_s", "compiled_graphs", "engine_wait_s",
+        # the trial's NVML samples (trial/gpu_sampler.py): what status's packing advice reads
+        "gpu_util_mean", "gpu_util_steps_mean", "gpu_mem_used_max_gib", "gpu_mem_total_gib", "gpu_samples",
+        "gpu_steps_samples"]
 
 
 def snapshot(run_dir: str) -> dict:
