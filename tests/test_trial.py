@@ -302,6 +302,7 @@ def test_a_trial_imports_unsloth_before_transformers_peft_and_trl(tmp_path):
     import sys
 
     (tmp_path / "unsloth.py").write_text(STAND_IN_UNSLOTH)
+    (tmp_path / "vllm.py").write_text("")  # the backend checks that vLLM is installed too
     code = (
         "import grpo_ray.trial.backends as b\n"
         "b.cuda_available = lambda: True\n"
@@ -318,3 +319,19 @@ def test_a_trial_imports_unsloth_before_transformers_peft_and_trl(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "stopped as expected" in r.stdout, r.stdout + r.stderr[-3000:]
     assert json.loads((tmp_path / "seen.json").read_text()) == {"transformers": False, "peft": False, "trl": False}
+
+
+def test_unsloth_missing_on_a_gpu_machine_says_what_to_install(monkeypatch):
+    """backend auto on a CUDA machine without the gpu extra: one clear configuration error (not
+    retried, shown in status), not an ImportError in every trial. No CUDA here, so the check is
+    bypassed; unsloth and vllm are really absent from this machine."""
+    import importlib.util
+
+    import grpo_ray.trial.backends as b
+    from grpo_ray.trial.base import BackendError
+
+    assert importlib.util.find_spec("unsloth") is None  # this test needs a machine without it
+    monkeypatch.setattr(b, "cuda_available", lambda: True)
+    with pytest.raises(BackendError, match=r"unsloth and vllm are not installed here: pip install 'grpo-ray\[gpu\]'"):
+        b.import_backend_first("auto")
+    assert b.import_backend_first("hf") == "hf"

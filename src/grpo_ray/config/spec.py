@@ -58,7 +58,8 @@ class SweepSpec(Strict):
     trial: TrialSpec = Field(TrialSpec(), description="A trial's watchdog and model reuse.")
     backend: Literal["auto", "unsloth", "hf"] = Field(
         "auto", description="Training stack: unsloth (Unsloth + vLLM generation, CUDA only, the tutorial's), hf "
-        "(transformers + PEFT, generation by the trained model; runs on CPU), auto: unsloth on CUDA, else hf.")
+        "(transformers + PEFT, generation by the trained model; runs on CPU), auto: unsloth on CUDA, else hf. "
+        "unsloth needs the gpu extra (pip install 'grpo-ray[gpu]') on every GPU node.")
     storage: str = Field("./runs", description="Local directory or URI (s3://, gs://) for results; credentials "
                          "come from the environment.")
     export: ExportSpec = Field(ExportSpec(), description="The best trial's export: adapter, merged model, GGUF.")

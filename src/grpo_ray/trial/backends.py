@@ -7,6 +7,7 @@ would be a cycle.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from grpo_ray.trial.base import Backend, BackendError
@@ -70,6 +71,13 @@ def import_backend_first(requested: str, compile: bool = True) -> str:
     if name == "unsloth":
         if not cuda_available():
             raise BackendError("backend 'unsloth' needs a CUDA GPU; use backend: hf (or auto) on CPU")
+        missing = [p for p in ("unsloth", "vllm") if importlib.util.find_spec(p) is None]
+        if missing:  # not a bare ImportError in every trial: what to install, or the slower backend
+            raise BackendError(
+                f"backend '{requested}' runs unsloth on this CUDA machine, but {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not installed here: pip install 'grpo-ray[gpu]' on every "
+                "GPU node (the pinned Unsloth + vLLM stack), or set backend: hf (transformers generation, "
+                "about 10x slower GRPO steps)")
         share_compile_caches()  # before unsloth is imported: it reads the location at import
         eager_training(compile)  # likewise
         import grpo_ray.trial.unsloth  # noqa: F401  (imports unsloth before trl/transformers)
