@@ -152,10 +152,12 @@ def packing_advice(use: dict[str, Any] | None, gpu_memory_utilization: float | N
             "two gemma-3-270m trials per H200 ran 2.7x the trials per GPU-hour of one")
 
 
-def advice(trials: list[TrialStatus], gpu_memory_utilization: float | None = None) -> list[str]:
+def advice(trials: list[TrialStatus], gpu_memory_utilization: float | None = None,
+           use: dict[str, Any] | None = None) -> list[str]:
     """One line per problem the reporting trials share (their last windows, averaged), and the fix.
 
-    ``gpu_memory_utilization`` (the spec's, when known) lets it also say when to pack trials.
+    ``gpu_memory_utilization`` (the spec's, when known) lets it also say when to pack trials;
+    ``use``: the trials' utilization when the caller already has it.
 
     >>> advice([TrialStatus("a", "RUNNING", {}, {"step": 10, "zero_std_groups": 0.7}, 0)])[0][:22]
     'no-grad 70% on average'
@@ -179,7 +181,9 @@ def advice(trials: list[TrialStatus], gpu_memory_utilization: float | None = Non
     if (v := mean("format_rate")) is not None and v < FORMAT_WARN:
         out.append(f"format {v:.0%} on average: the model rarely writes the answer format, so the answer rewards "
                    "see little; lengthen the SFT warm-up (sft.max_steps) or raise sft.learning_rate")
-    pack = packing_advice(utilization((t.last, t.status == "TERMINATED") for t in trials), gpu_memory_utilization)
+    if use is None:
+        use = utilization((t.last, t.status == "TERMINATED") for t in trials)
+    pack = packing_advice(use, gpu_memory_utilization)
     return out + ([pack] if pack else [])
 
 
@@ -204,7 +208,7 @@ def status_table(trials: list[TrialStatus], gpu_memory_utilization: float | None
 
     use = utilization((t.last, t.status == "TERMINATED") for t in trials)
     table = Table(title=f"{len(trials)} trials",
-                  caption="\n".join([summary_line(use), *advice(trials, gpu_memory_utilization)]))
+                  caption="\n".join([summary_line(use), *advice(trials, gpu_memory_utilization, use)]))
     causes = any(t.cause for t in trials)
     # "no-grad": the share of GRPO groups whose rewards were all equal; "cut": completions cut at
     # max_completion_length (trial/run.py GROUP_DIAGNOSTICS), over the last report window.

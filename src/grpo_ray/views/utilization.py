@@ -27,10 +27,11 @@ a running sweep too:
 - ``gpu_util_mean`` / ``gpu_util_steps_mean``: the GPUs' measured load (NVML ``utilization.gpu``,
   %, sampled about once a second inside each trial: trial/gpu_sampler.py) over the trials' whole
   time and from their first step on, means weighted by samples; ``gpu_mem_used_max_gib``: the
-  most memory used on a card, ``gpu_mem_total_gib`` the smallest card's size; ``gpu_util_per_device``: the same per device. Packed trials each
-  sample the whole card, so a device's mean averages its trials' samples (never sums them); the
-  sweep's mean counts a packed device's samples once per trial on it. Only present when some
-  trial reported them (a trial on CPU, or without nvidia-ml-py, reports none).
+  most memory used on a card, ``gpu_mem_total_gib`` the smallest card's size;
+  ``gpu_util_per_device``: the same per device. Packed trials each sample the whole card, so a
+  device's mean averages its trials' samples (never sums them); the sweep's mean counts a packed
+  device's samples once per trial on it. Only present when some trial reported them (a trial on
+  CPU, or without nvidia-ml-py, reports none).
 
 A device is a (node, GPU ids) pair; trials without a GPU count their node's CPUs as one device.
 """
