@@ -23,7 +23,7 @@ def test_k_processes_step_together_and_each_step_is_timed(tiny_model_dir, tmp_pa
     assert result["bench"] == "share_gpu" and "command" in result and "commit" in result
     assert [(run["k"], run["mps"]) for run in result["runs"]] == [(1, "off"), (2, "off")]
     one, two = result["runs"]
-    assert one["scaling"] == 1.0
+    assert one["scaling"] == 1.0 and one["gpu_util_mean"] is None  # no NVML on CPU
     for run in (one, two):
         assert len(run["processes"]) == run["k"] == len(run["per_process_step_s"])
         assert len({p["pid"] for p in run["processes"]}) == run["k"]  # K separate processes
@@ -42,3 +42,27 @@ def test_bad_arguments_exit_2_with_what_to_change(tmp_path):
     assert r.returncode == 2 and "--steps (2) must exceed --warmup (2)" in r.stderr
     r = _run("--device", "cpu", "--out", str(tmp_path / "x.json"))
     assert r.returncode == 2 and "--gguf / --model-dir" in r.stderr
+
+
+def test_the_cards_load_is_sampled_while_the_processes_step(monkeypatch):
+    """NVML cannot run here: a stand-in pynvml (as in tests/test_gpu_sampler.py) reports 37%."""
+    import time
+    import types
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import share_gpu
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    nvml = types.ModuleType("pynvml")
+    nvml.nvmlInit = lambda: None
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: i
+    nvml.nvmlDeviceGetUtilizationRates = lambda h: SimpleNamespace(gpu=37)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    with share_gpu.CardLoad("cuda") as load:
+        time.sleep(1.3)
+    assert len(load.samples) >= 2 and load.mean == 37.0
+    with share_gpu.CardLoad("cpu") as load:
+        pass
+    assert load.mean is None and load.samples == []
