@@ -28,17 +28,19 @@ CPU check of the mechanics (tests/test_share_gpu.py): --device cpu --model-dir <
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from _common import commit, device_info  # bench/ is on sys.path when a script here runs
+
+from grpo_ray.trial.gpu_sampler import GpuSampler
 
 PROMPT = "Question: What is 17 times 23? Think step by step, then give the answer.\nAnswer:"
 
@@ -99,43 +101,6 @@ def _mps(on: bool) -> None:
         time.sleep(2)  # the daemon exits asynchronously
 
 
-class CardLoad:
-    """NVML's utilization of GPU 0 (CUDA_VISIBLE_DEVICES' first), sampled every 0.5 s in a thread;
-    ``mean`` is None without NVML or on CPU. The step times above are the measurement; this says
-    whether the card itself was the limit."""
-
-    def __init__(self, device: str) -> None:
-        self.device, self.samples, self.mean = device, [], None
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "CardLoad":
-        self._thread = None
-        if self.device != "cuda":
-            return self
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            index = int((os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0])
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        except Exception:  # no nvidia-ml-py or no driver: no load numbers, the step times stand
-            return self
-
-        def loop() -> None:
-            while not self._stop.wait(0.5):
-                self.samples.append(float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
-
-        self._thread = threading.Thread(target=loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.mean = statistics.fmean(self.samples) if self.samples else None
-
-
 def run_k(args: argparse.Namespace, k: int, work: Path) -> dict:
     """K child processes, started together after all have loaded; their steady step times."""
     go = work / f"go-{k}"
@@ -157,16 +122,20 @@ def run_k(args: argparse.Namespace, k: int, work: Path) -> dict:
         time.sleep(0.1)
     t0 = time.perf_counter()
     go.touch()
-    with CardLoad(args.device) as load:  # how busy the card is while the K processes step
+    # How busy the card is while the K processes step: the trials' own NVML sampler (nothing
+    # without nvidia-ml-py or a driver; the step times are the measurement either way).
+    with GpuSampler(interval=0.5) if args.device == "cuda" else contextlib.nullcontext() as load:
         for i, p in enumerate(procs):
             if p.wait() != 0:
                 raise SystemExit(f"K={k}: process {i} failed:\n{(work / f'log-{k}-{i}.txt').read_text()[-3000:]}")
             results.append(json.loads((work / f"result-{k}-{i}.json").read_text()))
     wall = time.perf_counter() - t0
+    card = load.metrics() if load is not None else {}
     steady = [s for r in results for s in r["steps"][args.warmup:]]
     mean = {key: statistics.fmean(s[key] for s in steady) for key in ("step_s", "generate_s", "train_s")}
     per_proc = [statistics.fmean(s["step_s"] for s in r["steps"][args.warmup:]) for r in results]
-    return {"k": k, "wall_s": wall, "mean": mean, "per_process_step_s": per_proc, "gpu_util_mean": load.mean,
+    return {"k": k, "wall_s": wall, "mean": mean, "per_process_step_s": per_proc,
+            "gpu_util_mean": card.get("gpu_util_mean"),
             "steps_per_s": sum(1.0 / x for x in per_proc), "processes": results}
 
 

@@ -43,26 +43,3 @@ def test_bad_arguments_exit_2_with_what_to_change(tmp_path):
     r = _run("--device", "cpu", "--out", str(tmp_path / "x.json"))
     assert r.returncode == 2 and "--gguf / --model-dir" in r.stderr
 
-
-def test_the_cards_load_is_sampled_while_the_processes_step(monkeypatch):
-    """NVML cannot run here: a stand-in pynvml (as in tests/test_gpu_sampler.py) reports 37%."""
-    import time
-    import types
-    from types import SimpleNamespace
-
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import share_gpu
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-    nvml = types.ModuleType("pynvml")
-    nvml.nvmlInit = lambda: None
-    nvml.nvmlDeviceGetHandleByIndex = lambda i: i
-    nvml.nvmlDeviceGetUtilizationRates = lambda h: SimpleNamespace(gpu=37)
-    monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    with share_gpu.CardLoad("cuda") as load:
-        time.sleep(1.3)
-    assert len(load.samples) >= 2 and load.mean == 37.0
-    with share_gpu.CardLoad("cpu") as load:
-        pass
-    assert load.mean is None and load.samples == []

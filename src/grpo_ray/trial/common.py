@@ -54,7 +54,7 @@ class TrialCompileError(RuntimeError):
     """torch.compile failed inside the trial (Dynamo, AOTAutograd or Inductor), with the setting that avoids it."""
 
 
-def compile_hint(spec: SweepSpec, error: BaseException) -> str:
+def compile_hint(error: BaseException) -> str:
     """What to change when the model's compilation fails: train and generate eager instead."""
     # Dynamo's first line only names the backend ("backend='inductor' raised:"); the cause follows.
     first = " ".join(line.strip() for line in str(error).splitlines() if line.strip())[:300]
@@ -76,7 +76,7 @@ def guard_errors(fn: Callable[[], T], spec: SweepSpec) -> T:
     except TorchDynamoException as e:  # BackendCompilerFailed (Inductor, Triton), unsupported graphs
         if not spec.model.compile:
             raise
-        raise TrialCompileError(compile_hint(spec, e)) from e
+        raise TrialCompileError(compile_hint(e)) from e
     except (RuntimeError, ValueError) as e:
         text = str(e)
         first = text.splitlines()[0][:200] if text else ""
