@@ -8,7 +8,10 @@
 #      the lease at 5446a99, most of it compilation on a cold machine);
 #   2. with SHARE (e.g. 1,2,4,8): bench/share_gpu.py, K processes stepping on one GPU at once,
 #      without and with CUDA MPS (minutes; no engine start);
-#   3. unless MODES=none, bench/warm_sweep.py, MODES (default eager:3,reuse:3,pack4+eager:8) with OVERRIDES (default
+#   3. with SPEED (plain, phases or plain,phases): bench/trial_gpu.py speed on the random Qwen3-1.7B
+#      shape, ours against the bare Unsloth script, without and with the phase clock (about 8
+#      minutes each: two engine starts);
+#   4. unless MODES=none, bench/warm_sweep.py, MODES (default eager:3,reuse:3,pack4+eager:8) with OVERRIDES (default
 #      20 GRPO steps per trial), under CUDA MPS when MPS is set. The lease at 5446a99 ran the
 #      default until its time ran out in the second mode;
 # with nvidia-smi every 2 s (smi.csv) and the busiest threads every 15 s (top.txt: host-side
@@ -26,10 +29,16 @@ if [ -n "${TESTS:-}" ]; then  # a pytest -k expression, e.g. TESTS=in_place (the
   echo "rc=$?" >> $R/gpu_tests.log
 fi
 if [ -n "${SHARE:-}" ]; then  # do packed processes serialize on the GPU? (bench/share_gpu.py), e.g. SHARE=1,2,4,8
-  python3 bench/share_gpu.py --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --procs "$SHARE" --mps off,on \
+  python3 bench/share_gpu.py --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --procs "$SHARE" --mps off,on --steps 8 \
     --out $R/share.json > $R/share.log 2>&1
   echo "rc=$?" >> $R/share.log
 fi
+SPEED=${SPEED:-}
+for how in ${SPEED//,/ }; do  # the 1.7B step: plain (the speed comparison), phases (the profile)
+  python3 bench/trial_gpu.py speed $([ "$how" = phases ] && echo --phases) --out $R/speed_$how.json \
+    > $R/speed_$how.log 2>&1
+  echo "rc=$?" >> $R/speed_$how.log
+done
 [ -n "${MPS:-}" ] && nvidia-cuda-mps-control -d  # the sweep below with CUDA MPS (if share.json says it helps)
 if [ "${MODES:-}" != none ]; then
 python3 bench/warm_sweep.py --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --out $R/warm.json \
