@@ -272,7 +272,7 @@ def test_the_most_trials_at_once_on_a_device_tells_packed_from_not():
     assert doctest.testmod(u_mod).failed == 0
 
 
-def test_status_advises_packing_only_when_the_card_idles_and_two_fit():
+def test_status_advises_packing_only_when_the_card_idles_and_twice_as_many_fit():
     """One gemma-3-270m trial per H200 (the warm-sweep spec: vLLM holds 0.25 of the card, 35 of
     141 GiB; the trial used 38.8): two fit, and the card was 4-9% busy, so pack. Not when the card
     is busy, when the trials already share it, when two would not fit, or when the spec's
@@ -292,6 +292,10 @@ def test_status_advises_packing_only_when_the_card_idles_and_two_fit():
     assert "resources.gpu: 0.5" in lines[0] and "(42 of 141 GiB)" in lines[0]  # 35.25 + 2 x 3.55
     assert lines[0] in str(status_table(idle, 0.25).caption)
     assert advice(statuses(55.0, 38.8), 0.25) == []  # the card is busy
-    assert advice(statuses(8.0, 38.8, packed=True), 0.25) == []  # already two per GPU
+    # Already two per GPU and still idle: four, through max_trials_per_gpu, with the trade-off said.
+    [four] = advice(statuses(8.0, 38.8, packed=True), 0.25)
+    assert four.startswith("GPU busy 8% during steps with 2 trials per GPU, and 4 would fit (42 of 141 GiB)"), four
+    assert "resources.max_trials_per_gpu: 4 with resources.gpu: auto, or resources.gpu: 0.25" in four
+    assert "fewer finished trials" in four
     assert advice(statuses(8.0, 120.0), 0.7) == []  # 98.7 + 2 x 21.3 GiB > 0.9 x 141
     assert advice(idle) == []  # no spec to read the engine's share from

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grpo_ray.sweep.packing import autoscaler_gpus, gpu_per_trial, trials_at_once, weights_gib
+from grpo_ray.sweep.packing import autoscaler_gpus, gpu_per_trial, trials_at_once, trials_fit_memory, weights_gib
 from grpo_ray.config.load import load_spec
 from grpo_ray.config.overrides import apply_overrides
 from conftest import REPO
@@ -32,12 +32,67 @@ def test_auto_rule(weights, gpus, gib, alone, share):
 
 @pytest.mark.parametrize("cpu, cpus_per_gpu, share, words", [
     (4, 8, 0.5, "two trials per GPU"),      # 8 cores per GPU hold two trials of 4
-    (4, 6, 1.0, "two would need 8 CPUs per GPU (2 x resources.cpu), the GPU nodes have 6"),
+    (4, 6, 1.0, "the GPU nodes have 6 CPUs per GPU for 4 per trial (resources.cpu); lower resources.cpu"),
     (4, None, 0.5, "two trials per GPU"),   # no GPU node up to ask (an autoscaler's first minutes)
 ])
 def test_packing_never_asks_for_more_cpus_than_a_gpu_node_has_per_gpu(cpu, cpus_per_gpu, share, words):
     got, why = gpu_per_trial(0.5, 1, 141, True, cpu, cpus_per_gpu)
     assert got == share and words in why, why
+
+
+@pytest.mark.parametrize("max_per_gpu, cpu, cpus_per_gpu, gib, engine_share, share, words", [
+    # gemma-3-270m (0.5 GiB) on the lent H200: 16 cores, 141 GiB.
+    (None, 4, 16, 141, 0.7, 0.5, "resources.max_trials_per_gpu is 2"),  # the default density
+    (4, 4, 16, 141, 0.7, 0.25, "four trials per GPU"),
+    (8, 4, 16, 141, 0.7, 0.25, "16 CPUs per GPU for 4 per trial"),      # cores bound it at four
+    (8, 2, 16, 141, 0.7, 0.125, "eight trials per GPU"),
+    (8, 2, 16, 80, 0.7, 0.2, "5 fit a 80 GiB GPU's memory"),            # an H100: memory bounds it
+    (8, 2, 16, 80, 0.25, 0.125, "eight trials per GPU"),                # ... unless the engines take less
+    (3, 2, 16, 141, 0.7, 0.3333, "three trials per GPU"),               # three of 0.3333 fit one card
+    (1, 2, 16, 141, 0.7, 1.0, "one trial per GPU: resources.max_trials_per_gpu is 1"),
+    (8, 2, 16, 141, 1.0, 1.0, "1 fits"),                                # the engine takes the whole slice
+])
+def test_density_is_the_tightest_of_the_spec_the_memory_and_the_cores(max_per_gpu, cpu, cpus_per_gpu, gib,
+                                                                      engine_share, share, words):
+    got, why = gpu_per_trial(0.5, 1, gib, True, cpu, cpus_per_gpu, max_per_gpu or 2, engine_share)
+    assert got == share and words in why, why
+    if share < 1:
+        k = round(1 / share)
+        assert k * share <= 1.0 < (k + 1) * share  # Ray can place exactly k of them on one card
+
+
+def test_memory_rule_on_the_measured_trials():
+    # A slice must hold the engine in gpu_memory_utilization of it and training in the rest:
+    # gemma-3-270m took about 4 GB beside its engine on an H200 (bench/results/warm_sweep_reuse_h200.json).
+    assert trials_fit_memory(0.5, 141, 0.7) == 8
+    assert trials_fit_memory(0.5, 141, 0.25) == 8
+    assert trials_fit_memory(0.5, 24, 0.7) == 1
+    assert trials_fit_memory(0.5, 48, 0.7) == 3
+    assert trials_fit_memory(3.2, 80, 0.7) == 3
+    assert trials_fit_memory(3.2, 24, 0.7) == 1
+    assert trials_fit_memory(0.5, 141, 1.0) == 1
+    # More trials never fit a smaller card, a larger model or a larger engine share (of the slice).
+    for gib in (16, 24, 40, 48, 80, 141):
+        assert trials_fit_memory(0.5, gib, 0.7) >= trials_fit_memory(3.2, gib, 0.7)
+        assert trials_fit_memory(0.5, gib, 0.7) <= trials_fit_memory(0.5, gib + 20, 0.7)
+        assert trials_fit_memory(0.5, gib, 0.9) <= trials_fit_memory(0.5, gib, 0.7)
+
+
+def test_max_trials_per_gpu_only_with_gpu_auto(tmp_path):
+    from grpo_ray.config.errors import SpecError
+    from grpo_ray.config.load import parse_spec
+
+    spec = parse_spec("name: a\nresources: {gpu: auto, max_trials_per_gpu: 4}\n")
+    assert spec.resources.max_trials_per_gpu == 4
+    with pytest.raises(SpecError) as e:
+        parse_spec("name: a\nresources:\n  gpu: 0.25\n  max_trials_per_gpu: 8\n", "s.yaml")
+    msg = str(e.value)
+    assert "s.yaml" in msg and "resources.max_trials_per_gpu" in msg and "gpu: 0.125 for 8 per GPU" in msg, msg
+    for bad in (0, 9):
+        with pytest.raises(SpecError, match="max_trials_per_gpu"):
+            parse_spec(f"name: a\nresources: {{max_trials_per_gpu: {bad}}}\n")
+    with pytest.raises(SpecError, match="cannot be searched"):
+        parse_spec("name: a\nsearch:\n  space:\n    resources.max_trials_per_gpu: {choice: [2, 4]}\n")
 
 
 def test_weights_of_real_models(tiny_model_dir):
@@ -60,13 +115,14 @@ def test_a_packed_trial_gets_its_slice_of_vllm_memory():
 RESOLVE = """
 import json, sys, ray
 from grpo_ray.sweep.packing import resolve_resources
-from grpo_ray.config.load import load_spec
+from grpo_ray.config.load import dump_spec, load_spec, parse_spec
 from grpo_ray.config.overrides import apply_overrides
 ray.init(num_cpus=int(sys.argv[1]), num_gpus=int(sys.argv[2]), resources=json.loads(sys.argv[3]), include_dashboard=False)
 for overrides in json.loads(sys.argv[4]):
     spec = apply_overrides(load_spec("sweeps/smoke.yaml"),
                            {"resources.gpu": "auto", "search.max_concurrent_trials": "auto", **overrides})
     resolved, notes = resolve_resources(spec)
+    parse_spec(dump_spec(resolved))  # spec.resolved.yaml must load again: a resumed sweep reads it
     print(json.dumps({"gpu": resolved.resources.gpu, "at_once": resolved.search.max_concurrent_trials, "notes": notes}))
 """
 
@@ -81,13 +137,18 @@ def resolve(cpus: int, gpus: int, resources: dict, *overrides: dict, home: Path 
     return [json.loads(line) for line in r.stdout.strip().splitlines()[-len(overrides):]]
 
 
-@pytest.mark.parametrize("cpus, gpus, resources, share, words", [
-    (1, 0, {}, 0.0, "no GPU on this machine"),
-    (2, 1, {"accelerator_type:H100": 1}, 0.5, "two trials per GPU"),   # the smoke spec's trials ask for 1 CPU
-    (1, 1, {"accelerator_type:H100": 1}, 1.0, "the GPU nodes have 1"),  # two would need 2 cores
+H100 = {"accelerator_type:H100": 1}
+
+
+@pytest.mark.parametrize("cpus, gpus, resources, overrides, share, words", [
+    (1, 0, {}, {}, 0.0, "no GPU on this machine"),
+    (2, 1, H100, {}, 0.5, "two trials per GPU"),   # the smoke spec's trials ask for 1 CPU
+    (1, 1, H100, {}, 1.0, "the GPU nodes have 1"),  # two would need 2 cores
+    (8, 1, H100, {"resources.max_trials_per_gpu": 4}, 0.25, "four trials per GPU"),
+    (3, 1, H100, {"resources.max_trials_per_gpu": 8}, 0.3333, "the GPU nodes have 3 CPUs per GPU for 1 per trial"),
 ])
-def test_auto_resolves_against_the_real_ray_cluster(cpus, gpus, resources, share, words):
-    [out] = resolve(cpus, gpus, resources, {})
+def test_auto_resolves_against_the_real_ray_cluster(cpus, gpus, resources, overrides, share, words):
+    [out] = resolve(cpus, gpus, resources, overrides)
     assert out["gpu"] == share and words in out["notes"][0], out
 
 

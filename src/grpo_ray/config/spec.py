@@ -27,6 +27,9 @@ from grpo_ray.config.training import GrpoSpec, LoraSpec, RewardSpec, SftSpec
 # (config/overrides.py check_space refuses them in search.space).
 FIXED_PER_SWEEP = {
     "model.compile": "Unsloth reads it when a trial process imports it, and a warm process serves many trials",
+    "resources.gpu": "Ray reserves a trial's resources before its configuration is sampled",
+    "resources.cpu": "Ray reserves a trial's resources before its configuration is sampled",
+    "resources.max_trials_per_gpu": "it decides how many trials share a GPU before any trial starts",
 }
 
 

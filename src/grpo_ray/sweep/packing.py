@@ -1,30 +1,39 @@
 """How much of a GPU each trial asks Ray Tune for: ``resources.gpu``, or ``auto``.
 
-A small model leaves most of a card idle: two trials on one GPU overlap one's generation,
-reward scoring and Python overhead with the other's kernels. ``resources.gpu: auto`` picks:
+A small model leaves most of a card idle: packed trials overlap one's generation, reward
+scoring and Python overhead with the others' kernels. ``resources.gpu: auto`` picks:
 
 - ``0`` when this sweep runs on a Ray of this machine alone and the machine has no GPU (the
   CPU path: trials then run the ``hf`` backend);
-- ``0.5`` (two trials per GPU) when the model's 16-bit weights take at most
-  :data:`PACK_WEIGHT_SHARE` of the smallest GPU's memory in the cluster: e.g. gemma-3-270m
-  (0.5 GiB) on any card of 27 GiB or more, Qwen3-1.7B (3.4 GiB) only on a 170 GiB card;
-- ``1`` otherwise, and whenever the model size or the GPU memory cannot be known on the
-  driver (a hub model not on its disk, an autoscaling cluster with no GPU node up yet);
-- ``1`` too when the GPU nodes up have fewer CPU cores per GPU than two trials ask for
-  (2 x ``resources.cpu``): Ray would then pack two trials on some cards and leave others idle,
-  because it places trials by CPUs as well as GPU shares, and a small model's step is bound by
-  its host process (the quality benchmark's four packed steps took 3-4 times one alone).
+- ``1`` when the model is not small for the card: its 16-bit weights take more than
+  :data:`PACK_WEIGHT_SHARE` of the smallest GPU's memory in the cluster (Qwen3-1.7B's 3.2 GiB
+  on anything under 160 GiB), and whenever the model size or the GPU memory cannot be known on
+  the driver (a hub model not on its disk, an autoscaling cluster with no GPU node up yet);
+- else ``1/k`` for the largest ``k`` (k trials per GPU) that all of these allow:
+  ``resources.max_trials_per_gpu`` (default 2); the card's memory (:func:`trials_fit_memory`:
+  each trial's slice must hold its engine in ``model.gpu_memory_utilization`` of it and its
+  training in the rest); and the GPU nodes' CPU cores (k x ``resources.cpu`` per GPU: Ray
+  places trials by CPUs as well as GPU shares, so asking for more would pack some cards and
+  leave others idle, and a small model's step is bound by its host process).
+
+The sweep prints the choice and what bounds it. Why the default stops at two: two per H200
+is the density measured end to end (12 gemma-3-270m trials, none failed, 49.7 trials per
+GPU-hour against 18.1 one at a time: bench/results/warm_sweep_packed_h200_c2ff95b.json,
+warm_sweep_reuse_h200_32d5bab.json). The card itself takes more: K processes stepping a
+GRPO-shaped step of gemma-3-270m on one H200 did 4.24 times the work of one at K=4 and 5.65
+times at K=8 (bench/results/share_gpu_h200_a9f965a.json), but four packed trials of the
+quality benchmark stepped 3-4 times slower than one alone while their neighbours compiled and
+started engines. ``max_trials_per_gpu: 4`` or ``8`` is for a sweep of many short trials of a
+small model, after the density benchmark (bench/README.md) or the sweep's own
+``status`` shows the card idle.
 
 Each packed trial's vLLM engine reserves ``model.gpu_memory_utilization`` of its *slice*
 (SweepSpec.vllm_memory_share), so the engines split the card instead of each claiming 0.7
 of it. The memory this rests on: one gemma-3-270m trial on an H200 used 38.8 GB with vLLM
 holding 0.25 of the card (35 GB), so training took about 4 GB beside the engine
-(bench/results/warm_sweep_reuse_h200.json); two packed trials on a 48 GB card at the default
-share hold 2 x (0.35 x 48 + 4) = 42 GB. Packed two per H200, 12 gemma-3-270m trials used
-15-17.7 GiB each, none failed, and ran 49.7 trials per GPU-hour after the first ones
-(bench/results/warm_sweep_packed_h200_c2ff95b.json), against 18.1 one at a time at the same
-trial code (bench/results/warm_sweep_reuse_h200_32d5bab.json). Packed engines start one at a
-time (trial/engine_lock.py).
+(bench/results/warm_sweep_reuse_h200.json); packed two per H200, gemma-3-270m trials used
+15-17.7 GiB each (warm_sweep_packed_h200_c2ff95b.json). Packed engines start one at a time
+(trial/engine_lock.py).
 
 ``search.max_concurrent_trials: auto`` (the default) then fills the cluster: GPUs /
 ``resources.gpu`` trials at once (16 on 8 GPUs packed two per GPU), or CPUs /
@@ -43,6 +52,7 @@ import os
 from pathlib import Path
 
 from grpo_ray.config.overrides import apply_overrides
+from grpo_ray.config.sections import MAX_TRIALS_PER_GPU
 from grpo_ray.config.spec import SweepSpec
 
 PACK_WEIGHT_SHARE = 0.02  # weights at most 2% of the card: two trials per GPU
@@ -113,23 +123,70 @@ def _local_gpu_gib() -> float | None:
     return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())) / 2**30
 
 
+# What one trial needs beside its share of the card, in GiB (trials_fit_memory). Training: the
+# 4 GB one gemma-3-270m trial took beside its vLLM engine on an H200 (warm_sweep_reuse_h200.json),
+# plus the weights once more as a margin that grows with the model (activations and logits grow
+# with its width and vocabulary; Unsloth shares the weights themselves with the engine). Engine:
+# the weights, plus its peak activation, CUDA graphs and the KV cache of a step's sequences (1.07
+# GiB besides the KV for the Qwen3-1.7B shape on an H200: bench/results/speed_phases_h200_a9f965a.log.gz).
+TRAIN_GIB = 4.0
+ENGINE_EXTRA_GIB = 2.0
+DEFAULT_TRIALS_PER_GPU = 2  # resources.max_trials_per_gpu unset: the density measured end to end (module docstring)
+
+
+def trials_fit_memory(weights: float, gpu_gib: float, engine_share: float) -> int:
+    """How many trials of a model with ``weights`` GiB of 16-bit weights fit on a ``gpu_gib`` card
+    when each engine reserves ``engine_share`` (``model.gpu_memory_utilization``) of its trial's slice.
+
+    >>> trials_fit_memory(0.5, 141, 0.7)   # gemma-3-270m on an H200: a slice of 15.0 GiB is enough
+    8
+    >>> trials_fit_memory(0.5, 24, 0.7)    # ... on a 24 GiB card, one
+    1
+    >>> trials_fit_memory(3.2, 80, 0.7)    # Qwen3-1.7B on an H100: training needs 7.2 GiB, 30% of 24.0
+    3
+    """
+    if engine_share >= 1.0:
+        return 1  # the engine takes the whole slice: nothing is left to train in but the card's spare
+    slice_need = max((weights + ENGINE_EXTRA_GIB) / engine_share, (TRAIN_GIB + weights) / (1.0 - engine_share))
+    return max(1, min(MAX_TRIALS_PER_GPU, int(gpu_gib / slice_need + 1e-9)))
+
+
+def share_of(k: int) -> float:
+    """The GPU share that packs ``k`` trials on a card: 1/k, rounded down to Ray's 4 decimals so
+    that k of them fit (1/3 -> 0.3333)."""
+    return math.floor(10_000 / k) / 10_000
+
+
 def gpu_per_trial(weights: float | None, gpus: int, gpu_gib: float | None, alone: bool,
-                  cpu_per_trial: float = 0.0, node_cpus_per_gpu: float | None = None) -> tuple[float, str]:
+                  cpu_per_trial: float = 0.0, node_cpus_per_gpu: float | None = None,
+                  max_per_gpu: int = DEFAULT_TRIALS_PER_GPU, engine_share: float = 0.7) -> tuple[float, str]:
     """The ``auto`` rule (module docstring): the GPU share per trial and why.
 
-    ``node_cpus_per_gpu``: the fewest CPU cores per GPU on the GPU nodes up (None: none up, not checked)."""
+    ``node_cpus_per_gpu``: the fewest CPU cores per GPU on the GPU nodes up (None: none up, not
+    checked); ``max_per_gpu``: resources.max_trials_per_gpu; ``engine_share``:
+    model.gpu_memory_utilization."""
     if gpus == 0 and alone:
         return 0.0, "no GPU on this machine: trials run on its CPUs"
     if weights is None or gpu_gib is None:
         known = "model size" if weights is None else "GPU memory"
         return 1.0, f"one trial per GPU (the {known} is not known on the driver)"
-    if weights <= PACK_WEIGHT_SHARE * gpu_gib:
-        if node_cpus_per_gpu is not None and 2 * cpu_per_trial > node_cpus_per_gpu + 1e-9:
-            return 1.0, (f"one trial per GPU: two would need {2 * cpu_per_trial:g} CPUs per GPU (2 x "
-                         f"resources.cpu), the GPU nodes have {node_cpus_per_gpu:g}; lower resources.cpu to pack them")
-        return 0.5, (f"two trials per GPU: {weights:.2g} GiB of 16-bit weights is at most "
-                     f"{PACK_WEIGHT_SHARE:.0%} of a {gpu_gib:.0f} GiB GPU")
-    return 1.0, f"one trial per GPU: {weights:.2g} GiB of weights is over {PACK_WEIGHT_SHARE:.0%} of {gpu_gib:.0f} GiB"
+    if weights > PACK_WEIGHT_SHARE * gpu_gib:
+        return 1.0, (f"one trial per GPU: {weights:.2g} GiB of weights is over {PACK_WEIGHT_SHARE:.0%} of "
+                     f"{gpu_gib:.0f} GiB")
+    # Each bound: how many trials per GPU it allows, why, and what to change to pack more.
+    by_memory = trials_fit_memory(weights, gpu_gib, engine_share)
+    bounds = [(max_per_gpu, f"resources.max_trials_per_gpu is {max_per_gpu}", ""),
+              (by_memory, f"{by_memory} fit{'s' if by_memory == 1 else ''} a {gpu_gib:.0f} GiB GPU's memory", "")]
+    if node_cpus_per_gpu is not None and cpu_per_trial > 0:
+        by_cpu = max(1, int(node_cpus_per_gpu / cpu_per_trial + 1e-9))
+        bounds.append((by_cpu, f"the GPU nodes have {node_cpus_per_gpu:g} CPUs per GPU for {cpu_per_trial:g} per "
+                               f"trial (resources.cpu)", "; lower resources.cpu to pack them"))
+    k, why, hint = min(bounds, key=lambda b: b[0])  # ties: the first named, the spec's own limit
+    if k <= 1:
+        return 1.0, f"one trial per GPU: {why}{hint}"
+    names = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
+    return share_of(k), (f"{names.get(k, k)} trials per GPU: {weights:.2g} GiB of 16-bit weights is at most "
+                         f"{PACK_WEIGHT_SHARE:.0%} of a {gpu_gib:.0f} GiB GPU, and {why}")
 
 
 FALLBACK_CONCURRENCY = 4  # GPUs unknown: no GPU node up and no autoscaler config on this machine
@@ -197,8 +254,11 @@ def resolve_resources(spec: SweepSpec) -> tuple[SweepSpec, list[str]]:
     gpus, gpu_gib, alone = cluster_gpus()
     if spec.resources.gpu == "auto":
         share, why = gpu_per_trial(weights_gib(spec.model.source), gpus, gpu_gib, alone, spec.resources.cpu,
-                                   cpus_per_gpu())
-        spec = apply_overrides(spec, {"resources.gpu": share})
+                                   cpus_per_gpu(), spec.resources.max_trials_per_gpu or DEFAULT_TRIALS_PER_GPU,
+                                   spec.model.gpu_memory_utilization)
+        # The density is now in the number; spec.resolved.yaml keeps the number, which a resumed
+        # sweep reads back (max_trials_per_gpu beside a number would be refused there).
+        spec = apply_overrides(spec, {"resources.gpu": share, "resources.max_trials_per_gpu": None})
         notes.append(f"resources.gpu: auto -> {share:g} ({why})")
     if spec.search.max_concurrent_trials == "auto":
         assert isinstance(spec.resources.gpu, float | int)  # resolved just above

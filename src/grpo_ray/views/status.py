@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from grpo_ray import storage
+from grpo_ray.config.sections import MAX_TRIALS_PER_GPU
 from grpo_ray.run_dir import ERROR_FILE, FAULT_FILE, is_snapshot
 
 UNFINISHED = ("RUNNING", "PENDING", "PAUSED")  # states a trial leaves only while a driver runs the sweep
@@ -126,10 +127,12 @@ PACK_MEMORY_SHARE = 0.9  # of the card: room for fragmentation and the CUDA cont
 
 
 def packing_advice(use: dict[str, Any] | None, gpu_memory_utilization: float | None) -> str | None:
-    """Pack two trials per GPU? When one trial per GPU leaves the card idle and two would fit.
+    """Pack twice as many trials per GPU? When the card idles during steps and twice would fit.
 
-    ``use``: views/utilization.py's numbers; ``gpu_memory_utilization``: the spec's
-    ``model.gpu_memory_utilization`` (vLLM's share of a trial's slice of the card).
+    ``use``: views/utilization.py's numbers (``trials_per_device_max``: how many trials shared a
+    card); ``gpu_memory_utilization``: the spec's ``model.gpu_memory_utilization`` (vLLM's share
+    of a trial's slice of the card, so the engines of a card hold that share of it together at
+    any density, and what doubles is the training memory beside them).
 
     >>> use = {"gpu_util_steps_mean": 8.0, "trials_per_device_max": 1, "gpu_mem_used_max_gib": 40.0,
     ...        "gpu_mem_total_gib": 140.0}
@@ -137,19 +140,29 @@ def packing_advice(use: dict[str, Any] | None, gpu_memory_utilization: float | N
     'GPU busy 8% during steps with one trial per GPU'
     >>> packing_advice(use | {"gpu_mem_used_max_gib": 120.0}, 0.7) is None  # 98 + 2 x 22 GiB: no room
     True
+    >>> packing_advice(use | {"trials_per_device_max": 4}, 0.25)[:65]
+    'GPU busy 8% during steps with 4 trials per GPU, and 8 would fit ('
+    >>> packing_advice(use | {"trials_per_device_max": 8}, 0.25) is None  # the most the spec allows
+    True
     """
-    if not use or gpu_memory_utilization is None or use.get("trials_per_device_max", 1) > 1:
+    if not use or gpu_memory_utilization is None:
         return None
+    k = int(use.get("trials_per_device_max", 1) or 1)
     util, used, total = use.get("gpu_util_steps_mean"), use.get("gpu_mem_used_max_gib"), use.get("gpu_mem_total_gib")
-    if util is None or used is None or not total or util >= PACK_UTIL_WARN:
+    if util is None or used is None or not total or util >= PACK_UTIL_WARN or 2 * k > MAX_TRIALS_PER_GPU:
         return None
-    engine = gpu_memory_utilization * total  # one trial's engine; packed, each of two holds half of it
-    packed = engine + 2 * max(used - engine, 0.0)
+    engines = gpu_memory_utilization * total  # the card's engines together, at any density
+    packed = engines + 2 * max(used - engines, 0.0)
     if packed > PACK_MEMORY_SHARE * total:
         return None
-    return (f"GPU busy {util:.0f}% during steps with one trial per GPU, and two would fit ({packed:.0f} of "
-            f"{total:.0f} GiB): pack two per GPU (resources.gpu: 0.5, with 2 x resources.cpu cores per GPU); "
-            "two gemma-3-270m trials per H200 ran 2.7x the trials per GPU-hour of one")
+    now = "one trial" if k == 1 else f"{k} trials"
+    how = ("resources.gpu: 0.5, with 2 x resources.cpu cores per GPU); two gemma-3-270m trials per H200 ran 2.7x "
+           "the trials per GPU-hour of one" if k == 1 else
+           f"resources.max_trials_per_gpu: {2 * k} with resources.gpu: auto, or resources.gpu: {1 / (2 * k):.4g}; "
+           f"{2 * k} x resources.cpu cores per GPU); one H200 did 4.2x the work of one process at 4, 5.7x at 8, "
+           "but more trials at once give the search fewer finished trials to learn from")
+    return (f"GPU busy {util:.0f}% during steps with {now} per GPU, and {2 * k} would fit ({packed:.0f} of "
+            f"{total:.0f} GiB): pack {2 * k} per GPU ({how}")
 
 
 def advice(trials: list[TrialStatus], gpu_memory_utilization: float | None = None,
