@@ -14,11 +14,11 @@ from grpo_ray.trial.engine_lock import one_start_per_gpu, visible_gpus
 
 def _start(gpus, lock_dir, hold_s, out, entered, timeout_s=1800.0):
     said = []
-    with one_start_per_gpu(gpus, timeout_s=timeout_s, lock_dir=lock_dir, say=said.append) as waited:
+    with one_start_per_gpu(gpus, timeout_s=timeout_s, lock_dir=lock_dir, say=said.append) as lock:
         t0 = time.time()
         entered.set()
         time.sleep(hold_s)
-        out.put((t0, time.time(), waited, said))
+        out.put((t0, time.time(), lock.waited_s, said))
 
 
 def _starts(lock_dir, jobs):
@@ -80,14 +80,83 @@ def test_a_stuck_neighbour_costs_at_most_the_timeout(tmp_path):
 
 def test_no_gpu_no_lock(tmp_path):
     assert visible_gpus() == []  # this machine (and CI) has no GPU
-    with one_start_per_gpu([], lock_dir=tmp_path) as waited:
-        assert waited < 0.1
+    with one_start_per_gpu([], lock_dir=tmp_path) as lock:
+        assert lock.waited_s < 0.1
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_lock_dir_that_cannot_be_made_starts_without_the_lock(tmp_path):
     (tmp_path / "taken").write_text("a file where the lock directory should be")
     said = []
-    with one_start_per_gpu(["GPU-a"], lock_dir=tmp_path / "taken" / "locks", say=said.append) as waited:
-        assert waited < 1
+    with one_start_per_gpu(["GPU-a"], lock_dir=tmp_path / "taken" / "locks", say=said.append) as lock:
+        assert lock.waited_s < 1
     assert "starting without it" in said[0] and "taken" in said[0]
+
+
+# ------------------------------------------------- the lock goes to the next trial at warm-up
+# vLLM's worker sizes and allocates its KV cache, then calls compile_or_warm_up_model (CUDA
+# graphs, kernel warm-up). No vLLM runs here (it needs a GPU), so a stand-in module with the
+# same class and method is hooked, by the same code that hooks vllm.v1.worker.gpu_worker.
+def _stand_in_worker(name: str, warmup_s: float = 0.0):
+    import sys
+    import types
+
+    module = types.ModuleType(name)
+
+    class Worker:
+        def compile_or_warm_up_model(self, size=1):
+            time.sleep(warmup_s)
+            return {"compiled": size}
+
+    module.Worker = Worker
+    sys.modules[name] = module
+    return module
+
+
+def _start_engine(gpus, lock_dir, sizing_s, warmup_s, out, entered):
+    from grpo_ray.trial.engine_lock import release_at_engine_warmup
+
+    module = _stand_in_worker("stand_in_vllm_worker", warmup_s)
+    with one_start_per_gpu(gpus, lock_dir=lock_dir, say=lambda m: None) as lock, \
+            release_at_engine_warmup(lock.release, "stand_in_vllm_worker") as hooked:
+        t0 = time.time()
+        entered.set()
+        time.sleep(sizing_s)  # the engine profiles the card and allocates its KV cache
+        warm = time.time()
+        module.Worker().compile_or_warm_up_model()
+    out.put(("engine", t0, warm, time.time(), lock.waited_s, hooked))
+
+
+def test_the_next_trial_starts_while_this_engine_warms_up(tmp_path):
+    ctx = mp.get_context("spawn")
+    out, entered = ctx.Queue(), ctx.Event()
+    first = ctx.Process(target=_start_engine, args=(["GPU-a"], tmp_path, 2.0, 4.0, out, entered))
+    first.start()
+    assert entered.wait(timeout=60)
+    entered_too = ctx.Event()  # kept here: an Event the parent drops is gone before the child reads it
+    second = ctx.Process(target=_start, args=(["GPU-a"], tmp_path, 0.1, out, entered_too))
+    second.start()
+    got = {r[0] if r[0] == "engine" else "next": r for r in (out.get(timeout=60), out.get(timeout=60))}
+    for p in (first, second):
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    _, t0, warm, loaded, _, hooked = got["engine"]
+    entered_next = got["next"][0]
+    assert hooked
+    assert warm - 0.05 <= entered_next < loaded - 1.0, (t0, warm, entered_next, loaded)  # during the warm-up
+    assert got["next"][2] > 0.5  # it did wait, for the sizing
+
+
+def test_the_hook_calls_through_once_and_is_harmless_without_vllm():
+    from grpo_ray.trial.engine_lock import _at_warmup, release_at_engine_warmup
+
+    module = _stand_in_worker("stand_in_vllm_worker_2")
+    calls = []
+    with release_at_engine_warmup(lambda: calls.append(1), "stand_in_vllm_worker_2") as hooked:
+        with release_at_engine_warmup(lambda: calls.append(2), "stand_in_vllm_worker_2"):  # hooked once
+            assert module.Worker().compile_or_warm_up_model(size=8) == {"compiled": 8}
+    assert hooked and calls == [1, 2]
+    assert module.Worker().compile_or_warm_up_model() == {"compiled": 1} and calls == [1, 2]  # after the load
+    assert _at_warmup == []
+    with release_at_engine_warmup(lambda: calls.append(3), "no_such_vllm_module") as hooked:
+        assert not hooked  # another vLLM: the lock is simply held to the end of the load
