@@ -22,9 +22,10 @@ engine has sized and allocated its KV cache (:func:`release_at_engine_warmup`): 
 then warms up, captures its CUDA graphs and JIT-compiles its sampling kernels, 30 of the 44 s
 of an engine start of the Qwen3-1.7B shape on an H200 with warm compile caches (the log beside
 bench/results/speed_phases_h200_a9f965a.json: KV cache sized at 18:28:55, engine ready at
-18:29:26). Those steps take memory only from the share this engine has already claimed (the
-graph pool, 0.5 GiB there), as this trial's training does after the load. With k trials packed
-on a card, the last one used to wait for k-1 whole starts; now for k-1 sizings.
+18:29:26). Those steps add little memory (the CUDA-graph pool: 0.52 GiB there), far less than
+this trial's training allocates after the load, which a neighbour's sizing could always
+overlap. With k trials packed on a card, the last one waited for k-1 whole starts; it should
+now wait for k-1 sizings (to be measured on a GPU: the trials' ``engine_wait_s``).
 """
 
 from __future__ import annotations
