@@ -9,6 +9,9 @@ as real sweeps through ``grpo_ray.sweep.driver.run_sweep`` (Ray Tune + Optuna), 
     packed-nockpt  the same without gradient checkpointing (lora.gradient_checkpointing: false)
     pack4, pack8   four or eight trials per GPU (resources.gpu 0.25 / 0.125; 3 / 2 CPUs each, so
                    that 8 fit a 16-core node): the density benchmark of "Fill the GPU"
+    auto4, auto8   resources.gpu: auto with max_trials_per_gpu 4 / 8 (3 / 2 CPUs each): the
+                   sweep's own rule picks the density on the real card (sweep/packing.py); on the
+                   lent H200 it should pick what pack4 / pack8 set by hand
     eager   one per GPU with model.compile: false (no torch.compile, no CUDA graphs)
     a+b     modes merged left to right: pack4+eager is four per GPU, eager
 
@@ -46,6 +49,10 @@ MODES = {
     "pack4": {"trial.reuse_model": True, "resources.gpu": 0.25, "resources.cpu": 3, "search.max_concurrent_trials": 4},
     "pack8": {"trial.reuse_model": True, "resources.gpu": 0.125, "resources.cpu": 2,
               "search.max_concurrent_trials": 8},
+    "auto4": {"trial.reuse_model": True, "resources.gpu": "auto", "resources.max_trials_per_gpu": 4,
+              "resources.cpu": 3, "search.max_concurrent_trials": "auto"},
+    "auto8": {"trial.reuse_model": True, "resources.gpu": "auto", "resources.max_trials_per_gpu": 8,
+              "resources.cpu": 2, "search.max_concurrent_trials": "auto"},
     # model.compile: false on top of reuse (one per GPU): eager training and an eager vLLM engine
     "eager": {"trial.reuse_model": True, "model.compile": False},
 }
