@@ -8,9 +8,9 @@
 #      the lease at 5446a99, most of it compilation on a cold machine);
 #   2. with SHARE (e.g. 1,2,4,8): bench/share_gpu.py, K processes stepping on one GPU at once,
 #      without and with CUDA MPS (minutes; no engine start);
-#   3. with SPEED (plain, phases or plain,phases): bench/trial_gpu.py speed on the random Qwen3-1.7B
-#      shape, ours against the bare Unsloth script, without and with the phase clock (about 8
-#      minutes each: two engine starts);
+#   3. with SPEED (e.g. plain,plain:2 or phases): bench/trial_gpu.py speed on the random Qwen3-1.7B
+#      shape, ours against the bare Unsloth script, without or with the phase clock, at 1 or N
+#      prompts per step (about 6 minutes each: two engine starts);
 #   4. unless MODES=none, bench/warm_sweep.py, MODES (default eager:3,reuse:3,pack4+eager:8) with OVERRIDES (default
 #      20 GRPO steps per trial), under CUDA MPS when MPS is set. The lease at 5446a99 ran the
 #      default until its time ran out in the second mode;
@@ -34,10 +34,11 @@ if [ -n "${SHARE:-}" ]; then  # do packed processes serialize on the GPU? (bench
   echo "rc=$?" >> $R/share.log
 fi
 SPEED=${SPEED:-}
-for how in ${SPEED//,/ }; do  # the 1.7B step: plain (the speed comparison), phases (the profile)
-  python3 bench/trial_gpu.py speed $([ "$how" = phases ] && echo --phases) --out $R/speed_$how.json \
-    > $R/speed_$how.log 2>&1
-  echo "rc=$?" >> $R/speed_$how.log
+for run in ${SPEED//,/ }; do  # the 1.7B step: plain (the speed comparison), phases (the profile); :N prompts per step
+  how=${run%%:*}; prompts=1; [ "$how" != "$run" ] && prompts=${run#*:}
+  python3 bench/trial_gpu.py speed $([ "$how" = phases ] && echo --phases) --prompts $prompts \
+    --out $R/speed_${how}_p$prompts.json > $R/speed_${how}_p$prompts.log 2>&1
+  echo "rc=$?" >> $R/speed_${how}_p$prompts.log
 done
 [ -n "${MPS:-}" ] && nvidia-cuda-mps-control -d  # the sweep below with CUDA MPS (if share.json says it helps)
 if [ "${MODES:-}" != none ]; then

@@ -120,8 +120,9 @@ def make_random_qwen3(out: Path) -> Path:
 SPEED = dict(steps=12, num_generations=8, max_completion_length=256, rank=32, gpu_memory_utilization=0.5)
 
 
-def speed_child(which: str, model_dir: str, out: str) -> None:
-    """One process: ours (run_trial) or bare (the tutorial's GRPOTrainer script)."""
+def speed_child(which: str, model_dir: str, out: str, prompts: int = 1) -> None:
+    """One process: ours (run_trial) or bare (the tutorial's GRPOTrainer script), ``prompts`` prompts
+    of SPEED["num_generations"] completions per step (the tutorial: 1)."""
     t0 = time.time()
     step_times: list[float] = []
     # --phases: where each step's time goes (bench/phase_clock.py); it synchronises the GPU around
@@ -138,7 +139,7 @@ def speed_child(which: str, model_dir: str, out: str) -> None:
         from grpo_ray.trial.run import run_trial
 
         spec = load_spec(REPO / "bench" / "speed_qwen3.yaml")
-        spec = apply_overrides(spec, {"model.source": model_dir})
+        spec = apply_overrides(spec, {"model.source": model_dir, "grpo.batch_size": prompts})
         import grpo_ray.trial.common as common
 
         orig = common.StepReporter.on_log
@@ -180,7 +181,7 @@ def speed_child(which: str, model_dir: str, out: str) -> None:
         args = GRPOConfig(
             vllm_sampling_params=SamplingParams(min_p=0.1, top_p=1.0, top_k=-1, seed=3407, ignore_eos=True),
             temperature=1.0, learning_rate=5e-6, optim="adamw_8bit", logging_steps=1,
-            per_device_train_batch_size=SPEED["num_generations"], num_generations=SPEED["num_generations"],
+            per_device_train_batch_size=prompts * SPEED["num_generations"], num_generations=SPEED["num_generations"],
             # The tutorial's one prompt per step, as ours: left unset, Unsloth's GRPOConfig accumulated two
             # batches, so the H200 profile at a9f965a compared 16 completions per step with our 8.
             gradient_accumulation_steps=1,
@@ -191,8 +192,10 @@ def speed_child(which: str, model_dir: str, out: str) -> None:
     total = time.time() - t0
     deltas = [b - a for a, b in zip(step_times, step_times[1:])]
     steady = deltas[len(deltas) // 3:]  # skip compilation / warm-up steps
+    completions = prompts * SPEED["num_generations"]
     Path(out).write_text(json.dumps({
-        "which": which, "total_s": total, "init_s": init_s,
+        "which": which, "total_s": total, "init_s": init_s, "completions_per_step": completions,
+        "s_per_completion": (sum(steady) / len(steady) / completions) if steady else None,
         "first_step_end_s": (step_times[0] - t0) if step_times else None,
         "step_s": deltas, "steady_step_s": sum(steady) / len(steady) if steady else None,
     } | ({"phases": __import__("phase_clock").CLOCK.summary()} if phases else {})))
@@ -202,9 +205,10 @@ def speed(args: argparse.Namespace) -> dict:
     model_dir = str(make_random_qwen3(Path(args.model_dir)))
     results = {}
     for which in args.order.split(","):
-        out = f"/tmp/speed_{which}.json"
+        out = f"/tmp/speed_{which}_p{args.prompts}.json"
         env = os.environ | {"PYTHONUNBUFFERED": "1"} | ({"GRPO_BENCH_PHASES": "1"} if args.phases else {})
-        subprocess.run([sys.executable, __file__, "speed-child", which, model_dir, out], check=True, env=env,
+        subprocess.run([sys.executable, __file__, "speed-child", which, model_dir, out, "--prompts",
+                        str(args.prompts)], check=True, env=env,
                        timeout=args.child_timeout)
         results[which] = json.loads(Path(out).read_text())
         print(which, json.dumps(results[which]), flush=True)
@@ -212,7 +216,7 @@ def speed(args: argparse.Namespace) -> dict:
     if "ours" in results and "bare" in results and results["bare"]["steady_step_s"]:
         ratio = results["ours"]["steady_step_s"] / results["bare"]["steady_step_s"]
     return {"bench": "trial_gpu.speed", "config": SPEED | {"model": "random Qwen3-1.7B shape", "order": args.order,
-                                                           "phases": args.phases},
+                                                           "phases": args.phases, "prompts": args.prompts},
             "numbers": results | {"ours_over_bare_steady_step": ratio}}
 
 
@@ -230,14 +234,17 @@ def main() -> None:
     b.add_argument("--child-timeout", type=int, default=900)
     b.add_argument("--phases", action="store_true",
                    help="clock each step's phases (bench/phase_clock.py): a profile, slower than the plain run")
+    b.add_argument("--prompts", type=int, default=1,
+                   help="prompts per step, each with num_generations completions (the tutorial: 1)")
     b.add_argument("--out", required=True)
     c = sub.add_parser("speed-child")
     c.add_argument("which")
     c.add_argument("model_dir")
     c.add_argument("out")
+    c.add_argument("--prompts", type=int, default=1)
     args = ap.parse_args()
     if args.cmd == "speed-child":
-        speed_child(args.which, args.model_dir, args.out)
+        speed_child(args.which, args.model_dir, args.out, args.prompts)
         return
     t0 = time.time()
     result = learn(args) if args.cmd == "learn" else speed(args)
