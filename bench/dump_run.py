@@ -20,15 +20,24 @@ KEEP = ["trial_started_at", "first_step_at", "reported_at", "startup_s", "load_s
         "gpu_steps_samples"]
 
 
+# Of every report window (a line of the trial's result.json): enough to time the window's GRPO
+# steps and place them in time (bench/warm_summary.py, steps beside a neighbour's start or not).
+WINDOW_KEEP = ["step", "reported_at", "eval_seconds", "grpo_step_s"]
+
+
 def snapshot(run_dir: str) -> dict:
-    """The sweep so far, from Tune's newest experiment snapshot (what `grpo-ray status` reads)."""
+    """The sweep so far, from Tune's newest experiment snapshot (what `grpo-ray status` reads), with
+    each trial's report windows."""
+    from grpo_ray.views.html_report import trial_history
     from grpo_ray.views.status import read_status
     from grpo_ray.views.utilization import utilization
 
     trials = sorted(read_status(run_dir), key=lambda t: t.last.get("trial_started_at") or float("inf"))
     return {"utilization": utilization((t.last, t.status == "TERMINATED") for t in trials),
             "trials": [{"trial_id": t.trial_id, "status": t.status, "config": t.config,
-                        **{k: t.last.get(k) for k in KEEP}} for t in trials]}
+                        **{k: t.last.get(k) for k in KEEP},
+                        "windows": [{k: row.get(k) for k in WINDOW_KEEP} for row in trial_history(run_dir, t)]}
+                       for t in trials]}
 
 
 def main(run_dir: str, out: str) -> None:

@@ -12,7 +12,7 @@
 #      shape, ours against the bare Unsloth script, without or with the phase clock, at 1 or N
 #      prompts per step (about 6 minutes each: two engine starts);
 #   4. unless MODES=none, bench/warm_sweep.py, MODES (default eager:3,reuse:3,pack4+eager:8) with OVERRIDES (default
-#      20 GRPO steps per trial), under CUDA MPS when MPS is set. The lease at 5446a99 ran the
+#      20 GRPO steps per trial, a report every 5: bench/warm_summary.py times each window), under CUDA MPS when MPS is set. The lease at 5446a99 ran the
 #      default until its time ran out in the second mode;
 # with nvidia-smi every 2 s (smi.csv) and the busiest threads every 15 s (top.txt: host-side
 # contention of packed trials).
@@ -44,7 +44,7 @@ done
 if [ "${MODES:-}" != none ]; then
 python3 bench/warm_sweep.py --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --out $R/warm.json \
   --modes "${MODES:-eager:3,reuse:3,pack4+eager:8}" \
-  --overrides "${OVERRIDES:-{\"grpo.max_steps\": 20, \"grpo.report_every\": 20\}}" > $R/warm.log 2>&1
+  --overrides "${OVERRIDES:-{\"grpo.max_steps\": 20, \"grpo.report_every\": 5\}}" > $R/warm.log 2>&1
 echo "rc=$?" >> $R/warm.log
 fi
 [ -n "${MPS:-}" ] && echo quit | nvidia-cuda-mps-control

@@ -3,7 +3,15 @@ utilization. Usage: python bench/warm_summary.py warm.json [--smi smi.csv]
 
 ``--smi``: nvidia-smi's samples (bench/warm_session.sh writes them every 2 s) averaged over
 each trial's steps (first step to last report): how hard the GPU itself worked while the
-sweep counted it busy."""
+sweep counted it busy.
+
+Each mode also gets its GRPO step time by what else ran on the card meanwhile
+(:func:`steps_by_company`, from the trials' report windows): alone, beside neighbours that were
+all stepping too (the steady packed step), or beside a neighbour still starting (loading its
+model and engine, compiling, SFT). Packed steps in the quality benchmark's lease 2 took 3-4
+times a lone one while the card itself scaled (bench/README.md, "H200 lease at a9f965a"); this
+tells the two causes apart. Give the sweep several windows per trial (``grpo.report_every``
+below ``grpo.max_steps``) for it to have something to sort."""
 
 from __future__ import annotations
 
@@ -43,6 +51,47 @@ def gpu_use(smi: list[tuple[float, float, float]], trial: dict) -> str:
             f"max {max(util):.0f}% ({len(util)} samples)")
 
 
+def windows(trial: dict) -> list[tuple[float, float, float]]:
+    """(start, end, seconds per GRPO step) of each report window of ``trial``: the time between two
+    reports, less the held-out evaluation in it, over the steps it covers. The first window starts
+    where the trial's mean step time puts the GRPO loop's start."""
+    rows = [w for w in trial.get("windows") or [] if w.get("reported_at") and w.get("step")]
+    out = []
+    for prev, cur in zip([None, *rows], rows):
+        if prev is None:
+            if cur.get("grpo_step_s") is None:
+                continue
+            per = float(cur["grpo_step_s"])
+            out.append((cur["reported_at"] - per * cur["step"], cur["reported_at"], per))
+            continue
+        steps = cur["step"] - prev["step"]
+        if steps <= 0:
+            continue
+        evals = (cur.get("eval_seconds") or 0.0) - (prev.get("eval_seconds") or 0.0)
+        out.append((prev["reported_at"], cur["reported_at"], (cur["reported_at"] - prev["reported_at"] - evals) / steps))
+    return out
+
+
+def steps_by_company(trials: list[dict]) -> dict[str, dict]:
+    """Mean GRPO step time of the mode's report windows, by what the trial's card held meanwhile:
+    ``alone``, ``beside_stepping`` (every neighbour on the card in its GRPO loop) or
+    ``beside_a_start`` (a neighbour between its start and its GRPO loop: load, compile, SFT)."""
+    spans = []  # (gpus, trial_id, started_at, grpo_start, ended_at)
+    for t in trials:
+        w = windows(t)
+        if t.get("trial_started_at") is not None and w:
+            spans.append((t.get("gpus"), t["trial_id"], t["trial_started_at"], w[0][0], w[-1][1]))
+    groups: dict[str, list[float]] = {"alone": [], "beside_stepping": [], "beside_a_start": []}
+    for t in trials:
+        for a, b, per in windows(t):
+            company = [s for s in spans if s[0] == t.get("gpus") and s[1] != t["trial_id"] and s[2] < b and s[4] > a]
+            kind = ("alone" if not company else
+                    "beside_a_start" if any(s[3] > a for s in company) else "beside_stepping")
+            groups[kind].append(per)
+    return {k: {"windows": len(v), "step_s_mean": statistics.fmean(v) if v else None,
+                "step_s_sd": statistics.stdev(v) if len(v) > 1 else None} for k, v in groups.items()}
+
+
 def main(path: str, smi_path: str | None = None) -> None:
     smi = read_smi(smi_path) if smi_path else []
     result = json.load(open(path))
@@ -57,6 +106,7 @@ def main(path: str, smi_path: str | None = None) -> None:
             if smi:
                 print(" " * 20, gpu_use(smi, t))
         print("utilization:", json.dumps(m.get("utilization")))
+        print("GRPO step by company on the card:", json.dumps(steps_by_company(m.get("trials", []))))
 
 
 if __name__ == "__main__":

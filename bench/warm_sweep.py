@@ -113,8 +113,13 @@ def main() -> None:
             result["modes"][label] = {"error": f"{type(e).__name__}: {e}"[-2000:], "wall_s": time.time() - t0}
             Path(args.out).write_text(json.dumps(result, indent=1, default=str))
             continue
+        try:  # each trial's report windows, from its result.json (bench/warm_summary.py --overlap)
+            windows = {t["trial_id"]: t["windows"] for t in snapshot(run_dir)["trials"]}
+        except FileNotFoundError:
+            windows = {}
         trials = [{"trial_id": t.trial_id, "config": t.config, "error": (t.error or "")[-300:] or None,
-                   **{k: t.metrics.get(k) for k in KEEP}} for t in out.trials]
+                   **{k: t.metrics.get(k) for k in KEEP}, "windows": windows.get(t.trial_id, [])}
+                  for t in out.trials]
         trials.sort(key=lambda t: t["trial_started_at"] or 0)
         result["modes"][label] = {"overrides": mode_overrides(mode), "trials_requested": int(n), "wall_s": time.time() - t0,
                                  "utilization": out.utilization, "trials": trials}

@@ -67,7 +67,7 @@ def _try_read(location: str) -> str | None:
         return None
 
 
-def _history(run_dir: str, status: TrialStatus) -> list[dict[str, Any]]:
+def trial_history(run_dir: str, status: TrialStatus) -> list[dict[str, Any]]:
     """The trial's reports, in order, from its result.json (a line per report; the last may be mid-write)."""
     if not status.logdir:
         return []
@@ -104,7 +104,7 @@ def load_run(run_dir: str) -> RunData:
             state = "finished"
         else:
             state = s.status.lower()
-        trials.append(TrialView(s.trial_id, state, s.config, s.last, _history(run_dir, s), cause))
+        trials.append(TrialView(s.trial_id, state, s.config, s.last, trial_history(run_dir, s), cause))
     return RunData(run_dir=run_dir, search=spec.search if spec else SearchSpec(), spec=spec, trials=trials,
                    best=json.loads(best_text) if best_text else None,
                    advice=advice(statuses, spec.model.gpu_memory_utilization if spec else None))
