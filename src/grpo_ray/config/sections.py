@@ -5,6 +5,8 @@ default (the defaults follow Unsloth's GRPO tutorial) and a description; unknown
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -165,6 +167,16 @@ class DataSpec(Strict):
 MAX_TRIALS_PER_GPU = 8
 
 
+def share_of(k: int) -> float:
+    """The GPU share that packs ``k`` trials on a card: 1/k, rounded down to Ray's 4 decimals so
+    that k of them fit (rounded to nearest, 1/6 would be 0.1667, and six of it exceed one GPU).
+
+    >>> share_of(2), share_of(3), share_of(6), share_of(8)
+    (0.5, 0.3333, 0.1666, 0.125)
+    """
+    return math.floor(10_000 / k) / 10_000
+
+
 class ResourcesSpec(Strict):
     """What one trial reserves from Ray: ``gpu`` and ``cpu``; with ``gpu: auto``, how densely trials
     may share a GPU: ``max_trials_per_gpu``."""
@@ -200,7 +212,7 @@ class ResourcesSpec(Strict):
             per = f"{1 / self.gpu:g} per GPU" if isinstance(self.gpu, (int, float)) and self.gpu > 0 else "no GPU"
             raise FieldError("resources.max_trials_per_gpu", (
                 f"applies only to resources.gpu: auto, and resources.gpu is {self.gpu:g} ({per}): set gpu: "
-                f"auto, or drop max_trials_per_gpu and set gpu: {1 / self.max_trials_per_gpu:.4g} for "
+                f"auto, or drop max_trials_per_gpu and set gpu: {share_of(self.max_trials_per_gpu):g} for "
                 f"{self.max_trials_per_gpu} per GPU"))
         return self
 

@@ -52,7 +52,7 @@ import os
 from pathlib import Path
 
 from grpo_ray.config.overrides import apply_overrides
-from grpo_ray.config.sections import MAX_TRIALS_PER_GPU
+from grpo_ray.config.sections import MAX_TRIALS_PER_GPU, share_of
 from grpo_ray.config.spec import SweepSpec
 
 PACK_WEIGHT_SHARE = 0.02  # weights at most 2% of the card: two trials per GPU
@@ -149,12 +149,6 @@ def trials_fit_memory(weights: float, gpu_gib: float, engine_share: float) -> in
         return 1  # the engine takes the whole slice: nothing is left to train in but the card's spare
     slice_need = max((weights + ENGINE_EXTRA_GIB) / engine_share, (TRAIN_GIB + weights) / (1.0 - engine_share))
     return max(1, min(MAX_TRIALS_PER_GPU, int(gpu_gib / slice_need + 1e-9)))
-
-
-def share_of(k: int) -> float:
-    """The GPU share that packs ``k`` trials on a card: 1/k, rounded down to Ray's 4 decimals so
-    that k of them fit (1/3 -> 0.3333)."""
-    return math.floor(10_000 / k) / 10_000
 
 
 def gpu_per_trial(weights: float | None, gpus: int, gpu_gib: float | None, alone: bool,

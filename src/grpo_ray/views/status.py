@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from grpo_ray import storage
-from grpo_ray.config.sections import MAX_TRIALS_PER_GPU
+from grpo_ray.config.sections import MAX_TRIALS_PER_GPU, share_of
 from grpo_ray.run_dir import ERROR_FILE, FAULT_FILE, is_snapshot
 
 UNFINISHED = ("RUNNING", "PENDING", "PAUSED")  # states a trial leaves only while a driver runs the sweep
@@ -142,6 +142,8 @@ def packing_advice(use: dict[str, Any] | None, gpu_memory_utilization: float | N
     True
     >>> packing_advice(use | {"trials_per_device_max": 4}, 0.25)[:65]
     'GPU busy 8% during steps with 4 trials per GPU, and 8 would fit ('
+    >>> "resources.gpu: 0.1666;" in packing_advice(use | {"trials_per_device_max": 3}, 0.25)  # six fit one card
+    True
     >>> packing_advice(use | {"trials_per_device_max": 8}, 0.25) is None  # the most the spec allows
     True
     """
@@ -158,7 +160,7 @@ def packing_advice(use: dict[str, Any] | None, gpu_memory_utilization: float | N
     now = "one trial" if k == 1 else f"{k} trials"
     how = ("resources.gpu: 0.5, with 2 x resources.cpu cores per GPU); two gemma-3-270m trials per H200 ran 2.7x "
            "the trials per GPU-hour of one" if k == 1 else
-           f"resources.max_trials_per_gpu: {2 * k} with resources.gpu: auto, or resources.gpu: {1 / (2 * k):.4g}; "
+           f"resources.max_trials_per_gpu: {2 * k} with resources.gpu: auto, or resources.gpu: {share_of(2 * k):g}; "
            f"{2 * k} x resources.cpu cores per GPU); one H200 did 4.2x the work of one process at 4, 5.7x at 8, "
            "but more trials at once give the search fewer finished trials to learn from")
     return (f"GPU busy {util:.0f}% during steps with {now} per GPU, and {2 * k} would fit ({packed:.0f} of "
