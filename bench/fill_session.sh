@@ -11,6 +11,8 @@
 #   3. with SPEED (e.g. plain,plain:2 or phases): bench/trial_gpu.py speed on the random Qwen3-1.7B
 #      shape, ours against the bare Unsloth script, without or with the phase clock, at 1 or N
 #      prompts per step (about 6 minutes each: two engine starts);
+#   3b. with PACKED (e.g. 1,2,4): bench/trial_gpu.py speed --procs, K of our 1.7B-shape trials at
+#      once on the GPU for each K (the card's completions per second against one alone);
 #   4. unless MODES=none, bench/warm_sweep.py, MODES (default eager:3,reuse:3,pack4+eager:8) with OVERRIDES (default
 #      20 GRPO steps per trial, a report every 5: bench/warm_summary.py times each window), under CUDA MPS when MPS is set. The lease at 5446a99 ran the
 #      default until its time ran out in the second mode;
@@ -40,7 +42,12 @@ for run in ${SPEED//,/ }; do  # the 1.7B step: plain (the speed comparison), pha
     --out $R/speed_${how}_p$prompts.json > $R/speed_${how}_p$prompts.log 2>&1
   echo "rc=$?" >> $R/speed_${how}_p$prompts.log
 done
-[ -n "${MPS:-}" ] && nvidia-cuda-mps-control -d  # the sweep below with CUDA MPS (if share.json says it helps)
+if [ -n "${PACKED:-}" ]; then  # is the 1.7B step's card shareable? (the 2% weights rule keeps it alone)
+  python3 bench/trial_gpu.py speed --procs "$PACKED" --out $R/packed.json > $R/packed.log 2>&1
+  echo "rc=$?" >> $R/packed.log
+fi
+# the whole sweep below under CUDA MPS; a mode of its own under MPS: MODES=auto4:8,auto4+mps:8
+[ -n "${MPS:-}" ] && nvidia-cuda-mps-control -d
 if [ "${MODES:-}" != none ]; then
 python3 bench/warm_sweep.py --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --out $R/warm.json \
   --modes "${MODES:-eager:3,reuse:3,pack4+eager:8}" \

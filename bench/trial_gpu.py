@@ -6,11 +6,15 @@
     speed: the steady-state GRPO step of our trial vs a bare Unsloth + vLLM GRPOTrainer script
            on a randomly initialised Qwen3-1.7B-shaped model (1 prompt x 8 generations x 256
            tokens per step, LoRA r=32), each in its own process, start-up recorded separately.
+           With --procs K: K of our trials at once on the one GPU, each with a 1/K share
+           (resources.gpu), as a packed sweep runs them: the card's completions per second
+           against one trial alone, from the steps all K took while all K were stepping.
 
 Usage (device, after ../shared/device/stage.sh --model):
     python bench/trial_gpu.py learn --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --out $OUT/learn.json
     python bench/trial_gpu.py speed --out $OUT/speed.json
     python bench/trial_gpu.py speed --phases --out $OUT/phases.json   # where each step's time goes
+    python bench/trial_gpu.py speed --procs 1,2,4 --out $OUT/packed.json  # the 1.7B shape packed
 Results are committed under bench/results/.
 """
 
@@ -120,9 +124,11 @@ def make_random_qwen3(out: Path) -> Path:
 SPEED = dict(steps=12, num_generations=8, max_completion_length=256, rank=32, gpu_memory_utilization=0.5)
 
 
-def speed_child(which: str, model_dir: str, out: str, prompts: int = 1) -> None:
+def speed_child(which: str, model_dir: str, out: str, prompts: int = 1, gpu_share: float = 1.0,
+                steps: int | None = None) -> None:
     """One process: ours (run_trial) or bare (the tutorial's GRPOTrainer script), ``prompts`` prompts
-    of SPEED["num_generations"] completions per step (the tutorial: 1)."""
+    of SPEED["num_generations"] completions per step (the tutorial: 1); ours with ``gpu_share`` of
+    the card (resources.gpu: a packed trial's share) and ``steps`` GRPO steps where given."""
     t0 = time.time()
     step_times: list[float] = []
     # --phases: where each step's time goes (bench/phase_clock.py); it synchronises the GPU around
@@ -139,7 +145,8 @@ def speed_child(which: str, model_dir: str, out: str, prompts: int = 1) -> None:
         from grpo_ray.trial.run import run_trial
 
         spec = load_spec(REPO / "bench" / "speed_qwen3.yaml")
-        spec = apply_overrides(spec, {"model.source": model_dir, "grpo.batch_size": prompts})
+        spec = apply_overrides(spec, {"model.source": model_dir, "grpo.batch_size": prompts, "resources.gpu": gpu_share}
+                               | ({"grpo.max_steps": steps, "grpo.report_every": steps} if steps else {}))
         import grpo_ray.trial.common as common
 
         orig = common.StepReporter.on_log
@@ -198,11 +205,73 @@ def speed_child(which: str, model_dir: str, out: str, prompts: int = 1) -> None:
         "s_per_completion": (sum(steady) / len(steady) / completions) if steady else None,
         "first_step_end_s": (step_times[0] - t0) if step_times else None,
         "step_s": deltas, "steady_step_s": sum(steady) / len(steady) if steady else None,
+        "step_at": step_times,  # when each step ended (unix s): --procs lines packed processes up by it
     } | ({"phases": __import__("phase_clock").CLOCK.summary()} if phases else {})))
+
+
+def steps_together(step_at: list[list[float]]) -> dict:
+    """Packed processes' steps taken while every one of them was stepping.
+
+    ``step_at``: per process, when each of its steps ended. The window runs from the latest
+    first step to the earliest last one (before it a neighbour was still starting, compiling,
+    or not yet there; after it one had finished); a step counts when it began and ended inside
+    it. Returns the mean step over those steps and their count per process.
+
+    >>> r = steps_together([[0, 10, 12, 14, 16, 18], [9, 11.5, 14, 16.5, 19]])
+    >>> r["window_s"], r["steps_per_proc"], round(r["step_s"], 3)
+    ((9, 18), [4, 3], 2.214)
+    """
+    if not step_at or any(len(t) < 2 for t in step_at):
+        return {"window_s": None, "steps_per_proc": [0] * len(step_at), "step_s": None}
+    lo, hi = max(t[0] for t in step_at), min(t[-1] for t in step_at)
+    per = [[b - a for a, b in zip(t, t[1:]) if a >= lo and b <= hi] for t in step_at]
+    flat = [d for p in per for d in p]
+    return {"window_s": (lo, hi), "steps_per_proc": [len(p) for p in per],
+            "step_s": sum(flat) / len(flat) if flat else None}
+
+
+def speed_packed(args: argparse.Namespace, model_dir: str) -> dict:
+    """--procs: for each K, K of our trials started together on the GPU (each with share_of(K);
+    their engines start one at a time, trial/engine_lock.py), run long enough to overlap."""
+    from grpo_ray.config.sections import share_of
+
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    out: dict = {}
+    for k in [int(x) for x in args.procs.split(",")]:
+        files = [f"/tmp/speed_packed_k{k}_{i}.json" for i in range(k)]
+        for f in files:  # a child that fails writes nothing: no earlier run's file may stand in for it
+            Path(f).unlink(missing_ok=True)
+        procs = [subprocess.Popen([sys.executable, __file__, "speed-child", "ours", model_dir, f, "--prompts",
+                                   str(args.prompts), "--gpu-share", str(share_of(k)), "--steps", str(args.steps)],
+                                  env=env) for f in files]
+        deadline = time.time() + args.child_timeout
+        for p in procs:
+            try:
+                p.wait(timeout=max(1.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:  # a stuck trial: the others' numbers still count
+                p.kill()
+        runs = [json.loads(Path(f).read_text()) for f in files if Path(f).exists()]
+        together = steps_together([r["step_at"] for r in runs]) if len(runs) == k else None
+        completions = args.prompts * SPEED["num_generations"]
+        step = together["step_s"] if together else None
+        out[f"k{k}"] = {"procs": k, "gpu_share": share_of(k), "finished": len(runs),
+                        "first_step_end_s": [r["first_step_end_s"] for r in runs],
+                        "steady_step_s_each": [r["steady_step_s"] for r in runs], "together": together,
+                        "card_completions_per_s": k * completions / step if step else None}
+        print(f"k={k}", json.dumps(out[f"k{k}"]), flush=True)
+        Path(args.out).write_text(json.dumps({"partial": True, "numbers": out}, indent=2))  # a lease can end
+    base = out.get("k1", {}).get("card_completions_per_s")
+    for v in out.values():
+        v["vs_k1"] = v["card_completions_per_s"] / base if base and v["card_completions_per_s"] else None
+    return out
 
 
 def speed(args: argparse.Namespace) -> dict:
     model_dir = str(make_random_qwen3(Path(args.model_dir)))
+    if args.procs:
+        return {"bench": "trial_gpu.speed", "config": SPEED | {"model": "random Qwen3-1.7B shape", "procs": args.procs,
+                                                               "steps": args.steps, "prompts": args.prompts},
+                "numbers": speed_packed(args, model_dir)}
     results = {}
     for which in args.order.split(","):
         out = f"/tmp/speed_{which}_p{args.prompts}.json"
@@ -236,15 +305,20 @@ def main() -> None:
                    help="clock each step's phases (bench/phase_clock.py): a profile, slower than the plain run")
     b.add_argument("--prompts", type=int, default=1,
                    help="prompts per step, each with num_generations completions (the tutorial: 1)")
+    b.add_argument("--procs", default="",
+                   help="e.g. 1,2,4: K of our trials at once on the GPU for each K (packed), instead of ours vs bare")
+    b.add_argument("--steps", type=int, default=30, help="with --procs: GRPO steps per trial, enough to overlap")
     b.add_argument("--out", required=True)
     c = sub.add_parser("speed-child")
     c.add_argument("which")
     c.add_argument("model_dir")
     c.add_argument("out")
     c.add_argument("--prompts", type=int, default=1)
+    c.add_argument("--gpu-share", type=float, default=1.0)
+    c.add_argument("--steps", type=int)
     args = ap.parse_args()
     if args.cmd == "speed-child":
-        speed_child(args.which, args.model_dir, args.out, args.prompts)
+        speed_child(args.which, args.model_dir, args.out, args.prompts, args.gpu_share, args.steps)
         return
     t0 = time.time()
     result = learn(args) if args.cmd == "learn" else speed(args)

@@ -92,6 +92,26 @@ def steps_by_company(trials: list[dict]) -> dict[str, dict]:
                 "step_s_sd": statistics.stdev(v) if len(v) > 1 else None} for k, v in groups.items()}
 
 
+def timeline(trials: list[dict]) -> list[dict]:
+    """Each trial's milestones in seconds from the mode's first start, in order of its first step:
+    the first step (SFT's, or the first evaluation's), SFT's end and the last report. Where a
+    cold wave's time goes: trials that start SFT apart but end it together waited on something
+    shared (a neighbour's compilation, in the lease at 0cf12c9)."""
+    starts = [t["trial_started_at"] for t in trials if t.get("trial_started_at")]
+    if not starts:
+        return []
+    t0 = min(starts)
+
+    def at(t: dict, key: str) -> float | None:
+        return round(t[key] - t0, 1) if t.get(key) else None
+
+    rows = [{"trial_id": t["trial_id"], "reused": bool(t.get("model_reused")), "first_step": at(t, "first_step_at"),
+             "sft_end": (round(t["first_step_at"] - t0 + t["sft_seconds"], 1)
+                         if t.get("first_step_at") and t.get("sft_seconds") is not None else None),
+             "end": at(t, "reported_at")} for t in trials]
+    return sorted(rows, key=lambda r: (r["first_step"] is None, r["first_step"] or 0.0))
+
+
 def main(path: str, smi_path: str | None = None) -> None:
     smi = read_smi(smi_path) if smi_path else []
     result = json.load(open(path))
@@ -107,6 +127,9 @@ def main(path: str, smi_path: str | None = None) -> None:
                 print(" " * 20, gpu_use(smi, t))
         print("utilization:", json.dumps(m.get("utilization")))
         print("GRPO step by company on the card:", json.dumps(steps_by_company(m.get("trials", []))))
+        print("timeline (s from the first start: first step, SFT end, end):",
+              " ".join(f"{r['trial_id'][-8:]}{'*' if r['reused'] else ''} {r['first_step']}/{r['sft_end']}/{r['end']}"
+                       for r in timeline(m.get("trials", []))), "(* warm)")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ as real sweeps through ``grpo_ray.sweep.driver.run_sweep`` (Ray Tune + Optuna), 
                    sweep's own rule picks the density on the real card (sweep/packing.py); on the
                    lent H200 it should pick what pack4 / pack8 set by hand
     eager   one per GPU with model.compile: false (no torch.compile, no CUDA graphs)
+    fixedkv model.kv_cache_gib: 1.0, a fixed KV cache per engine (auto8+fixedkv: eight per GPU)
+    mps     no spec change: the mode runs under CUDA MPS (the daemon started before its sweep
+            and stopped after), so auto4 and auto4+mps compare in one lease
     a+b     modes merged left to right: pack4+eager is four per GPU, eager
 
 and writes, after each mode, the sweep's utilization (utilization.py: busy fraction, start-up,
@@ -32,7 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from _common import commit, device_info  # bench/ is on sys.path when a script here runs
@@ -55,7 +60,28 @@ MODES = {
               "resources.cpu": 2, "search.max_concurrent_trials": "auto"},
     # model.compile: false on top of reuse (one per GPU): eager training and an eager vLLM engine
     "eager": {"trial.reuse_model": True, "model.compile": False},
+    "mps": {},  # the sweep under CUDA MPS (under_mps); the spec as it is
+    # a fixed 1 GiB KV cache per engine (model.kv_cache_gib): no profiling of the card, packed engines
+    # start without queueing for each other's sizing. gemma-3-270m needs 18 KiB per token (18 layers,
+    # one KV head of 256), 16 sequences of 320 tokens: 90 MiB
+    "fixedkv": {"model.kv_cache_gib": 1.0},
 }
+
+
+@contextmanager
+def under_mps(on: bool):
+    """Run the block with the CUDA MPS control daemon up (when ``on``): processes that create
+    their CUDA context meanwhile (the sweep's trials) share the GPU through it, their kernels
+    running side by side instead of time-sliced (bench/share_gpu.py measured both)."""
+    if not on:
+        yield
+        return
+    subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True, stdin=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, check=False)
+        time.sleep(2)  # the daemon and its server exit before the next mode's processes start
 
 
 def mode_overrides(mode: str) -> dict:
@@ -108,7 +134,8 @@ def main() -> None:
                 Path(args.out).write_text(json.dumps(result, indent=1, default=str))
 
         try:
-            out = run_sweep(spec, progress=print, on_event=on_event)
+            with under_mps("mps" in mode.split("+")):
+                out = run_sweep(spec, progress=print, on_event=on_event)
         except Exception as e:  # record it and go on to the next mode: the lease is short
             result["modes"][label] = {"error": f"{type(e).__name__}: {e}"[-2000:], "wall_s": time.time() - t0}
             Path(args.out).write_text(json.dumps(result, indent=1, default=str))

@@ -127,10 +127,12 @@ def _start_engine(gpus, lock_dir, sizing_s, warmup_s, out, entered):
     out.put(("engine", t0, warm, time.time(), lock.waited_s, hooked))
 
 
-def test_the_next_trial_starts_while_this_engine_warms_up(tmp_path):
+def _engine_then_next(tmp_path, engine, engine_args):
+    """Start ``engine(gpus, lock_dir, *engine_args, out, entered)`` on GPU-a, then, once it holds
+    the lock, a next trial's start; what each put in the queue, as {"engine": ..., "next": ...}."""
     ctx = mp.get_context("spawn")
     out, entered = ctx.Queue(), ctx.Event()
-    first = ctx.Process(target=_start_engine, args=(["GPU-a"], tmp_path, 2.0, 4.0, out, entered))
+    first = ctx.Process(target=engine, args=(["GPU-a"], tmp_path, *engine_args, out, entered))
     first.start()
     assert entered.wait(timeout=60)
     entered_too = ctx.Event()  # kept here: an Event the parent drops is gone before the child reads it
@@ -140,6 +142,11 @@ def test_the_next_trial_starts_while_this_engine_warms_up(tmp_path):
     for p in (first, second):
         p.join(timeout=30)
         assert p.exitcode == 0
+    return got
+
+
+def test_the_next_trial_starts_while_this_engine_warms_up(tmp_path):
+    got = _engine_then_next(tmp_path, _start_engine, (2.0, 4.0))
     _, t0, warm, loaded, _, hooked = got["engine"]
     entered_next = got["next"][0]
     assert hooked
@@ -160,3 +167,80 @@ def test_the_hook_calls_through_once_and_is_harmless_without_vllm():
     assert _at_warmup == []
     with release_at_engine_warmup(lambda: calls.append(3), "no_such_vllm_module") as hooked:
         assert not hooked  # another vLLM: the lock is simply held to the end of the load
+
+
+# ------------------------------------------------- a fixed KV cache (model.kv_cache_gib)
+# vLLM's worker sizes its cache in determine_available_memory: by profiling the card, unless
+# cache_config.kv_cache_memory_bytes is set. The stand-in records what that field held when
+# the worker's own body ran, and sleeps as a profiling pass would.
+def _stand_in_sizing_worker(name: str, profile_s: float = 0.0):
+    import sys
+    import types
+
+    module = types.ModuleType(name)
+
+    class CacheConfig:
+        kv_cache_memory_bytes = None
+
+    class Worker:
+        def __init__(self):
+            self.cache_config = CacheConfig()
+
+        def determine_available_memory(self):
+            self.seen = self.cache_config.kv_cache_memory_bytes
+            time.sleep(profile_s)
+            return self.seen or 123
+
+        def compile_or_warm_up_model(self):
+            return "warm"
+
+    module.Worker = Worker
+    sys.modules[name] = module
+    return module
+
+
+def test_a_fixed_kv_cache_is_set_before_the_worker_sizes_it_and_releases_the_lock_then():
+    from grpo_ray.trial.engine_lock import _at_sizing, fixed_kv_cache
+
+    module = _stand_in_sizing_worker("stand_in_vllm_sizing")
+    released = []
+    with fixed_kv_cache(1.5, lambda: released.append(1), "stand_in_vllm_sizing") as hooked:
+        worker = module.Worker()
+        assert released == []  # not before the engine reaches its sizing
+        assert worker.determine_available_memory() == int(1.5 * 2**30)
+    assert hooked and worker.seen == int(1.5 * 2**30) and released == [1]
+    assert _at_sizing == []
+    after = module.Worker()  # after the load: vLLM's own sizing again
+    assert after.determine_available_memory() == 123 and after.seen is None
+    with fixed_kv_cache(None, lambda: released.append(2), "stand_in_vllm_sizing") as hooked:
+        unset = module.Worker()
+        assert unset.determine_available_memory() == 123  # unset: vLLM profiles, the lock waits for warm-up
+    assert not hooked and released == [1]
+    with fixed_kv_cache(1.0, lambda: released.append(3), "no_such_vllm_module") as hooked:
+        assert not hooked
+
+
+def _start_fixed(gpus, lock_dir, profile_s, out, entered):
+    from grpo_ray.trial.engine_lock import fixed_kv_cache, release_at_engine_warmup
+
+    module = _stand_in_sizing_worker("stand_in_vllm_sizing_2", profile_s)
+    with one_start_per_gpu(gpus, lock_dir=lock_dir, say=lambda m: None) as lock, \
+            release_at_engine_warmup(lock.release, "stand_in_vllm_sizing_2"), \
+            fixed_kv_cache(0.5, lock.release, "stand_in_vllm_sizing_2"):
+        entered.set()
+        time.sleep(1.0)  # the weights load: still under the lock
+        worker = module.Worker()
+        sized = time.time()
+        worker.determine_available_memory()  # the profiling pass, the lock handed on
+        worker.compile_or_warm_up_model()
+        done = time.time()
+    out.put(("engine", sized, done, worker.seen))
+
+
+def test_with_a_fixed_kv_cache_the_next_trial_starts_during_this_ones_profiling(tmp_path):
+    got = _engine_then_next(tmp_path, _start_fixed, (4.0,))
+    _, sized, done, seen = got["engine"]
+    assert seen == int(0.5 * 2**30)
+    entered_next = got["next"][0]
+    assert sized - 0.05 <= entered_next < done - 1.0, (sized, entered_next, done)  # during the profiling pass
+    assert got["next"][2] > 0.5  # it waited for the weights' load

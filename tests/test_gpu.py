@@ -126,3 +126,30 @@ def test_vllm_share_too_small_names_the_setting_to_raise(gemma_gguf):
     with pytest.raises(TrialDoesNotFitError, match=r"raise model.gpu_memory_utilization \(now 0.005\)") as exc:
         run_trial({}, spec, report=lambda m, d: None)
     print("MESSAGE:", exc.value)
+
+
+def test_a_fixed_kv_cache_sizes_the_engine_without_profiling_the_card(gemma_gguf, tmp_path):
+    """model.kv_cache_gib: the engine gets exactly that KV cache (trial/engine_lock.py
+    fixed_kv_cache sets vLLM's kv_cache_memory_bytes on its worker) and the trial runs. In a
+    process of its own: another load key in this module's process would start a second engine."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fixed_kv.py"
+    script.write_text(
+        "import json, sys\n"
+        "from grpo_ray.config.load import load_spec\n"
+        "from grpo_ray.config.overrides import apply_overrides\n"
+        "from grpo_ray.trial.run import run_trial\n"
+        f"spec = apply_overrides(load_spec({str(REPO / 'bench' / 'gemma_learn.yaml')!r}), {{\n"
+        f"    'model.source': {gemma_gguf!r}, 'model.kv_cache_gib': 0.5, 'sft.max_steps': 4, 'grpo.max_steps': 2,\n"
+        "    'grpo.report_every': 2, 'data.eval.size': 8, 'data.eval.before_sft': False, 'grpo.num_generations': 4})\n"
+        "final = run_trial({}, spec, report=lambda m, d: None)\n"
+        "print('FINAL', json.dumps({'completion_length': final['completion_length']}))\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=1200,
+                         env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    out = run.stdout + run.stderr
+    print(out[-3000:])
+    assert run.returncode == 0
+    assert "reserved 0.5 GiB memory for KV Cache as specified by kv_cache_memory_bytes" in out
+    assert "Error in memory profiling" not in out and "FINAL" in out

@@ -134,6 +134,16 @@ def test_out_of_memory_names_the_settings_to_lower():
         guard_errors(other, spec)
     assert guard_errors(lambda: 3, spec) == 3
 
+    # a fixed KV cache (model.kv_cache_gib): the advice names it, not the share it replaces
+    fixed = apply_overrides(spec, {"model.kv_cache_gib": 0.25})
+    with pytest.raises(TrialDoesNotFitError, match=r"model.kv_cache_gib \(0.25 GiB\) cannot hold one sequence of "
+                       r"model.max_seq_length \(2048\) tokens"):
+        guard_errors(lambda: (_ for _ in ()).throw(ValueError("... 0.28 GiB KV cache is needed, which is larger than "
+                                                               "the available KV cache memory (0.25 GiB)")), fixed)
+    with pytest.raises(TrialDoesNotFitError, match=r"lower model.kv_cache_gib \(now 0.25 GiB") as exc:
+        guard_errors(oom, fixed)
+    assert "gpu_memory_utilization" not in str(exc.value)
+
 
 def test_a_retried_trial_resumes_from_its_checkpoint(trial_run, tmp_path):
     """What Tune hands a trial retried after its process or node died: the step-2 checkpoint.

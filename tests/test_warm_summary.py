@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from dump_run import snapshot  # noqa: E402
-from warm_summary import steps_by_company, windows  # noqa: E402
+from warm_summary import steps_by_company, timeline, windows  # noqa: E402
 
 
 def _trial(tid, gpus, started, rows):
@@ -57,3 +57,18 @@ def test_a_real_sweeps_windows_are_read_and_timed(asha_run):
     assert max(len(t["windows"]) for t in done) >= 2  # a trial ASHA let run reported several windows
     got = steps_by_company(trials)
     assert sum(v["windows"] for v in got.values()) == sum(len(windows(t)) for t in trials)
+
+
+def test_timeline_orders_trials_by_first_step_from_the_first_start():
+    cold = {"trial_id": "cold", "trial_started_at": 100.0, "first_step_at": 210.0, "sft_seconds": 40.0,
+            "reported_at": 400.0, "model_reused": 0.0}
+    early = {"trial_id": "early", "trial_started_at": 101.0, "first_step_at": 195.0, "sft_seconds": 55.5,
+             "reported_at": 380.0, "model_reused": 0.0}
+    warm = {"trial_id": "warm", "trial_started_at": 380.0, "first_step_at": 384.0, "sft_seconds": None,
+            "reported_at": 450.0, "model_reused": 1.0}
+    rows = timeline([cold, warm, early])
+    assert [r["trial_id"] for r in rows] == ["early", "cold", "warm"]
+    assert rows[0] == {"trial_id": "early", "reused": False, "first_step": 95.0, "sft_end": 150.5, "end": 280.0}
+    assert rows[1]["sft_end"] == 150.0  # started SFT 15 s later, ended it with the other
+    assert rows[2]["reused"] and rows[2]["sft_end"] is None  # no SFT reported: none
+    assert timeline([]) == []

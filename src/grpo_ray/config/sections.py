@@ -37,7 +37,7 @@ class ModelSpec(Strict):
     """The base model every trial fine-tunes.
 
     Parameters that choose the model: ``source``. Parameters that size it in memory:
-    ``max_seq_length``, ``gpu_memory_utilization``, ``load_in_4bit``. Parameters of its
+    ``max_seq_length``, ``gpu_memory_utilization``, ``kv_cache_gib``, ``load_in_4bit``. Parameters of its
     prompts: ``add_bos``. Start-up against step speed: ``compile``.
     """
 
@@ -54,6 +54,16 @@ class ModelSpec(Strict):
         0.7, gt=0, le=1, description="vLLM's share of the trial's GPU memory (unsloth backend); with trials packed "
         "on a GPU (resources.gpu below 1) the share of the trial's slice: 0.7 at gpu 0.5 reserves 35% of the card. "
         "Higher: a larger KV cache (faster generation), less memory left for training. The tutorial's: 0.7.")
+    kv_cache_gib: Optional[float] = Field(
+        None, gt=0, description="vLLM's KV cache per trial, in GiB (unsloth backend). Unset: vLLM sizes it as its "
+        "engine starts, gpu_memory_utilization of the trial's share less what the card lost while it profiled, so "
+        "packed trials start their engines one at a time (each would count a neighbour's memory as its own), a "
+        "neighbour that frees memory meanwhile can stop a start (\"Error in memory profiling\", retried by "
+        "Unsloth), and later starts get less. Set: every engine gets exactly this, sized without reading the "
+        "card, and the next packed trial starts as soon as it is set. It needs completions in flight x "
+        "max_seq_length x the model's KV bytes per token (Qwen3-1.7B in 16 bits: 112 KiB; 16 x 2048 tokens: "
+        "3.5 GiB); vLLM refuses to start when one sequence of max_seq_length does not fit, and with more memory "
+        "than the card has free. Not yet measured on a GPU: bench/README.md, \"Next lease\".")
     load_in_4bit: bool = Field(
         False, description="Load the base weights in 4 bits (QLoRA; unsloth backend): about a quarter of the "
         "weights' memory, slightly less accurate and slower steps. The tutorial's: false (16-bit LoRA).")
@@ -199,12 +209,13 @@ class ResourcesSpec(Strict):
         "fewer trials at once on a machine without GPUs, and fewer packed per GPU under gpu: auto (a GPU node "
         "with 16 cores per GPU holds four trials of 4). A packed trial's step keeps about one core busy.")
     max_trials_per_gpu: Optional[int] = Field(
-        None, ge=1, le=MAX_TRIALS_PER_GPU, description="With gpu: auto, the most trials that may share one GPU (unset: 2). 2 is "
-        "the density measured end to end (gemma-3-270m on an H200: 49.7 trials per GPU-hour against 18.1 one at a "
-        "time). Higher: more trials per GPU-hour for a small model whose card sits idle (one H200 did 4.2x the "
-        "work of one process at 4, 5.7x at 8), but more trials at once, so the search learns from fewer "
-        "finished trials before it samples the next, and packed cold starts queue for the card. Only with gpu: "
-        "auto; a number in gpu already sets the density.")
+        None, ge=1, le=MAX_TRIALS_PER_GPU, description="With gpu: auto, the most trials that may share one GPU (unset: 2). 2 "
+        "gave gemma-3-270m on an H200 49.7 trials per GPU-hour against 18.1 one at a time; 4 stepped each trial "
+        "about as fast as alone (3.4x the card's GRPO work) but, on 20-step trials that recompiled for new LoRA "
+        "ranks, finished about as many trials per GPU-hour as 2 (docs/performance.md). Higher: worth it for a "
+        "small model on a large card when trials are long; but more trials at once, so the search learns from "
+        "fewer finished trials before it samples the next, and packed cold starts queue for the card (30-35 s "
+        "per start ahead). Only with gpu: auto; a number in gpu already sets the density.")
 
     @model_validator(mode="after")
     def _density_needs_auto(self) -> "ResourcesSpec":

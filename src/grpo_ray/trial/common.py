@@ -24,9 +24,12 @@ class TrialDoesNotFitError(RuntimeError):
 
 def fit_hint(spec: SweepSpec) -> str:
     """What to change when training (or generation) runs out of GPU memory."""
+    kv = spec.model.kv_cache_gib
     return (
-        "the trial ran out of GPU memory: lower model.gpu_memory_utilization "
-        f"(now {spec.model.gpu_memory_utilization}; vLLM keeps that share of the GPU for itself), "
+        "the trial ran out of GPU memory: lower "
+        + (f"model.kv_cache_gib (now {kv} GiB; vLLM's KV cache), " if kv is not None else
+           f"model.gpu_memory_utilization (now {spec.model.gpu_memory_utilization}; vLLM keeps that share of the GPU "
+           "for itself), ") +
         f"grpo.max_completion_length ({spec.grpo.max_completion_length}), grpo.num_generations "
         f"({spec.grpo.num_generations}), the largest lora.rank in the search space "
         f"({spec.max_lora_rank()}) or model.max_seq_length ({spec.model.max_seq_length}); "
@@ -39,6 +42,9 @@ def kv_cache_hint(spec: SweepSpec) -> str:
 
     The opposite advice to :func:`fit_hint`: here vLLM was given too *little*.
     """
+    if spec.model.kv_cache_gib is not None:
+        return (f"vLLM's KV cache of model.kv_cache_gib ({spec.model.kv_cache_gib} GiB) cannot hold one sequence "
+                f"of model.max_seq_length ({spec.model.max_seq_length}) tokens: raise the one or lower the other")
     return (
         "vLLM's share of the GPU cannot hold the model and its KV cache: raise "
         f"model.gpu_memory_utilization (now {spec.model.gpu_memory_utilization}), or lower "

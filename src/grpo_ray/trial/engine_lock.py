@@ -25,7 +25,9 @@ bench/results/speed_phases_h200_a9f965a.json: KV cache sized at 18:28:55, engine
 18:29:26). Those steps add little memory (the CUDA-graph pool: 0.52 GiB there), far less than
 this trial's training allocates after the load, which a neighbour's sizing could always
 overlap. With k trials packed on a card, the last one waited for k-1 whole starts; it should
-now wait for k-1 sizings (to be measured on a GPU: the trials' ``engine_wait_s``).
+now wait for k-1 sizings (on the H200 at 0cf12c9: 30-35 s per start ahead, against about
+130 s for a whole start). With a fixed KV cache (``model.kv_cache_gib``, :func:`fixed_kv_cache`)
+the engine reads no free memory at all, and the lock goes on as the cache is set.
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ import logging
 import os
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 from filelock import FileLock, Timeout
 
@@ -96,39 +98,81 @@ def one_start_per_gpu(gpus: list[str], timeout_s: float = 1800.0, lock_dir: Path
 
 VLLM_WORKER = "vllm.v1.worker.gpu_worker"  # its Worker sizes the KV cache, then compile_or_warm_up_model
 _at_warmup: list[Callable[[], None]] = []  # what the hooked warm-up calls first, while a load is under way
+_at_sizing: list[Callable[[Any], None]] = []  # what the hooked sizing calls first, with the worker
 
 
-def _hook_vllm_warmup(module_name: str = VLLM_WORKER) -> bool:
-    """Make vLLM's ``Worker.compile_or_warm_up_model`` call :data:`_at_warmup` first; False when
-    this vLLM has no such method (the lock is then held to the end of the load, as before)."""
+def _hook_worker(module_name: str, method: str, call_first: Callable[[Any], None]) -> bool:
+    """Make vLLM's ``Worker.<method>`` call ``call_first(worker)`` before its own body; False when
+    this vLLM has no such class or method (the caller then goes on without the hook)."""
     try:
         worker = importlib.import_module(module_name).Worker
-        original = worker.compile_or_warm_up_model
+        original = getattr(worker, method)
     except (ImportError, AttributeError):
         return False
     if getattr(original, "_grpo_ray_hook", False):
         return True
 
     @functools.wraps(original)
-    def compile_or_warm_up_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-        for fn in list(_at_warmup):
-            fn()
+    def hooked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        call_first(self)
         return original(self, *args, **kwargs)
 
-    compile_or_warm_up_model._grpo_ray_hook = True  # type: ignore[attr-defined]
-    worker.compile_or_warm_up_model = compile_or_warm_up_model
+    hooked._grpo_ray_hook = True  # type: ignore[attr-defined]
+    setattr(worker, method, hooked)
     return True
 
 
+def _hook_vllm_warmup(module_name: str = VLLM_WORKER) -> bool:
+    """Make vLLM's ``Worker.compile_or_warm_up_model`` call :data:`_at_warmup` first; False when
+    this vLLM has no such method (the lock is then held to the end of the load, as before)."""
+    return _hook_worker(module_name, "compile_or_warm_up_model", lambda worker: [fn() for fn in list(_at_warmup)])
+
+
+def _hook_vllm_sizing(module_name: str = VLLM_WORKER) -> bool:
+    """Make vLLM's ``Worker.determine_available_memory`` (where it sizes the KV cache) call
+    :data:`_at_sizing` first, with the worker."""
+    return _hook_worker(module_name, "determine_available_memory", lambda worker: [fn(worker) for fn in list(_at_sizing)])
+
+
 @contextmanager
-def release_at_engine_warmup(release: Callable[[], None], module_name: str = VLLM_WORKER) -> Iterator[bool]:
+def _registered(registry: list[Any], fn: Any, hooked: bool) -> Iterator[bool]:
+    """``fn`` in ``registry`` for the block (a model load), for the hooked vLLM method to call."""
+    registry.append(fn)
+    try:
+        yield hooked
+    finally:
+        registry.remove(fn)
+
+
+def release_at_engine_warmup(release: Callable[[], None], module_name: str = VLLM_WORKER) -> ContextManager[bool]:
     """Within the block (a model load), call ``release`` when vLLM's worker has allocated its KV
     cache and begins its warm-up; yields whether vLLM could be hooked. The engine must run in
     this process (Unsloth sets VLLM_ENABLE_V1_MULTIPROCESSING=0); in a child process the hook
     never fires, and the lock is released when the load ends."""
-    hooked = _hook_vllm_warmup(module_name)
-    _at_warmup.append(release)
-    try:
-        yield hooked
-    finally:
-        _at_warmup.remove(release)
+    return _registered(_at_warmup, release, _hook_vllm_warmup(module_name))
+
+
+def fixed_kv_cache(gib: float | None, release: Callable[[], None],
+                   module_name: str = VLLM_WORKER) -> ContextManager[bool]:
+    """Within the block (a model load), give vLLM's engine a KV cache of ``gib`` GiB
+    (``model.kv_cache_gib``) instead of one sized from the card's free memory, and hand the
+    start lock on (``release``) as it is sized. Yields whether vLLM could be hooked; ``gib``
+    None: nothing changes, and the engine profiles the card as vLLM does by default.
+
+    vLLM's own ``kv_cache_memory_bytes``: the worker still runs its profiling forward pass (it
+    compiles the model for the largest batch) but reads no free memory, so neither a
+    neighbour's allocations nor its releases move this engine's cache ("Error in memory
+    profiling" cannot happen), and nothing after this point needs the card to itself. vLLM's
+    startup plan (VLLM_ENABLE_STARTUP_PLAN) sets the same field at the same place. Unsloth
+    does not pass the argument through, so it is set on the worker's cache config here, in
+    this process (Unsloth runs the engine in-process).
+    """
+    if gib is None:
+        return nullcontext(False)
+    size = int(gib * 2**30)
+
+    def at_sizing(worker: Any) -> None:
+        worker.cache_config.kv_cache_memory_bytes = size
+        release()
+
+    return _registered(_at_sizing, at_sizing, _hook_vllm_sizing(module_name))

@@ -37,7 +37,7 @@ from grpo_ray.trial.common import (
 )
 from grpo_ray.trial.trl_args import engine_compile_kwargs, grpo_config_kwargs, sft_config_kwargs
 from grpo_ray.trial.compile_clock import restore_torch_logs
-from grpo_ray.trial.engine_lock import one_start_per_gpu, release_at_engine_warmup, visible_gpus
+from grpo_ray.trial.engine_lock import fixed_kv_cache, one_start_per_gpu, release_at_engine_warmup, visible_gpus
 
 restore_torch_logs(_TORCH_LOGS)
 
@@ -70,8 +70,10 @@ class UnslothBackend:
             self.tokenizer = tokenizer
 
         # A packed neighbour starting its engine at the same time would skew vLLM's memory profile;
-        # the next one may start once this engine has sized its KV cache (trial/engine_lock.py).
-        with one_start_per_gpu(visible_gpus()) as lock, release_at_engine_warmup(lock.release):
+        # the next one may start once this engine has sized its KV cache, or, with a fixed one
+        # (model.kv_cache_gib), as it is set (trial/engine_lock.py).
+        with one_start_per_gpu(visible_gpus()) as lock, release_at_engine_warmup(lock.release), \
+                fixed_kv_cache(spec.model.kv_cache_gib, lock.release):
             self.engine_wait_s = lock.waited_s  # queued behind neighbours' starts: part of load_s, not its cost
             guard_errors(_load, spec)
         self.new_adapter(spec)

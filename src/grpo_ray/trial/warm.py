@@ -67,7 +67,7 @@ def load_key(model_dir: str, spec: SweepSpec) -> tuple[Any, ...]:
     m = spec.model
     # Checkpointing too: Unsloth patches it into the model it wraps, and unwrapping need not undo it.
     return (choose_backend(spec.backend), model_dir, m.max_seq_length, m.load_in_4bit,
-            m.gpu_memory_utilization, m.compile, spec.max_lora_rank(), spec.lora.gradient_checkpointing)
+            m.gpu_memory_utilization, m.kv_cache_gib, m.compile, spec.max_lora_rank(), spec.lora.gradient_checkpointing)
 
 
 def acquire(model_dir: str, spec: SweepSpec) -> tuple[Backend, bool]:
