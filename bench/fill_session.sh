@@ -11,6 +11,7 @@
 #   3. with SPEED (e.g. plain,plain:2 or phases): bench/trial_gpu.py speed on the random Qwen3-1.7B
 #      shape, ours against the bare Unsloth script, without or with the phase clock, at 1 or N
 #      prompts per step (about 6 minutes each: two engine starts);
+#   3a. with GEMMA_PHASES=1: the same phase clock on gemma-3-270m's trial (bench/warm_sweep.yaml);
 #   3b. with PACKED (e.g. 1,2,4): bench/trial_gpu.py speed --procs, K of our 1.7B-shape trials at
 #      once on the GPU for each K (the card's completions per second against one alone);
 #   4. unless MODES=none, bench/warm_sweep.py, MODES (default eager:3,reuse:3,pack4+eager:8) with OVERRIDES (default
@@ -42,6 +43,11 @@ for run in ${SPEED//,/ }; do  # the 1.7B step: plain (the speed comparison), pha
     --out $R/speed_${how}_p$prompts.json > $R/speed_${how}_p$prompts.log 2>&1
   echo "rc=$?" >> $R/speed_${how}_p$prompts.log
 done
+if [ -n "${GEMMA_PHASES:-}" ]; then  # where gemma-3-270m's ~2 s GRPO step goes (bench/warm_sweep.yaml's trial)
+  python3 bench/trial_gpu.py speed --phases --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf \
+    --out $R/speed_gemma_phases.json > $R/speed_gemma_phases.log 2>&1
+  echo "rc=$?" >> $R/speed_gemma_phases.log
+fi
 if [ -n "${PACKED:-}" ]; then  # is the 1.7B step's card shareable? (the 2% weights rule keeps it alone)
   python3 bench/trial_gpu.py speed --procs "$PACKED" --out $R/packed.json > $R/packed.log 2>&1
   echo "rc=$?" >> $R/packed.log

@@ -15,6 +15,7 @@ Usage (device, after ../shared/device/stage.sh --model):
     python bench/trial_gpu.py speed --out $OUT/speed.json
     python bench/trial_gpu.py speed --phases --out $OUT/phases.json   # where each step's time goes
     python bench/trial_gpu.py speed --procs 1,2,4 --out $OUT/packed.json  # the 1.7B shape packed
+    python bench/trial_gpu.py speed --phases --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --out $OUT/g.json
 Results are committed under bench/results/.
 """
 
@@ -144,9 +145,14 @@ def speed_child(which: str, model_dir: str, out: str, prompts: int = 1, gpu_shar
         from grpo_ray.config.overrides import apply_overrides
         from grpo_ray.trial.run import run_trial
 
-        spec = load_spec(REPO / "bench" / "speed_qwen3.yaml")
+        # A .gguf (--gguf): the density benchmark's gemma-3-270m trial (bench/warm_sweep.yaml: 10 SFT
+        # steps, then GRPO with its 4 completions of 64 tokens), for where a small model's step goes.
+        gemma = model_dir.endswith(".gguf")
+        spec = load_spec(REPO / "bench" / ("warm_sweep.yaml" if gemma else "speed_qwen3.yaml"))
+        steps = steps or (SPEED["steps"] if gemma else None)
         spec = apply_overrides(spec, {"model.source": model_dir, "grpo.batch_size": prompts, "resources.gpu": gpu_share}
                                | ({"grpo.max_steps": steps, "grpo.report_every": steps} if steps else {}))
+        generations = spec.grpo.num_generations
         import grpo_ray.trial.common as common
 
         orig = common.StepReporter.on_log
@@ -160,6 +166,7 @@ def speed_child(which: str, model_dir: str, out: str, prompts: int = 1, gpu_shar
         run_trial({}, spec, report=lambda m, d: None)
         init_s = None
     else:
+        generations = SPEED["num_generations"]
         import unsloth  # noqa: F401
         from unsloth import FastLanguageModel
         from vllm import SamplingParams
@@ -199,7 +206,7 @@ def speed_child(which: str, model_dir: str, out: str, prompts: int = 1, gpu_shar
     total = time.time() - t0
     deltas = [b - a for a, b in zip(step_times, step_times[1:])]
     steady = deltas[len(deltas) // 3:]  # skip compilation / warm-up steps
-    completions = prompts * SPEED["num_generations"]
+    completions = prompts * generations
     Path(out).write_text(json.dumps({
         "which": which, "total_s": total, "init_s": init_s, "completions_per_step": completions,
         "s_per_completion": (sum(steady) / len(steady) / completions) if steady else None,
@@ -252,7 +259,7 @@ def speed_packed(args: argparse.Namespace, model_dir: str) -> dict:
                 p.kill()
         runs = [json.loads(Path(f).read_text()) for f in files if Path(f).exists()]
         together = steps_together([r["step_at"] for r in runs]) if len(runs) == k else None
-        completions = args.prompts * SPEED["num_generations"]
+        completions = runs[0]["completions_per_step"] if runs else 0
         step = together["step_s"] if together else None
         out[f"k{k}"] = {"procs": k, "gpu_share": share_of(k), "finished": len(runs),
                         "first_step_end_s": [r["first_step_end_s"] for r in runs],
@@ -267,9 +274,11 @@ def speed_packed(args: argparse.Namespace, model_dir: str) -> dict:
 
 
 def speed(args: argparse.Namespace) -> dict:
-    model_dir = str(make_random_qwen3(Path(args.model_dir)))
+    if args.gguf:  # ours only: the bare script is the 1.7B comparison
+        args.order = "ours"
+    model_dir = args.gguf or str(make_random_qwen3(Path(args.model_dir)))
     if args.procs:
-        return {"bench": "trial_gpu.speed", "config": SPEED | {"model": "random Qwen3-1.7B shape", "procs": args.procs,
+        return {"bench": "trial_gpu.speed", "config": SPEED | {"model": args.gguf or "random Qwen3-1.7B shape", "procs": args.procs,
                                                                "steps": args.steps, "prompts": args.prompts},
                 "numbers": speed_packed(args, model_dir)}
     results = {}
@@ -284,7 +293,7 @@ def speed(args: argparse.Namespace) -> dict:
     ratio = None
     if "ours" in results and "bare" in results and results["bare"]["steady_step_s"]:
         ratio = results["ours"]["steady_step_s"] / results["bare"]["steady_step_s"]
-    return {"bench": "trial_gpu.speed", "config": SPEED | {"model": "random Qwen3-1.7B shape", "order": args.order,
+    return {"bench": "trial_gpu.speed", "config": SPEED | {"model": args.gguf or "random Qwen3-1.7B shape", "order": args.order,
                                                            "phases": args.phases, "prompts": args.prompts},
             "numbers": results | {"ours_over_bare_steady_step": ratio}}
 
@@ -299,6 +308,8 @@ def main() -> None:
     a.add_argument("--save-adapter", help="copy the last reported LoRA checkpoint to this directory")
     b = sub.add_parser("speed")
     b.add_argument("--model-dir", default="/tmp/qwen3-1.7b-random")
+    b.add_argument("--gguf", help="ours only, on this GGUF with bench/warm_sweep.yaml's trial (gemma-3-270m), "
+                   "e.g. with --phases: where a small model's step goes")
     b.add_argument("--order", default="bare,ours")
     b.add_argument("--child-timeout", type=int, default=900)
     b.add_argument("--phases", action="store_true",
