@@ -136,10 +136,13 @@ def test_out_of_memory_names_the_settings_to_lower():
 
     # a fixed KV cache (model.kv_cache_gib): the advice names it, not the share it replaces
     fixed = apply_overrides(spec, {"model.kv_cache_gib": 0.25})
+
+    def cache_too_small():
+        raise ValueError("... 0.28 GiB KV cache is needed, which is larger than the available KV cache memory (0.25 GiB)")
+
     with pytest.raises(TrialDoesNotFitError, match=r"model.kv_cache_gib \(0.25 GiB\) cannot hold one sequence of "
                        r"model.max_seq_length \(2048\) tokens"):
-        guard_errors(lambda: (_ for _ in ()).throw(ValueError("... 0.28 GiB KV cache is needed, which is larger than "
-                                                               "the available KV cache memory (0.25 GiB)")), fixed)
+        guard_errors(cache_too_small, fixed)
     with pytest.raises(TrialDoesNotFitError, match=r"lower model.kv_cache_gib \(now 0.25 GiB") as exc:
         guard_errors(oom, fixed)
     assert "gpu_memory_utilization" not in str(exc.value)
