@@ -4,17 +4,18 @@
 # from a copy of the repo and poll /tmp/res (bench/README.md, "Compiled or eager"):
 #   cp -r . /tmp/repo && cd /tmp/repo && setsid nohup bash bench/fill_session.sh <commit> > /tmp/res.log 2>&1 &
 # In order, each step's output kept under /tmp/res as it goes (a lease can end at any point):
-#   1. with TESTS (a pytest -k expression): those of tests/test_gpu.py (all of them took 870 s of
-#      the lease at 5446a99, most of it compilation on a cold machine);
-#   2. with SHARE (e.g. 1,2,4,8): bench/share_gpu.py, K processes stepping on one GPU at once,
+#   1. with SHARE (e.g. 1,2,4,8): bench/share_gpu.py, K processes stepping on one GPU at once,
 #      without and with CUDA MPS (minutes; no engine start);
-#   3. with SPEED (e.g. plain,plain:2 or phases): bench/trial_gpu.py speed on the random Qwen3-1.7B
+#   2. with SPEED (e.g. plain,plain:2 or phases): bench/trial_gpu.py speed on the random Qwen3-1.7B
 #      shape, ours against the bare Unsloth script, without or with the phase clock, at 1 or N
 #      prompts per step (about 6 minutes each: two engine starts);
-#   3a. with GEMMA_PHASES=1: the same phase clock on gemma-3-270m's trial (bench/warm_sweep.yaml);
-#   3b. with PACKED (e.g. 1,2,4): bench/trial_gpu.py speed --procs, K of our 1.7B-shape trials at
-#      once on the GPU for each K (the card's completions per second against one alone);
-#   4. unless MODES=none, bench/warm_sweep.py, MODES (default eager:3,reuse:3,pack4+eager:8) with OVERRIDES (default
+#   3. with PACKED (e.g. 1,4,2): bench/trial_gpu.py speed --procs, K of our 1.7B-shape trials at
+#      once on the GPU for each K in that order (the card's completions per second against one);
+#   4. with GEMMA_PHASES=1: the phase clock on gemma-3-270m's trial (bench/warm_sweep.yaml);
+#   5. with TESTS (a pytest -k expression): those of tests/test_gpu.py (all of them took 870 s of
+#      the lease at 5446a99, most of it compilation on a cold machine; after the benchmarks, which
+#      leave the node's compile caches warm);
+#   6. unless MODES=none, bench/warm_sweep.py, MODES (default eager:3,reuse:3,pack4+eager:8) with OVERRIDES (default
 #      20 GRPO steps per trial, a report every 5: bench/warm_summary.py times each window), under CUDA MPS when MPS is set. The lease at 5446a99 ran the
 #      default until its time ran out in the second mode;
 # with nvidia-smi every 2 s (smi.csv) and the busiest threads every 15 s (top.txt: host-side
@@ -27,10 +28,6 @@ R=/tmp/res
 mkdir -p $R
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 2 > $R/smi.csv 2>&1 &
 (while sleep 15; do date -u +%FT%TZ; top -b -H -n 1 -w 160 | sed -n 7,22p; done) > $R/top.txt 2>&1 &
-if [ -n "${TESTS:-}" ]; then  # a pytest -k expression, e.g. TESTS=in_place (the lease of 5446a99 ran them all)
-  python3 -m pytest tests/test_gpu.py -m gpu -k "$TESTS" -x -p no:cacheprovider --durations=0 > $R/gpu_tests.log 2>&1
-  echo "rc=$?" >> $R/gpu_tests.log
-fi
 if [ -n "${SHARE:-}" ]; then  # do packed processes serialize on the GPU? (bench/share_gpu.py), e.g. SHARE=1,2,4,8
   python3 bench/share_gpu.py --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --procs "$SHARE" --mps off,on --steps 8 \
     --out $R/share.json > $R/share.log 2>&1
@@ -43,14 +40,18 @@ for run in ${SPEED//,/ }; do  # the 1.7B step: plain (the speed comparison), pha
     --out $R/speed_${how}_p$prompts.json > $R/speed_${how}_p$prompts.log 2>&1
   echo "rc=$?" >> $R/speed_${how}_p$prompts.log
 done
+if [ -n "${PACKED:-}" ]; then  # is the 1.7B step's card shareable? (the 2% weights rule keeps it alone)
+  python3 bench/trial_gpu.py speed --procs "$PACKED" --out $R/packed.json > $R/packed.log 2>&1
+  echo "rc=$?" >> $R/packed.log
+fi
 if [ -n "${GEMMA_PHASES:-}" ]; then  # where gemma-3-270m's ~2 s GRPO step goes (bench/warm_sweep.yaml's trial)
   python3 bench/trial_gpu.py speed --phases --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf \
     --out $R/speed_gemma_phases.json > $R/speed_gemma_phases.log 2>&1
   echo "rc=$?" >> $R/speed_gemma_phases.log
 fi
-if [ -n "${PACKED:-}" ]; then  # is the 1.7B step's card shareable? (the 2% weights rule keeps it alone)
-  python3 bench/trial_gpu.py speed --procs "$PACKED" --out $R/packed.json > $R/packed.log 2>&1
-  echo "rc=$?" >> $R/packed.log
+if [ -n "${TESTS:-}" ]; then  # a pytest -k expression, e.g. TESTS=in_place (after the benchmarks: on a cold machine they compile for minutes)
+  python3 -m pytest tests/test_gpu.py -m gpu -k "$TESTS" -x -p no:cacheprovider --durations=0 > $R/gpu_tests.log 2>&1
+  echo "rc=$?" >> $R/gpu_tests.log
 fi
 # the whole sweep below under CUDA MPS; a mode of its own under MPS: MODES=auto4:8,auto4+mps:8
 [ -n "${MPS:-}" ] && nvidia-cuda-mps-control -d
