@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,3 +46,19 @@ def commit(*measured: str) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "uncommitted"
     return "uncommitted" if dirty.stdout.strip() else head.stdout.strip()
+
+
+@contextmanager
+def under_mps(on: bool):
+    """Run the block with the CUDA MPS control daemon up (when ``on``): processes that create
+    their CUDA context meanwhile (the sweep's trials) share the GPU through it, their kernels
+    running side by side instead of time-sliced (bench/share_gpu.py measured both)."""
+    if not on:
+        yield
+        return
+    subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True, stdin=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, check=False)
+        time.sleep(2)  # the daemon and its server exit before the next mode's processes start

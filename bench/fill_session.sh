@@ -9,8 +9,9 @@
 #   2. with SPEED (e.g. plain,plain:2 or phases): bench/trial_gpu.py speed on the random Qwen3-1.7B
 #      shape, ours against the bare Unsloth script, without or with the phase clock, at 1 or N
 #      prompts per step (about 6 minutes each: two engine starts);
-#   3. with PACKED (e.g. 1,4,2): bench/trial_gpu.py speed --procs, K of our 1.7B-shape trials at
-#      once on the GPU for each K in that order (the card's completions per second against one);
+#   3. with PACKED (e.g. 1,2,4): bench/trial_gpu.py speed --procs, K of our 1.7B-shape trials at
+#      once on the GPU for each K in that order, stepping together after their first step (the
+#      card's completions per second against one); PACKED_MPS=off,on: then again under CUDA MPS;
 #   4. with GEMMA_PHASES=1: the phase clock on gemma-3-270m's trial (bench/warm_sweep.yaml);
 #   5. with TESTS (a pytest -k expression): those of tests/test_gpu.py (all of them took 870 s of
 #      the lease at 5446a99, most of it compilation on a cold machine; after the benchmarks, which
@@ -40,8 +41,8 @@ for run in ${SPEED//,/ }; do  # the 1.7B step: plain (the speed comparison), pha
     --out $R/speed_${how}_p$prompts.json > $R/speed_${how}_p$prompts.log 2>&1
   echo "rc=$?" >> $R/speed_${how}_p$prompts.log
 done
-if [ -n "${PACKED:-}" ]; then  # is the 1.7B step's card shareable? (the 2% weights rule keeps it alone)
-  python3 bench/trial_gpu.py speed --procs "$PACKED" --out $R/packed.json > $R/packed.log 2>&1
+if [ -n "${PACKED:-}" ]; then  # is the 1.7B step's card shareable? (auto packs it two per H200 since 85f0640)
+  python3 bench/trial_gpu.py speed --procs "$PACKED" --mps "${PACKED_MPS:-off}" --out $R/packed.json > $R/packed.log 2>&1
   echo "rc=$?" >> $R/packed.log
 fi
 if [ -n "${GEMMA_PHASES:-}" ]; then  # where gemma-3-270m's ~2 s GRPO step goes (bench/warm_sweep.yaml's trial)

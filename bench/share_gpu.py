@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import commit, device_info  # bench/ is on sys.path when a script here runs
+from _common import commit, device_info, under_mps  # bench/ is on sys.path when a script here runs
 
 from grpo_ray.trial.gpu_sampler import GpuSampler
 
@@ -93,14 +93,6 @@ def child(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------ K at once
-def _mps(on: bool) -> None:
-    if on:
-        subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True)
-    else:
-        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, check=False)
-        time.sleep(2)  # the daemon exits asynchronously
-
-
 def run_k(args: argparse.Namespace, k: int, work: Path) -> dict:
     """K child processes, started together after all have loaded; their steady step times."""
     go = work / f"go-{k}"
@@ -173,9 +165,7 @@ def main() -> None:
               "config": {k: v for k, v in vars(args).items() if k not in ("cmd", "out")}, "runs": []}
     with tempfile.TemporaryDirectory(prefix="share-gpu-") as tmp:
         for mps in args.mps.split(","):
-            if mps == "on":
-                _mps(True)
-            try:
+            with under_mps(mps == "on"):
                 base = None
                 for k in (int(x) for x in args.procs.split(",")):
                     run = run_k(args, k, Path(tmp)) | {"mps": mps}
@@ -187,9 +177,6 @@ def main() -> None:
                           f" train {run['mean']['train_s']:.3f}); card {run['steps_per_s']:.2f} steps/s,"
                           f" {run['scaling']:.2f}x one process{busy}", flush=True)
                     Path(args.out).write_text(json.dumps(result, indent=1))  # a lease can end at any point
-            finally:
-                if mps == "on":
-                    _mps(False)
     Path(args.out).write_text(json.dumps(result, indent=1))
 
 

@@ -8,13 +8,15 @@
            tokens per step, LoRA r=32), each in its own process, start-up recorded separately.
            With --procs K: K of our trials at once on the one GPU, each with a 1/K share
            (resources.gpu), as a packed sweep runs them: the card's completions per second
-           against one trial alone, from the steps all K took while all K were stepping.
+           against one trial alone, from the steps all K took while all K were stepping (they
+           wait for each other after their first step), without or with CUDA MPS.
 
 Usage (device, after ../shared/device/stage.sh --model):
     python bench/trial_gpu.py learn --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --out $OUT/learn.json
     python bench/trial_gpu.py speed --out $OUT/speed.json
     python bench/trial_gpu.py speed --phases --out $OUT/phases.json   # where each step's time goes
-    python bench/trial_gpu.py speed --procs 1,2,4 --out $OUT/packed.json  # the 1.7B shape packed
+    python bench/trial_gpu.py speed --procs 1,2,4 [--mps off,on] --out $OUT/packed.json  # the 1.7B shape packed
+    python bench/trial_gpu.py packed-summary bench/results/RESULT.json --smi RESULT.smi.csv  # here, after
     python bench/trial_gpu.py speed --phases --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --out $OUT/g.json
 Results are committed under bench/results/.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -125,13 +128,39 @@ def make_random_qwen3(out: Path) -> Path:
 SPEED = dict(steps=12, num_generations=8, max_completion_length=256, rank=32, gpu_memory_utilization=0.5)
 
 
+def wait_at_barrier(folder: str | Path, parties: int, timeout_s: float = 900.0, poll_s: float = 0.02) -> float:
+    """Check in at a file barrier in ``folder`` and wait until ``parties`` processes have: packed
+    trials start one engine at a time (trial/engine_lock.py), minutes apart, so without it the
+    first has finished its steps before the last begins and none step together (the lease at
+    85f0640). Returns the seconds waited; past ``timeout_s`` it goes on (a neighbour that died
+    must not hang the others: their steps still count, alone).
+
+    >>> import tempfile; d = tempfile.mkdtemp()
+    >>> wait_at_barrier(d, 1) < 1.0
+    True
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{os.getpid()}").touch()
+    t0 = time.time()
+    while len(list(folder.iterdir())) < parties and time.time() - t0 < timeout_s:
+        time.sleep(poll_s)
+    return time.time() - t0
+
+
 def speed_child(which: str, model_dir: str, out: str, prompts: int = 1, gpu_share: float = 1.0,
-                steps: int | None = None) -> None:
+                steps: int | None = None, barrier: str | None = None, parties: int = 1,
+                spec_path: str | None = None) -> None:
     """One process: ours (run_trial) or bare (the tutorial's GRPOTrainer script), ``prompts`` prompts
     of SPEED["num_generations"] completions per step (the tutorial: 1); ours with ``gpu_share`` of
-    the card (resources.gpu: a packed trial's share) and ``steps`` GRPO steps where given."""
+    the card (resources.gpu: a packed trial's share) and ``steps`` GRPO steps where given; with
+    ``barrier``, ours waits there after its first GRPO step until ``parties`` trials have taken
+    theirs (:func:`wait_at_barrier`), so the steps after it are taken together. ``spec_path``: ours
+    runs that spec's trial instead (``model_dir`` "-": on the spec's own model), as the CPU test does."""
     t0 = time.time()
     step_times: list[float] = []
+    waited: list[float] = []
+    first_end: list[float] = []  # with a barrier: when the first step really ended
     # --phases: where each step's time goes (bench/phase_clock.py); it synchronises the GPU around
     # each phase, so step times of such a run are a profile, not the speed comparison.
     phases = os.environ.get("GRPO_BENCH_PHASES") == "1"
@@ -148,9 +177,10 @@ def speed_child(which: str, model_dir: str, out: str, prompts: int = 1, gpu_shar
         # A .gguf (--gguf): the density benchmark's gemma-3-270m trial (bench/warm_sweep.yaml: 10 SFT
         # steps, then GRPO with its 4 completions of 64 tokens), for where a small model's step goes.
         gemma = model_dir.endswith(".gguf")
-        spec = load_spec(REPO / "bench" / ("warm_sweep.yaml" if gemma else "speed_qwen3.yaml"))
+        spec = load_spec(spec_path or REPO / "bench" / ("warm_sweep.yaml" if gemma else "speed_qwen3.yaml"))
         steps = steps or (SPEED["steps"] if gemma else None)
-        spec = apply_overrides(spec, {"model.source": model_dir, "grpo.batch_size": prompts, "resources.gpu": gpu_share}
+        spec = apply_overrides(spec, ({"model.source": model_dir} if model_dir != "-" else {})
+                               | {"grpo.batch_size": prompts, "resources.gpu": gpu_share}
                                | ({"grpo.max_steps": steps, "grpo.report_every": steps} if steps else {}))
         generations = spec.grpo.num_generations
         import grpo_ray.trial.common as common
@@ -160,6 +190,10 @@ def speed_child(which: str, model_dir: str, out: str, prompts: int = 1, gpu_shar
         def on_log(self, args, state, control, logs=None, **kw):  # timestamp every optimizer step
             if logs and "reward" in logs:
                 step_times.append(time.time())
+                if barrier and not waited:
+                    first_end.append(step_times[-1])
+                    waited.append(wait_at_barrier(barrier, parties))
+                    step_times[-1] = time.time()  # the next step is timed from the barrier, not from before it
             return orig(self, args, state, control, logs=logs, **kw)
 
         common.StepReporter.on_log = on_log
@@ -210,9 +244,10 @@ def speed_child(which: str, model_dir: str, out: str, prompts: int = 1, gpu_shar
     Path(out).write_text(json.dumps({
         "which": which, "total_s": total, "init_s": init_s, "completions_per_step": completions,
         "s_per_completion": (sum(steady) / len(steady) / completions) if steady else None,
-        "first_step_end_s": (step_times[0] - t0) if step_times else None,
+        "first_step_end_s": ((first_end or step_times)[0] - t0) if step_times else None,
         "step_s": deltas, "steady_step_s": sum(steady) / len(steady) if steady else None,
         "step_at": step_times,  # when each step ended (unix s): --procs lines packed processes up by it
+        "barrier_waited_s": waited[0] if waited else None,
     } | ({"phases": __import__("phase_clock").CLOCK.summary()} if phases else {})))
 
 
@@ -237,49 +272,153 @@ def steps_together(step_at: list[list[float]]) -> dict:
             "step_s": sum(flat) / len(flat) if flat else None}
 
 
+def steps_by_concurrency(step_at: list[list[float]], completions_per_step: int = 1) -> dict[int, dict]:
+    """Every step of packed processes, grouped by how many of them were stepping meanwhile.
+
+    A process counts as stepping from its first step's end to its last's; a step (a pair of
+    consecutive ends) is at level c when c processes stepped over the whole of it. For each
+    level: the steps, their mean and standard deviation, and the card's completions per second
+    at that level (c x completions per step / mean step). Used where the processes' steps did
+    not all overlap (no barrier: the lease at 85f0640), or to see the tails of a run that did.
+
+    >>> r = steps_by_concurrency([[0, 2, 4, 6, 9, 12], [6, 9, 12]], completions_per_step=8)
+    >>> r[1]["steps"], r[1]["step_s"], r[2]["steps"], r[2]["step_s"], round(r[2]["card_completions_per_s"], 2)
+    (3, 2.0, 4, 3.0, 5.33)
+    """
+    spans = [(t[0], t[-1]) for t in step_at if t]
+    levels: dict[int, list[float]] = {}
+    for t in step_at:
+        for a, b in zip(t, t[1:]):
+            c = sum(1 for lo, hi in spans if lo <= a and hi >= b)
+            levels.setdefault(c, []).append(b - a)
+    out = {}
+    for c, v in sorted(levels.items()):
+        mean = sum(v) / len(v)
+        out[c] = {"steps": len(v), "step_s": mean, "step_sd_s": (sum((x - mean) ** 2 for x in v) / len(v)) ** 0.5,
+                  "card_completions_per_s": c * completions_per_step / mean}
+    return out
+
+
+def level_windows(step_at: list[list[float]]) -> dict[int, list[tuple[float, float]]]:
+    """The spans of time during which exactly c processes were stepping, per c (for the card's
+    utilization at each level, from nvidia-smi's samples).
+
+    >>> level_windows([[0, 5, 10], [4, 8, 20]])
+    {1: [(0, 4), (10, 20)], 2: [(4, 10)]}
+    """
+    spans = [(t[0], t[-1]) for t in step_at if t]
+    edges = sorted({e for s in spans for e in s})
+    out: dict[int, list[tuple[float, float]]] = {}
+    for a, b in zip(edges, edges[1:]):
+        c = sum(1 for lo, hi in spans if lo <= a and hi >= b)
+        if c:
+            out.setdefault(c, []).append((a, b))
+    return dict(sorted(out.items()))
+
+
+def smi_samples(path: str | Path) -> list[tuple[float, float, float]]:
+    """(unix time, utilization %, memory MiB) from fill_session.sh's nvidia-smi CSV (timestamp,
+    utilization.gpu, memory.used); lines that are not samples (errors, a cut last line) are skipped."""
+    from datetime import datetime, timezone
+
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        p = [x.strip() for x in line.split(",")]
+        try:
+            t = datetime.strptime(p[0], "%Y/%m/%d %H:%M:%S.%f").replace(tzinfo=timezone.utc).timestamp()
+            rows.append((t, float(p[1].split()[0]), float(p[2].split()[0])))
+        except (ValueError, IndexError):
+            continue
+    return rows
+
+
+def packed_summary(numbers: dict, smi: list[tuple[float, float, float]] | None = None) -> dict:
+    """For each packed run (k1, k2, ...) of a --procs result: steps by concurrency (with the card's
+    mean NVML utilization and peak memory at each level when ``smi`` samples are given), and the
+    card's completions per second at each level against one trial alone in the same file."""
+    out: dict = {}
+    alone = None
+    for key, run in numbers.items():
+        runs = run.get("runs") or []
+        if not runs:
+            continue
+        step_at = [r["step_at"] for r in runs]
+        levels = steps_by_concurrency(step_at, runs[0]["completions_per_step"])
+        if smi:
+            for c, spans in level_windows(step_at).items():
+                inside = [(u, m) for t, u, m in smi if any(a <= t <= b for a, b in spans)]
+                if c in levels and inside:
+                    levels[c] |= {"nvml_util_pct": sum(u for u, _ in inside) / len(inside),
+                                  "peak_mib": max(m for _, m in inside), "smi_samples": len(inside)}
+        if 1 in levels and alone is None:
+            alone = levels[1]["card_completions_per_s"]
+        out[key] = {"mps": run.get("mps", False), "levels": levels}
+    for v in out.values():
+        for lv in v["levels"].values():
+            lv["vs_alone"] = lv["card_completions_per_s"] / alone if alone else None
+    return out
+
+
 def speed_packed(args: argparse.Namespace, model_dir: str) -> dict:
-    """--procs: for each K, K of our trials started together on the GPU (each with share_of(K);
-    their engines start one at a time, trial/engine_lock.py), run long enough to overlap."""
+    """--procs: for each MPS setting and each K, K of our trials started together on the GPU (each
+    with share_of(K); their engines start one at a time, trial/engine_lock.py), meeting at a
+    barrier after their first GRPO step so that the steps after it are taken together."""
+    from _common import under_mps
     from grpo_ray.config.sections import share_of
 
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     out: dict = {}
-    for k in [int(x) for x in args.procs.split(",")]:
-        files = [f"/tmp/speed_packed_k{k}_{i}.json" for i in range(k)]
-        for f in files:  # a child that fails writes nothing: no earlier run's file may stand in for it
-            Path(f).unlink(missing_ok=True)
-        procs = [subprocess.Popen([sys.executable, __file__, "speed-child", "ours", model_dir, f, "--prompts",
-                                   str(args.prompts), "--gpu-share", str(share_of(k)), "--steps", str(args.steps)],
-                                  env=env) for f in files]
-        deadline = time.time() + args.child_timeout
-        for p in procs:
-            try:
-                p.wait(timeout=max(1.0, deadline - time.time()))
-            except subprocess.TimeoutExpired:  # a stuck trial: the others' numbers still count
-                p.kill()
-        runs = [json.loads(Path(f).read_text()) for f in files if Path(f).exists()]
-        together = steps_together([r["step_at"] for r in runs]) if len(runs) == k else None
-        completions = runs[0]["completions_per_step"] if runs else 0
-        step = together["step_s"] if together else None
-        out[f"k{k}"] = {"procs": k, "gpu_share": share_of(k), "finished": len(runs),
+    for mps in args.mps.split(","):
+        for k in [int(x) for x in args.procs.split(",")]:
+            key = f"k{k}" + ("_mps" if mps == "on" else "")
+            files = [f"/tmp/speed_packed_{key}_{i}.json" for i in range(k)]
+            for f in files:  # a child that fails writes nothing: no earlier run's file may stand in for it
+                Path(f).unlink(missing_ok=True)
+            barrier = Path(f"/tmp/speed_packed_{key}_barrier")
+            shutil.rmtree(barrier, ignore_errors=True)
+            with under_mps(mps == "on"):
+                procs = [subprocess.Popen([sys.executable, __file__, "speed-child", "ours", model_dir, f, "--prompts",
+                                           str(args.prompts), "--gpu-share", str(share_of(k)), "--steps",
+                                           str(args.steps), "--barrier", str(barrier), "--parties", str(k)]
+                                          + (["--spec", args.spec] if args.spec else []),
+                                          env=env) for f in files]
+                deadline = time.time() + args.child_timeout
+                for p in procs:
+                    try:
+                        p.wait(timeout=max(1.0, deadline - time.time()))
+                    except subprocess.TimeoutExpired:  # a stuck trial: the others' numbers still count
+                        p.kill()
+            runs = [json.loads(Path(f).read_text()) for f in files if Path(f).exists()]
+            together = steps_together([r["step_at"] for r in runs]) if len(runs) == k else None
+            completions = runs[0]["completions_per_step"] if runs else 0
+            step = together["step_s"] if together else None
+            out[key] = {"procs": k, "mps": mps == "on", "gpu_share": share_of(k), "finished": len(runs),
                         "first_step_end_s": [r["first_step_end_s"] for r in runs],
+                        "barrier_waited_s": [r.get("barrier_waited_s") for r in runs],
                         "steady_step_s_each": [r["steady_step_s"] for r in runs], "together": together,
-                        "card_completions_per_s": k * completions / step if step else None}
-        print(f"k={k}", json.dumps(out[f"k{k}"]), flush=True)
-        Path(args.out).write_text(json.dumps({"partial": True, "numbers": out}, indent=2))  # a lease can end
-    base = out.get("k1", {}).get("card_completions_per_s")
-    for v in out.values():
-        v["vs_k1"] = v["card_completions_per_s"] / base if base and v["card_completions_per_s"] else None
+                        "card_completions_per_s": k * completions / step if step else None,
+                        "runs": runs}  # each child's own numbers, step_at included: packed-summary reads them
+            print(key, json.dumps({k2: v for k2, v in out[key].items() if k2 != "runs"}), flush=True)
+            Path(args.out).write_text(json.dumps({"partial": True, "numbers": out}, indent=2))  # a lease can end
+    for mps in (False, True):
+        base = next((v["card_completions_per_s"] for v in out.values() if v["procs"] == 1 and v["mps"] == mps), None)
+        for v in out.values():
+            if v["mps"] == mps:
+                v["vs_k1"] = v["card_completions_per_s"] / base if base and v["card_completions_per_s"] else None
     return out
 
 
 def speed(args: argparse.Namespace) -> dict:
     if args.gguf:  # ours only: the bare script is the 1.7B comparison
         args.order = "ours"
-    model_dir = args.gguf or str(make_random_qwen3(Path(args.model_dir)))
+    if args.spec and not args.procs:
+        raise SystemExit("--spec is for --procs (the bare script's side is the 1.7B shape's)")
+    model_dir = args.gguf or ("-" if args.spec else str(make_random_qwen3(Path(args.model_dir))))
     if args.procs:
-        return {"bench": "trial_gpu.speed", "config": SPEED | {"model": args.gguf or "random Qwen3-1.7B shape", "procs": args.procs,
-                                                               "steps": args.steps, "prompts": args.prompts},
+        config = {"model": args.gguf or ("the spec's" if args.spec else "random Qwen3-1.7B shape"),
+                  "spec": args.spec or "bench/speed_qwen3.yaml", "procs": args.procs, "mps": args.mps,
+                  "steps": args.steps, "prompts": args.prompts}
+        return {"bench": "trial_gpu.speed", "config": SPEED | config,
                 "numbers": speed_packed(args, model_dir)}
     results = {}
     for which in args.order.split(","):
@@ -318,7 +457,10 @@ def main() -> None:
                    help="prompts per step, each with num_generations completions (the tutorial: 1)")
     b.add_argument("--procs", default="",
                    help="e.g. 1,2,4: K of our trials at once on the GPU for each K (packed), instead of ours vs bare")
-    b.add_argument("--steps", type=int, default=30, help="with --procs: GRPO steps per trial, enough to overlap")
+    b.add_argument("--steps", type=int, default=20,
+                   help="with --procs: GRPO steps per trial; all but the first are taken together (a barrier)")
+    b.add_argument("--spec", help="with --procs: pack this spec's trial on its own model instead of the 1.7B shape")
+    b.add_argument("--mps", default="off", help="with --procs: off, on or off,on (on: CUDA MPS daemon during those runs)")
     b.add_argument("--out", required=True)
     c = sub.add_parser("speed-child")
     c.add_argument("which")
@@ -327,9 +469,20 @@ def main() -> None:
     c.add_argument("--prompts", type=int, default=1)
     c.add_argument("--gpu-share", type=float, default=1.0)
     c.add_argument("--steps", type=int)
+    c.add_argument("--barrier", help="a folder: wait there after the first GRPO step for --parties trials")
+    c.add_argument("--parties", type=int, default=1)
+    c.add_argument("--spec")
+    d = sub.add_parser("packed-summary", help="steps by how many packed trials stepped meanwhile, from a --procs result")
+    d.add_argument("result")
+    d.add_argument("--smi", help="fill_session.sh's nvidia-smi CSV of the same lease: utilization at each level")
     args = ap.parse_args()
     if args.cmd == "speed-child":
-        speed_child(args.which, args.model_dir, args.out, args.prompts, args.gpu_share, args.steps)
+        speed_child(args.which, args.model_dir, args.out, args.prompts, args.gpu_share, args.steps,
+                    args.barrier, args.parties, args.spec)
+        return
+    if args.cmd == "packed-summary":
+        numbers = json.loads(Path(args.result).read_text())["numbers"]
+        print(json.dumps(packed_summary(numbers, smi_samples(args.smi) if args.smi else None), indent=2))
         return
     t0 = time.time()
     result = learn(args) if args.cmd == "learn" else speed(args)

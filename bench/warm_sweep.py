@@ -35,12 +35,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-from _common import commit, device_info  # bench/ is on sys.path when a script here runs
+from _common import commit, device_info, under_mps  # bench/ is on sys.path when a script here runs
 from dump_run import KEEP, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,22 +64,6 @@ MODES = {
     # one KV head of 256), 16 sequences of 320 tokens: 90 MiB
     "fixedkv": {"model.kv_cache_gib": 1.0},
 }
-
-
-@contextmanager
-def under_mps(on: bool):
-    """Run the block with the CUDA MPS control daemon up (when ``on``): processes that create
-    their CUDA context meanwhile (the sweep's trials) share the GPU through it, their kernels
-    running side by side instead of time-sliced (bench/share_gpu.py measured both)."""
-    if not on:
-        yield
-        return
-    subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True, stdin=subprocess.DEVNULL)
-    try:
-        yield
-    finally:
-        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, check=False)
-        time.sleep(2)  # the daemon and its server exit before the next mode's processes start
 
 
 def mode_overrides(mode: str) -> dict:

@@ -55,3 +55,92 @@ def test_mps_mode_runs_its_sweep_between_the_daemons_start_and_quit(tmp_path, mo
     except RuntimeError:
         pass
     assert log.read_text().splitlines() == ["args=-d stdin=", "args= stdin=quit"]  # stopped all the same
+
+
+def test_packed_trials_leave_the_barrier_together_after_the_last_arrives(tmp_path):
+    # real processes arriving 0, 1 and 2 s apart, as packed trials finish their first steps
+    import json
+    import subprocess
+    import time
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    code = ("import sys, time, json; sys.path.insert(0, {b!r}); from trial_gpu import wait_at_barrier; "
+            "time.sleep({d}); a = time.time(); w = wait_at_barrier({f!r}, 3, poll_s=0.05); "
+            "print(json.dumps([a, time.time(), w]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code.format(b=str(bench), d=d, f=str(tmp_path / "b"))],
+                              stdout=subprocess.PIPE, text=True) for d in (0, 1, 2)]
+    out = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    last_arrival = max(a for a, _, _ in out)
+    assert all(left >= last_arrival for _, left, _ in out)  # nobody left before the last came
+    assert max(left for _, left, _ in out) - last_arrival < 1.0  # and all left soon after it
+    assert out[0][2] > out[2][2] + 1.0  # the first waited longest
+
+    t0 = time.time()  # a neighbour that never comes (a trial that died) does not hang the others
+    waited = trial_gpu.wait_at_barrier(tmp_path / "lonely", 2, timeout_s=0.5, poll_s=0.05)
+    assert 0.5 <= waited < 5 and time.time() - t0 < 5
+
+
+def test_steps_are_grouped_by_how_many_trials_stepped_meanwhile():
+    # a: alone from 0 to 10, then with b until 20; b then alone until 31; c never stepped
+    a = [0, 5, 10, 14, 20]
+    b = [10, 14, 18, 25, 31]
+    r = trial_gpu.steps_by_concurrency([a, b, []], completions_per_step=8)
+    assert r[1]["steps"] == 4 and r[1]["step_s"] == (5 + 5 + 7 + 6) / 4  # a's first two, b's last two
+    assert r[2]["steps"] == 4 and r[2]["step_s"] == (4 + 6 + 4 + 4) / 4  # both in 10..20
+    assert r[2]["card_completions_per_s"] == 2 * 8 / r[2]["step_s"]
+    assert trial_gpu.level_windows([a, b]) == {1: [(0, 10), (20, 31)], 2: [(10, 20)]}
+
+
+def test_packed_summary_joins_levels_with_the_cards_samples(tmp_path):
+    # nvidia-smi's CSV as fill_session.sh writes it, with a line that is not a sample
+    from datetime import datetime, timezone
+
+    def stamp(t):
+        return datetime.fromtimestamp(t, timezone.utc).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
+
+    base = 1_796_290_000
+    smi = tmp_path / "smi.csv"
+    smi.write_text("".join(f"{stamp(base + t)}, {u} %, {m} MiB\n" for t, u, m in
+                           [(1, 60, 1000), (5, 60, 1000), (12, 90, 3000), (18, 92, 3100), (25, 50, 2000)])
+                   + "Unable to determine the device handle\n")
+    one = {"completions_per_step": 8, "step_at": [base + t for t in (0, 2, 4, 6)]}
+    a = {"completions_per_step": 8, "step_at": [base + t for t in (0, 4, 10, 13, 16, 19)]}
+    b = {"completions_per_step": 8, "step_at": [base + t for t in (10, 13, 16, 19, 22, 30)]}
+    numbers = {"k1": {"runs": [one]}, "k2": {"runs": [a, b]}, "k4": {"runs": []}}
+    r = trial_gpu.packed_summary(numbers, trial_gpu.smi_samples(smi))
+    assert set(r) == {"k1", "k2"}  # a run that left no trial's numbers is left out
+    assert r["k1"]["levels"][1]["vs_alone"] == 1.0
+    two = r["k2"]["levels"][2]
+    assert two["step_s"] == 3 and two["nvml_util_pct"] == 91 and two["peak_mib"] == 3100
+    assert two["vs_alone"] == (2 * 8 / 3) / (8 / 2)
+
+
+def test_packed_trials_step_together_after_the_barrier_on_cpu(tmp_path):
+    # The whole --procs path on real trials (the smoke spec's tiny model, hf backend, TRL's
+    # GRPOTrainer on CPU): K processes, the barrier hooked into the trial's step logging, their
+    # numbers embedded for packed-summary. On the GPU the same path packs the 1.7B shape.
+    import json
+    import subprocess
+
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml").read_text())
+    spec["sft"]["max_steps"] = 2
+    spec["data"]["eval"].update(size=4, max_new_tokens=8)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "packed.json"
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    r = subprocess.run([sys.executable, str(bench / "trial_gpu.py"), "speed", "--procs", "1,2", "--steps", "6",
+                        "--spec", str(tmp_path / "spec.yaml"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    two = result["numbers"]["k2"]
+    assert two["finished"] == 2 and len(two["runs"]) == 2
+    # after the barrier both step from (nearly) the same moment, so all their later steps count together
+    starts = [run["step_at"][0] for run in two["runs"]]
+    assert abs(starts[0] - starts[1]) < 0.5
+    assert all(n >= 3 for n in two["together"]["steps_per_proc"]) and two["card_completions_per_s"] > 0
+    assert two["vs_k1"] is not None and result["config"]["spec"] == str(tmp_path / "spec.yaml")
+    summary = trial_gpu.packed_summary(result["numbers"])
+    assert summary["k2"]["levels"][2]["steps"] >= 6

@@ -18,8 +18,10 @@ from conftest import REPO
 
 @pytest.mark.parametrize("weights, gpus, gib, alone, share", [
     (0.5, 1, 80, True, 0.5),      # gemma-3-270m on an H100: two per GPU
-    (0.5, 4, 24, False, 1.0),     # ... but not on a 24 GB card (0.5 > 2% of 24)
-    (3.2, 1, 80, True, 1.0),      # Qwen3-1.7B on an H100: one
+    (0.5, 4, 24, False, 1.0),     # ... but not on a 24 GB card (0.5 > 3% of 24)
+    (3.2, 1, 80, True, 1.0),      # Qwen3-1.7B on an H100: one (4%: not measured packed)
+    (3.2, 1, 141, True, 0.5),     # ... on an H200 (2.3%): two, 1.3x the work of one (packed_qwen3_h200_85f0640)
+    (7.5, 1, 141, True, 1.0),     # Qwen3-4B on an H200: one
     (3.2, 1, 192, True, 0.5),
     (None, 1, 80, True, 1.0),     # a hub model the driver has not downloaded: the safe value
     (0.5, 0, None, False, 1.0),   # an autoscaling cluster with no GPU node up yet: GPUs will come

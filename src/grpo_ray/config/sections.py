@@ -193,7 +193,7 @@ class ResourcesSpec(Strict):
 
     gpu: Union[float, Literal["auto"]] = Field(
         "auto", description="GPUs per trial; a fraction packs trials onto one GPU (0.5: two per GPU, 0.25: four). "
-        "auto: 0 on a machine without GPUs; 1 when the model's 16-bit weights take over 2% of the smallest GPU's "
+        "auto: 0 on a machine without GPUs; 1 when the model's 16-bit weights take over 3% of the smallest GPU's "
         "memory or cannot be known on the driver; else as many trials per GPU as max_trials_per_gpu, the GPU's "
         "memory and the GPU nodes' CPU cores (resources.cpu each) all allow. The sweep prints its choice and why "
         "(sweep/packing.py).")

@@ -6,9 +6,10 @@ scoring and Python overhead with the others' kernels. ``resources.gpu: auto`` pi
 - ``0`` when this sweep runs on a Ray of this machine alone and the machine has no GPU (the
   CPU path: trials then run the ``hf`` backend);
 - ``1`` when the model is not small for the card: its 16-bit weights take more than
-  :data:`PACK_WEIGHT_SHARE` of the smallest GPU's memory in the cluster (Qwen3-1.7B's 3.2 GiB
-  on anything under 160 GiB), and whenever the model size or the GPU memory cannot be known on
-  the driver (a hub model not on its disk, an autoscaling cluster with no GPU node up yet);
+  :data:`PACK_WEIGHT_SHARE` (3%) of the smallest GPU's memory in the cluster (Qwen3-4B's 7.5 GiB
+  on an H200, Qwen3-1.7B's 3.2 GiB on anything under 107 GiB, an 80 GiB H100 included), and
+  whenever the model size or the GPU memory cannot be known on the driver (a hub model not on
+  its disk, an autoscaling cluster with no GPU node up yet);
 - else ``1/k`` for the largest ``k`` (k trials per GPU) that all of these allow:
   ``resources.max_trials_per_gpu`` (default 2); the card's memory (:func:`trials_fit_memory`:
   each trial's slice must hold its engine in ``model.gpu_memory_utilization`` of it and its
@@ -16,7 +17,12 @@ scoring and Python overhead with the others' kernels. ``resources.gpu: auto`` pi
   places trials by CPUs as well as GPU shares, so asking for more would pack some cards and
   leave others idle, and a small model's step is bound by its host process).
 
-The sweep prints the choice and what bounds it. Why the default stops at two: two per H200
+The sweep prints the choice and what bounds it. Why 3%: the tutorial's Qwen3-1.7B shape (2.3% of
+an H200) keeps the card busy 57-66% of the time alone (NVML, during GRPO steps), and two of its
+trials stepping together kept it 91% busy and did 1.26-1.36 times the work of one alone (2.45 s
+per step each, against 1.55-1.67 s alone: bench/results/packed_qwen3_h200_85f0640.json). A
+bigger model, or the same one on a smaller card, keeps the card busier alone and leaves less for
+a neighbour; it was not measured, so it runs alone. Why the default stops at two: two per H200
 is the density measured end to end (12 gemma-3-270m trials, none failed, 49.7 trials per
 GPU-hour against 18.1 one at a time: bench/results/warm_sweep_packed_h200_c2ff95b.json,
 warm_sweep_reuse_h200_32d5bab.json). The card itself takes more: K processes stepping a
@@ -55,7 +61,7 @@ from grpo_ray.config.overrides import apply_overrides
 from grpo_ray.config.sections import MAX_TRIALS_PER_GPU, share_of
 from grpo_ray.config.spec import SweepSpec
 
-PACK_WEIGHT_SHARE = 0.02  # weights at most 2% of the card: two trials per GPU
+PACK_WEIGHT_SHARE = 0.03  # weights at most 3% of the card (Qwen3-1.7B on an H200): packed (module docstring)
 
 # GPU memory (GiB) by the accelerator type Ray advertises for a node (``accelerator_type:<T>``).
 GPU_MEMORY_GIB = {"H200": 141, "H100": 80, "A100-80G": 80, "A100-40G": 40, "A100": 40, "L40S": 48, "L40": 48,
