@@ -12,7 +12,9 @@
 #   3. with PACKED (e.g. 1,2,4): bench/trial_gpu.py speed --procs, K of our 1.7B-shape trials at
 #      once on the GPU for each K in that order, stepping together after their first step (the
 #      card's completions per second against one); PACKED_MPS=off,on: then again under CUDA MPS;
-#   4. with GEMMA_PHASES=1: the phase clock on gemma-3-270m's trial (bench/warm_sweep.yaml);
+#   4. with GEMMA_CKPT (e.g. unsloth,false): gemma-3-270m's trial (bench/warm_sweep.yaml), its plain
+#      GRPO step with each lora.gradient_checkpointing (the recomputing backward was the largest
+#      share of its warm trials' py-spy samples at c2ff95b); with GEMMA_PHASES=1: the phase clock on it;
 #   5. with TESTS (a pytest -k expression): those of tests/test_gpu.py (all of them took 870 s of
 #      the lease at 5446a99, most of it compilation on a cold machine; after the benchmarks, which
 #      leave the node's compile caches warm);
@@ -45,6 +47,13 @@ if [ -n "${PACKED:-}" ]; then  # is the 1.7B step's card shareable? (auto packs 
   python3 bench/trial_gpu.py speed --procs "$PACKED" --mps "${PACKED_MPS:-off}" --out $R/packed.json > $R/packed.log 2>&1
   echo "rc=$?" >> $R/packed.log
 fi
+GEMMA_CKPT=${GEMMA_CKPT:-}
+for ckpt in ${GEMMA_CKPT//,/ }; do  # gemma-3-270m's plain step with lora.gradient_checkpointing unsloth / false
+  [ "$ckpt" = unsloth ] && v='"unsloth"' || v=$ckpt
+  python3 bench/trial_gpu.py speed --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf \
+    --overrides "{\"lora.gradient_checkpointing\": $v}" --out $R/speed_gemma_ckpt_$ckpt.json > $R/speed_gemma_ckpt_$ckpt.log 2>&1
+  echo "rc=$?" >> $R/speed_gemma_ckpt_$ckpt.log
+done
 if [ -n "${GEMMA_PHASES:-}" ]; then  # where gemma-3-270m's ~2 s GRPO step goes (bench/warm_sweep.yaml's trial)
   python3 bench/trial_gpu.py speed --phases --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf \
     --out $R/speed_gemma_phases.json > $R/speed_gemma_phases.log 2>&1

@@ -9,7 +9,11 @@ samples are split by trial phase: ``startup`` (a trial's start to its first step
 (first step to its last report) and ``between`` (last report to the next trial's start on that
 process), which is what the hand-over target is about. ``--per-trial`` prints, per trial, the
 share of its readable samples spent in torch.compile (Dynamo tracing or Inductor), SFT, GRPO,
-autograd's backward and vLLM generation. py-spy's non-blocking dumps fail on a share of samples
+autograd's backward and vLLM generation. ``--steps-breakdown`` sorts the warm trials' GRPO-step
+samples (model reused, after their first step) into one bucket each, by what their active
+threads were in: compilation, the checkpointed backward (Unsloth's recomputing
+``CheckpointFunction.backward``), other backward, vLLM generation, the loss forward, the
+optimizer, or other. py-spy's non-blocking dumps fail on a share of samples
 (a stack changing while read); those are counted apart, not guessed.
 """
 
@@ -81,6 +85,44 @@ def per_trial(path: str, trials: list[dict]) -> None:
               + " ".join(f"{100 * c[m] / max(c['read'], 1):12.0f}%" for m in MARKS))
 
 
+# --steps-breakdown: the first bucket whose needles a sample's active stacks hold (order matters:
+# a recomputing backward runs forward code, generation is under the trainer's step).
+BUCKETS = [
+    ("compile", ("convert_frame", "compile_fx")),
+    ("checkpointed backward", ("CheckpointFunction.backward",)),
+    ("other backward", ("_engine_run_backward", "backward (")),
+    ("vllm generate", ("LLMEngine.step", "_run_engine")),
+    ("loss forward", ("compute_loss",)),
+    ("optimizer", ("Optimizer", "optimizer")),
+]
+
+
+def bucket_of(stacks: list[list[str]]) -> str:
+    """The --steps-breakdown bucket of one sample's active stacks (innermost frame first).
+
+    >>> bucket_of([["forward (m.py)", "CheckpointFunction.backward (torch/utils/checkpoint.py)"]])
+    'checkpointed backward'
+    >>> bucket_of([["step (x.py)", "LLMEngine.step (vllm/v1/engine/llm_engine.py)", "compute_loss (t.py)"]])
+    'vllm generate'
+    >>> bucket_of([]), bucket_of([["Printer._print (sympy/printing/printer.py)"]])
+    ('idle', 'other')
+    """
+    if not stacks:
+        return "idle"
+    frames = " | ".join(f for s in stacks for f in s)
+    return next((name for name, needles in BUCKETS if any(n in frames for n in needles)), "other")
+
+
+def steps_breakdown(path: str, trials: list[dict]) -> dict[str, int]:
+    """--steps-breakdown: samples of warm trials' GRPO steps per bucket (``idle``: no active thread)."""
+    counts: collections.Counter = collections.Counter()
+    for t, pid, stacks in samples(path):
+        x = trial_at(t, pid, trials)
+        if x and x.get("model_reused") and t >= (x.get("first_step_at") or float("inf")):
+            counts[bucket_of(stacks)] += 1
+    return dict(counts.most_common())
+
+
 def samples(path: str):
     """(time, pid, [stack of 'func (file)' innermost first] per active thread)."""
     for t, pid, body in raw_samples(path):
@@ -122,6 +164,7 @@ def main() -> None:
     ap.add_argument("--warm")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--per-trial", action="store_true")
+    ap.add_argument("--steps-breakdown", action="store_true")
     args = ap.parse_args()
     trials = []
     if args.warm:
@@ -129,6 +172,14 @@ def main() -> None:
             trials += mode.get("trials", [])
     if args.per_trial:
         per_trial(args.spy, trials)
+        return
+    if args.steps_breakdown:
+        counts = steps_breakdown(args.spy, trials)
+        active = sum(v for k, v in counts.items() if k not in ("idle", "compile"))
+        print(f"warm trials' GRPO steps: {sum(counts.values())} samples; shares of the {active} active outside compilation:")
+        for name, c in counts.items():
+            share = f"{100 * c / active:5.1f}%" if name not in ("idle", "compile") and active else "     "
+            print(f"{c:6d} {share}  {name}")
         return
     counts: dict[tuple[int, str], collections.Counter] = collections.defaultdict(collections.Counter)
     n: collections.Counter = collections.Counter()

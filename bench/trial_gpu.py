@@ -150,13 +150,14 @@ def wait_at_barrier(folder: str | Path, parties: int, timeout_s: float = 900.0, 
 
 def speed_child(which: str, model_dir: str, out: str, prompts: int = 1, gpu_share: float = 1.0,
                 steps: int | None = None, barrier: str | None = None, parties: int = 1,
-                spec_path: str | None = None) -> None:
+                spec_path: str | None = None, overrides: str = "{}") -> None:
     """One process: ours (run_trial) or bare (the tutorial's GRPOTrainer script), ``prompts`` prompts
     of SPEED["num_generations"] completions per step (the tutorial: 1); ours with ``gpu_share`` of
     the card (resources.gpu: a packed trial's share) and ``steps`` GRPO steps where given; with
     ``barrier``, ours waits there after its first GRPO step until ``parties`` trials have taken
     theirs (:func:`wait_at_barrier`), so the steps after it are taken together. ``spec_path``: ours
-    runs that spec's trial instead (``model_dir`` "-": on the spec's own model), as the CPU test does."""
+    runs that spec's trial instead (``model_dir`` "-": on the spec's own model), as the CPU test does;
+    ``overrides``: JSON {dotted.path: value} applied last to ours (e.g. lora.gradient_checkpointing)."""
     t0 = time.time()
     step_times: list[float] = []
     waited: list[float] = []
@@ -181,7 +182,8 @@ def speed_child(which: str, model_dir: str, out: str, prompts: int = 1, gpu_shar
         steps = steps or (SPEED["steps"] if gemma else None)
         spec = apply_overrides(spec, ({"model.source": model_dir} if model_dir != "-" else {})
                                | {"grpo.batch_size": prompts, "resources.gpu": gpu_share}
-                               | ({"grpo.max_steps": steps, "grpo.report_every": steps} if steps else {}))
+                               | ({"grpo.max_steps": steps, "grpo.report_every": steps} if steps else {})
+                               | json.loads(overrides))
         generations = spec.grpo.num_generations
         import grpo_ray.trial.common as common
 
@@ -380,7 +382,8 @@ def speed_packed(args: argparse.Namespace, model_dir: str) -> dict:
                 procs = [subprocess.Popen([sys.executable, __file__, "speed-child", "ours", model_dir, f, "--prompts",
                                            str(args.prompts), "--gpu-share", str(share_of(k)), "--steps",
                                            str(args.steps), "--barrier", str(barrier), "--parties", str(k)]
-                                          + (["--spec", args.spec] if args.spec else []),
+                                          + (["--spec", args.spec] if args.spec else [])
+                                          + ["--overrides", args.overrides],
                                           env=env) for f in files]
                 deadline = time.time() + args.child_timeout
                 for p in procs:
@@ -416,7 +419,8 @@ def speed(args: argparse.Namespace) -> dict:
     model_dir = args.gguf or ("-" if args.spec else str(make_random_qwen3(Path(args.model_dir))))
     if args.procs:
         config = {"model": args.gguf or ("the spec's" if args.spec else "random Qwen3-1.7B shape"),
-                  "spec": args.spec or "bench/speed_qwen3.yaml", "procs": args.procs, "mps": args.mps,
+                  "spec": args.spec or "bench/speed_qwen3.yaml", "overrides": json.loads(args.overrides),
+                  "procs": args.procs, "mps": args.mps,
                   "steps": args.steps, "prompts": args.prompts}
         return {"bench": "trial_gpu.speed", "config": SPEED | config,
                 "numbers": speed_packed(args, model_dir)}
@@ -425,7 +429,7 @@ def speed(args: argparse.Namespace) -> dict:
         out = f"/tmp/speed_{which}_p{args.prompts}.json"
         env = os.environ | {"PYTHONUNBUFFERED": "1"} | ({"GRPO_BENCH_PHASES": "1"} if args.phases else {})
         subprocess.run([sys.executable, __file__, "speed-child", which, model_dir, out, "--prompts",
-                        str(args.prompts)], check=True, env=env,
+                        str(args.prompts), "--overrides", args.overrides], check=True, env=env,
                        timeout=args.child_timeout)
         results[which] = json.loads(Path(out).read_text())
         print(which, json.dumps(results[which]), flush=True)
@@ -433,6 +437,7 @@ def speed(args: argparse.Namespace) -> dict:
     if "ours" in results and "bare" in results and results["bare"]["steady_step_s"]:
         ratio = results["ours"]["steady_step_s"] / results["bare"]["steady_step_s"]
     return {"bench": "trial_gpu.speed", "config": SPEED | {"model": args.gguf or "random Qwen3-1.7B shape", "order": args.order,
+                                                           "overrides": json.loads(args.overrides),
                                                            "phases": args.phases, "prompts": args.prompts},
             "numbers": results | {"ours_over_bare_steady_step": ratio}}
 
@@ -459,6 +464,8 @@ def main() -> None:
                    help="e.g. 1,2,4: K of our trials at once on the GPU for each K (packed), instead of ours vs bare")
     b.add_argument("--steps", type=int, default=20,
                    help="with --procs: GRPO steps per trial; all but the first are taken together (a barrier)")
+    b.add_argument("--overrides", default="{}", help="JSON {dotted.path: value} for ours' spec, e.g. "
+                   "'{\"lora.gradient_checkpointing\": false}'")
     b.add_argument("--spec", help="with --procs: pack this spec's trial on its own model instead of the 1.7B shape")
     b.add_argument("--mps", default="off", help="with --procs: off, on or off,on (on: CUDA MPS daemon during those runs)")
     b.add_argument("--out", required=True)
@@ -472,13 +479,14 @@ def main() -> None:
     c.add_argument("--barrier", help="a folder: wait there after the first GRPO step for --parties trials")
     c.add_argument("--parties", type=int, default=1)
     c.add_argument("--spec")
+    c.add_argument("--overrides", default="{}")
     d = sub.add_parser("packed-summary", help="steps by how many packed trials stepped meanwhile, from a --procs result")
     d.add_argument("result")
     d.add_argument("--smi", help="fill_session.sh's nvidia-smi CSV of the same lease: utilization at each level")
     args = ap.parse_args()
     if args.cmd == "speed-child":
         speed_child(args.which, args.model_dir, args.out, args.prompts, args.gpu_share, args.steps,
-                    args.barrier, args.parties, args.spec)
+                    args.barrier, args.parties, args.spec, args.overrides)
         return
     if args.cmd == "packed-summary":
         numbers = json.loads(Path(args.result).read_text())["numbers"]

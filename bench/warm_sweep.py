@@ -56,6 +56,8 @@ MODES = {
               "resources.cpu": 3, "search.max_concurrent_trials": "auto"},
     "auto8": {"trial.reuse_model": True, "resources.gpu": "auto", "resources.max_trials_per_gpu": 8,
               "resources.cpu": 2, "search.max_concurrent_trials": "auto"},
+    # a part to add to any mode (auto4+nockpt): activations kept, no recomputation in the backward
+    "nockpt": {"lora.gradient_checkpointing": False},
     # model.compile: false on top of reuse (one per GPU): eager training and an eager vLLM engine
     "eager": {"trial.reuse_model": True, "model.compile": False},
     "mps": {},  # the sweep under CUDA MPS (under_mps); the spec as it is
