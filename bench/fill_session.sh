@@ -18,7 +18,7 @@
 #   5. with TESTS (a pytest -k expression): those of tests/test_gpu.py (all of them took 870 s of
 #      the lease at 5446a99, most of it compilation on a cold machine; after the benchmarks, which
 #      leave the node's compile caches warm);
-#   6. unless MODES=none, bench/warm_sweep.py, MODES (default eager:3,reuse:3,pack4+eager:8) with OVERRIDES (default
+#   6. unless MODES=none, bench/warm_sweep.py (WARM_MODEL=qwen3: on the 1.7B shape), MODES (default eager:3,reuse:3,pack4+eager:8) with OVERRIDES (default
 #      20 GRPO steps per trial, a report every 5: bench/warm_summary.py times each window), under CUDA MPS when MPS is set. The lease at 5446a99 ran the
 #      default until its time ran out in the second mode;
 # with nvidia-smi every 2 s (smi.csv) and the busiest threads every 15 s (top.txt: host-side
@@ -66,7 +66,10 @@ fi
 # the whole sweep below under CUDA MPS; a mode of its own under MPS: MODES=auto4:8,auto4+mps:8
 [ -n "${MPS:-}" ] && nvidia-cuda-mps-control -d
 if [ "${MODES:-}" != none ]; then
-python3 bench/warm_sweep.py --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --out $R/warm.json \
+# WARM_MODEL=qwen3: the tutorial's model shape (random Qwen3-1.7B, bench/warm_sweep_qwen3.yaml) instead of gemma
+if [ "${WARM_MODEL:-gemma}" = qwen3 ]; then WARM_ARGS="--model random-qwen3 --spec bench/warm_sweep_qwen3.yaml"
+else WARM_ARGS="--model /tmp/models/gemma-3-270m-q4_k_m.gguf"; fi
+python3 bench/warm_sweep.py $WARM_ARGS --out $R/warm.json \
   --modes "${MODES:-eager:3,reuse:3,pack4+eager:8}" \
   --overrides "${OVERRIDES:-{\"grpo.max_steps\": 20, \"grpo.report_every\": 5\}}" > $R/warm.log 2>&1
 echo "rc=$?" >> $R/warm.log

@@ -9,6 +9,7 @@ as real sweeps through ``grpo_ray.sweep.driver.run_sweep`` (Ray Tune + Optuna), 
     packed-nockpt  the same without gradient checkpointing (lora.gradient_checkpointing: false)
     pack4, pack8   four or eight trials per GPU (resources.gpu 0.25 / 0.125; 3 / 2 CPUs each, so
                    that 8 fit a 16-core node): the density benchmark of "Fill the GPU"
+    auto    resources.gpu: auto with the default max_trials_per_gpu (2), search.max_concurrent_trials: auto
     auto4, auto8   resources.gpu: auto with max_trials_per_gpu 4 / 8 (3 / 2 CPUs each): the
                    sweep's own rule picks the density on the real card (sweep/packing.py); on the
                    lent H200 it should pick what pack4 / pack8 set by hand
@@ -28,6 +29,8 @@ processes twice, for run-to-run noise, then warm); the second runs and is record
 Usage (device, after ../shared/device/stage.sh --model; run detached, it outlasts one call):
     python bench/warm_sweep.py --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --out /tmp/res/warm.json \
         --modes reuse:12,cold:3,packed:4
+    python bench/warm_sweep.py --model random-qwen3 --spec bench/warm_sweep_qwen3.yaml \
+        --out /tmp/res/warm_qwen3.json --modes reuse:3,auto:4    # the tutorial's model shape
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ MODES = {
     "pack4": {"trial.reuse_model": True, "resources.gpu": 0.25, "resources.cpu": 3, "search.max_concurrent_trials": 4},
     "pack8": {"trial.reuse_model": True, "resources.gpu": 0.125, "resources.cpu": 2,
               "search.max_concurrent_trials": 8},
+    "auto": {"trial.reuse_model": True, "resources.gpu": "auto", "search.max_concurrent_trials": "auto"},
     "auto4": {"trial.reuse_model": True, "resources.gpu": "auto", "resources.max_trials_per_gpu": 4,
               "resources.cpu": 3, "search.max_concurrent_trials": "auto"},
     "auto8": {"trial.reuse_model": True, "resources.gpu": "auto", "resources.max_trials_per_gpu": 8,
@@ -80,7 +84,10 @@ def mode_overrides(mode: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gguf", required=True)
+    ap.add_argument("--model", "--gguf", dest="model", required=True,
+                    help="model.source: a GGUF or model folder, or random-qwen3 (a random Qwen3-1.7B shape built "
+                    "here by bench/trial_gpu.py, for --spec bench/warm_sweep_qwen3.yaml)")
+    ap.add_argument("--spec", default=str(REPO / "bench" / "warm_sweep.yaml"))
     ap.add_argument("--out", required=True)
     ap.add_argument("--modes", default="reuse:12,cold:3,packed:4", help="mode:trials, comma-separated, in order")
     ap.add_argument("--overrides", default="{}", help="JSON {dotted.path: value} applied to every mode")
@@ -90,10 +97,14 @@ def main() -> None:
     from grpo_ray.config.overrides import apply_overrides
     from grpo_ray.sweep.driver import run_sweep
 
-    base = apply_overrides(load_spec(REPO / "bench" / "warm_sweep.yaml"),
-                           {"model.source": args.gguf} | json.loads(args.overrides))
+    command = "python bench/warm_sweep.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items())
+    if args.model == "random-qwen3":
+        from trial_gpu import make_random_qwen3
+
+        args.model = str(make_random_qwen3(Path("/tmp/qwen3-1.7b-random")))
+    base = apply_overrides(load_spec(args.spec), {"model.source": args.model} | json.loads(args.overrides))
     result = {"bench": "warm_sweep", "device": device_info(), "commit": commit("src", "bench"),
-              "command": "python bench/warm_sweep.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+              "command": command,
               "config": json.loads(json.dumps(base.model_dump(mode="json", by_alias=True))), "modes": {}}
     runs_of: dict[str, int] = {}
     for item in args.modes.split(","):

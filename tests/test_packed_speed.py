@@ -144,3 +144,24 @@ def test_packed_trials_step_together_after_the_barrier_on_cpu(tmp_path):
     assert two["vs_k1"] is not None and result["config"]["spec"] == str(tmp_path / "spec.yaml")
     summary = trial_gpu.packed_summary(result["numbers"])
     assert summary["k2"]["levels"][2]["steps"] >= 6
+
+
+def test_the_density_benchmark_runs_its_modes_end_to_end_on_cpu(tmp_path):
+    # bench/warm_sweep.py as a lease runs it (real Ray Tune sweeps, one per mode), on the smoke
+    # spec's tiny model with --spec/--model: a crash in the driver would otherwise cost a lease.
+    import json
+    import subprocess
+
+    out = tmp_path / "warm.json"
+    overrides = {"storage": str(tmp_path / "runs"), "grpo.max_steps": 2, "sft.max_steps": 2,
+                 "export.enabled": False, "data.eval.size": 4}
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "warm_sweep.py"),
+                        "--model", "builtin:tiny-qwen3", "--spec", "sweeps/smoke.yaml", "--out", str(out),
+                        "--modes", "reuse:2,auto:1", "--overrides", json.dumps(overrides)],
+                       capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert "--model builtin:tiny-qwen3" in result["command"]
+    assert [len(m["trials"]) for m in result["modes"].values()] == [2, 1]
+    assert all(t["error"] is None for m in result["modes"].values() for t in m["trials"])
+    assert result["modes"]["auto"]["overrides"]["resources.gpu"] == "auto"
