@@ -291,7 +291,10 @@ def test_status_advises_packing_only_when_the_card_idles_and_twice_as_many_fit()
     assert len(lines) == 1 and lines[0].startswith("GPU busy 8% during steps with one trial per GPU")
     assert "resources.gpu: 0.5" in lines[0] and "(42 of 141 GiB)" in lines[0]  # 35.25 + 2 x 3.55
     assert lines[0] in str(status_table(idle, 0.25).caption)
-    assert advice(statuses(55.0, 38.8), 0.25) == []  # the card is busy
+    assert advice(statuses(75.0, 38.8), 0.25) == []  # the card is busy
+    # busy 55% alone still has room for a second (a 1.7B trial at 57-66% did 1.3x with two) ...
+    assert advice(statuses(55.0, 38.8), 0.25)[0].startswith("GPU busy 55% during steps with one trial per GPU")
+    assert advice(statuses(55.0, 38.8, packed=True), 0.25) == []  # ... but two at 55% are not idle
     # Already two per GPU and still idle: four, through max_trials_per_gpu, with the trade-off said.
     [four] = advice(statuses(8.0, 38.8, packed=True), 0.25)
     assert four.startswith("GPU busy 8% during steps with 2 trials per GPU, and 4 would fit (42 of 141 GiB)"), four

@@ -118,10 +118,14 @@ def last_line(error: str) -> str:
 NO_GRAD_WARN = 0.5
 CUT_WARN = 0.3
 FORMAT_WARN = 0.5
-# Under this GPU utilization during steps (%) a card running one trial waits on that trial's host
-# process most of the time: one gemma-3-270m trial kept an H200 4-9% busy, and two per GPU ran
-# 2.7x the trials per GPU-hour of one (bench/README.md, "Warm trial actors"). Two fit where the
+# Under this GPU utilization during steps (%) a card running one trial has room for a second: one
+# gemma-3-270m trial kept an H200 4-9% busy and two per GPU ran 2.7x the trials per GPU-hour of
+# one (bench/README.md, "Warm trial actors"); one Qwen3-1.7B-shape trial kept it 57-66% busy and
+# two did 1.26-1.36x the work of one, at 91% (packed_qwen3_h200_85f0640.json). Two fit where the
 # card holds the engine's share once (two half-shares) and the training memory twice.
+PACK_UTIL_WARN_ALONE = 70.0
+# ... and a card already shared: four gemma-3-270m trials at about 20% busy finished short trials
+# no faster than two (docs/performance.md, "Four and eight per GPU"), so only a card far idler.
 PACK_UTIL_WARN = 30.0
 PACK_MEMORY_SHARE = 0.9  # of the card: room for fragmentation and the CUDA contexts
 
@@ -140,6 +144,10 @@ def packing_advice(use: dict[str, Any] | None, gpu_memory_utilization: float | N
     'GPU busy 8% during steps with one trial per GPU'
     >>> packing_advice(use | {"gpu_mem_used_max_gib": 120.0}, 0.7) is None  # 98 + 2 x 22 GiB: no room
     True
+    >>> packing_advice(use | {"gpu_util_steps_mean": 60.0}, 0.25)[:48]  # a 1.7B trial alone: two do 1.3x
+    'GPU busy 60% during steps with one trial per GPU'
+    >>> packing_advice(use | {"gpu_util_steps_mean": 60.0, "trials_per_device_max": 2}, 0.25) is None
+    True
     >>> packing_advice(use | {"trials_per_device_max": 4}, 0.25)[:65]
     'GPU busy 8% during steps with 4 trials per GPU, and 8 would fit ('
     >>> "resources.gpu: 0.1666;" in packing_advice(use | {"trials_per_device_max": 3}, 0.25)  # six fit one card
@@ -151,7 +159,9 @@ def packing_advice(use: dict[str, Any] | None, gpu_memory_utilization: float | N
         return None
     k = int(use.get("trials_per_device_max", 1) or 1)
     util, used, total = use.get("gpu_util_steps_mean"), use.get("gpu_mem_used_max_gib"), use.get("gpu_mem_total_gib")
-    if util is None or used is None or not total or util >= PACK_UTIL_WARN or 2 * k > MAX_TRIALS_PER_GPU:
+    if util is None or used is None or not total or 2 * k > MAX_TRIALS_PER_GPU:
+        return None
+    if util >= (PACK_UTIL_WARN_ALONE if k == 1 else PACK_UTIL_WARN):
         return None
     engines = gpu_memory_utilization * total  # the card's engines together, at any density
     packed = engines + 2 * max(used - engines, 0.0)
@@ -159,7 +169,7 @@ def packing_advice(use: dict[str, Any] | None, gpu_memory_utilization: float | N
         return None
     now = "one trial" if k == 1 else f"{k} trials"
     how = ("resources.gpu: 0.5, with 2 x resources.cpu cores per GPU); two gemma-3-270m trials per H200 ran 2.7x "
-           "the trials per GPU-hour of one" if k == 1 else
+           "the trials per GPU-hour of one, two of the Qwen3-1.7B shape 1.3x the work at 91% busy" if k == 1 else
            f"resources.max_trials_per_gpu: {2 * k} with resources.gpu: auto, or resources.gpu: {share_of(2 * k):g}; "
            f"{2 * k} x resources.cpu cores per GPU); four gemma-3-270m trials per H200 each stepped about as fast "
            "as one alone, which pays when GRPO steps are most of a trial (docs/performance.md), but more trials at "
