@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 import subprocess
@@ -62,3 +63,17 @@ def under_mps(on: bool):
     finally:
         subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, check=False)
         time.sleep(2)  # the daemon and its server exit before the next mode's processes start
+
+
+def read_smi(path: str) -> list[tuple[float, float, float]]:
+    """(unix time, GPU utilization %, memory used MiB) per line of the benchmarks' nvidia-smi CSV
+    (``--query-gpu=timestamp,utilization.gpu,memory.used``); header and error lines are skipped."""
+    rows = []
+    for line in open(path):
+        parts = [p.strip() for p in line.split(",")]
+        try:
+            t = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").replace(tzinfo=datetime.timezone.utc)
+            rows.append((t.timestamp(), float(parts[1].rstrip(" %")), float(parts[2].split()[0])))
+        except (ValueError, IndexError):
+            continue  # a header or an error line
+    return rows

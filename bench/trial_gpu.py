@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import commit, device_info  # bench/ is on sys.path when a script here runs
+from _common import commit, device_info, read_smi  # bench/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -318,22 +318,6 @@ def level_windows(step_at: list[list[float]]) -> dict[int, list[tuple[float, flo
     return dict(sorted(out.items()))
 
 
-def smi_samples(path: str | Path) -> list[tuple[float, float, float]]:
-    """(unix time, utilization %, memory MiB) from fill_session.sh's nvidia-smi CSV (timestamp,
-    utilization.gpu, memory.used); lines that are not samples (errors, a cut last line) are skipped."""
-    from datetime import datetime, timezone
-
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        p = [x.strip() for x in line.split(",")]
-        try:
-            t = datetime.strptime(p[0], "%Y/%m/%d %H:%M:%S.%f").replace(tzinfo=timezone.utc).timestamp()
-            rows.append((t, float(p[1].split()[0]), float(p[2].split()[0])))
-        except (ValueError, IndexError):
-            continue
-    return rows
-
-
 def packed_summary(numbers: dict, smi: list[tuple[float, float, float]] | None = None) -> dict:
     """For each packed run (k1, k2, ...) of a --procs result: steps by concurrency (with the card's
     mean NVML utilization and peak memory at each level when ``smi`` samples are given), and the
@@ -490,7 +474,7 @@ def main() -> None:
         return
     if args.cmd == "packed-summary":
         numbers = json.loads(Path(args.result).read_text())["numbers"]
-        print(json.dumps(packed_summary(numbers, smi_samples(args.smi) if args.smi else None), indent=2))
+        print(json.dumps(packed_summary(numbers, read_smi(args.smi) if args.smi else None), indent=2))
         return
     t0 = time.time()
     result = learn(args) if args.cmd == "learn" else speed(args)

@@ -16,9 +16,10 @@ below ``grpo.max_steps``) for it to have something to sort."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
+
+from _common import read_smi  # bench/ is on sys.path when a script here runs
 
 COLS = ["model_reused", "load_s", "startup_s", "sft_setup_s", "sft_seconds", "eval_seconds", "grpo_setup_s",
         "grpo_step_s", "elapsed_s", "first_step_reward", "gpu_max_allocated_gib", "sft_compile_s", "compile_s",
@@ -27,19 +28,6 @@ COLS = ["model_reused", "load_s", "startup_s", "sft_setup_s", "sft_seconds", "ev
 
 def _f(v: object) -> str:
     return f"{v:8.2f}" if isinstance(v, (int, float)) else f"{str(v)[:8]:>8}"
-
-
-def read_smi(path: str) -> list[tuple[float, float, float]]:
-    """(unix time, GPU utilization %, memory used MiB) per nvidia-smi line."""
-    rows = []
-    for line in open(path):
-        parts = [p.strip() for p in line.split(",")]
-        try:
-            t = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").replace(tzinfo=datetime.timezone.utc)
-            rows.append((t.timestamp(), float(parts[1].rstrip(" %")), float(parts[2].split()[0])))
-        except (ValueError, IndexError):
-            continue  # a header or an error line
-    return rows
 
 
 def gpu_use(smi: list[tuple[float, float, float]], trial: dict) -> str:

@@ -107,7 +107,7 @@ def test_packed_summary_joins_levels_with_the_cards_samples(tmp_path):
     a = {"completions_per_step": 8, "step_at": [base + t for t in (0, 4, 10, 13, 16, 19)]}
     b = {"completions_per_step": 8, "step_at": [base + t for t in (10, 13, 16, 19, 22, 30)]}
     numbers = {"k1": {"runs": [one]}, "k2": {"runs": [a, b]}, "k4": {"runs": []}}
-    r = trial_gpu.packed_summary(numbers, trial_gpu.smi_samples(smi))
+    r = trial_gpu.packed_summary(numbers, trial_gpu.read_smi(str(smi)))
     assert set(r) == {"k1", "k2"}  # a run that left no trial's numbers is left out
     assert r["k1"]["levels"][1]["vs_alone"] == 1.0
     two = r["k2"]["levels"][2]
