@@ -185,6 +185,11 @@ def speed_child(which: str, model_dir: str, out: str, prompts: int = 1, gpu_shar
                                | ({"grpo.max_steps": steps, "grpo.report_every": steps} if steps else {})
                                | json.loads(overrides))
         generations = spec.grpo.num_generations
+        from grpo_ray.trial.backends import import_backend_first
+
+        # Unsloth before the module below imports transformers, as run_trial would have it: the
+        # packed runs at 85f0640 printed "Unsloth should be imported before [transformers, peft]".
+        import_backend_first(spec.backend, spec.model.compile)
         import grpo_ray.trial.common as common
 
         orig = common.StepReporter.on_log
