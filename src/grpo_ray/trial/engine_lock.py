@@ -125,13 +125,21 @@ def _hook_worker(module_name: str, method: str, call_first: Callable[[Any], None
 def _hook_vllm_warmup(module_name: str = VLLM_WORKER) -> bool:
     """Make vLLM's ``Worker.compile_or_warm_up_model`` call :data:`_at_warmup` first; False when
     this vLLM has no such method (the lock is then held to the end of the load, as before)."""
-    return _hook_worker(module_name, "compile_or_warm_up_model", lambda worker: [fn() for fn in list(_at_warmup)])
+    def call_registered(worker: Any) -> None:
+        for fn in list(_at_warmup):
+            fn()
+
+    return _hook_worker(module_name, "compile_or_warm_up_model", call_registered)
 
 
 def _hook_vllm_sizing(module_name: str = VLLM_WORKER) -> bool:
     """Make vLLM's ``Worker.determine_available_memory`` (where it sizes the KV cache) call
     :data:`_at_sizing` first, with the worker."""
-    return _hook_worker(module_name, "determine_available_memory", lambda worker: [fn(worker) for fn in list(_at_sizing)])
+    def call_registered(worker: Any) -> None:
+        for fn in list(_at_sizing):
+            fn(worker)
+
+    return _hook_worker(module_name, "determine_available_memory", call_registered)
 
 
 @contextmanager
