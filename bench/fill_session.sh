@@ -21,6 +21,8 @@
 #   6. unless MODES=none, bench/warm_sweep.py (WARM_MODEL=qwen3: on the 1.7B shape), MODES (default eager:3,reuse:3,pack4+eager:8) with OVERRIDES (default
 #      20 GRPO steps per trial, a report every 5: bench/warm_summary.py times each window), under CUDA MPS when MPS is set. The lease at 5446a99 ran the
 #      default until its time ran out in the second mode;
+# ORDER (default "share speed packed gemma_ckpt gemma_phases tests modes") runs the steps in another
+# order or fewer of them, e.g. ORDER="modes tests gemma_ckpt": what matters most first.
 # with nvidia-smi every 2 s (smi.csv) and the busiest threads every 15 s (top.txt: host-side
 # contention of packed trials).
 set -u
@@ -31,11 +33,14 @@ R=/tmp/res
 mkdir -p $R
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 2 > $R/smi.csv 2>&1 &
 (while sleep 15; do date -u +%FT%TZ; top -b -H -n 1 -w 160 | sed -n 7,22p; done) > $R/top.txt 2>&1 &
+step_share() {
 if [ -n "${SHARE:-}" ]; then  # do packed processes serialize on the GPU? (bench/share_gpu.py), e.g. SHARE=1,2,4,8
   python3 bench/share_gpu.py --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --procs "$SHARE" --mps off,on --steps 8 \
     --out $R/share.json > $R/share.log 2>&1
   echo "rc=$?" >> $R/share.log
 fi
+}
+step_speed() {
 SPEED=${SPEED:-}
 for run in ${SPEED//,/ }; do  # the 1.7B step: plain (the speed comparison), phases (the profile); :N prompts per step
   how=${run%%:*}; prompts=1; [ "$how" != "$run" ] && prompts=${run#*:}
@@ -43,10 +48,14 @@ for run in ${SPEED//,/ }; do  # the 1.7B step: plain (the speed comparison), pha
     --out $R/speed_${how}_p$prompts.json > $R/speed_${how}_p$prompts.log 2>&1
   echo "rc=$?" >> $R/speed_${how}_p$prompts.log
 done
+}
+step_packed() {
 if [ -n "${PACKED:-}" ]; then  # is the 1.7B step's card shareable? (auto packs it two per H200 since 85f0640)
   python3 bench/trial_gpu.py speed --procs "$PACKED" --mps "${PACKED_MPS:-off}" --out $R/packed.json > $R/packed.log 2>&1
   echo "rc=$?" >> $R/packed.log
 fi
+}
+step_gemma_ckpt() {
 GEMMA_CKPT=${GEMMA_CKPT:-}
 for ckpt in ${GEMMA_CKPT//,/ }; do  # gemma-3-270m's plain step with lora.gradient_checkpointing unsloth / false
   [ "$ckpt" = unsloth ] && v='"unsloth"' || v=$ckpt
@@ -54,18 +63,24 @@ for ckpt in ${GEMMA_CKPT//,/ }; do  # gemma-3-270m's plain step with lora.gradie
     --overrides "{\"lora.gradient_checkpointing\": $v}" --out $R/speed_gemma_ckpt_$ckpt.json > $R/speed_gemma_ckpt_$ckpt.log 2>&1
   echo "rc=$?" >> $R/speed_gemma_ckpt_$ckpt.log
 done
+}
+step_gemma_phases() {
 if [ -n "${GEMMA_PHASES:-}" ]; then  # where gemma-3-270m's ~2 s GRPO step goes (bench/warm_sweep.yaml's trial)
   python3 bench/trial_gpu.py speed --phases --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf \
     --out $R/speed_gemma_phases.json > $R/speed_gemma_phases.log 2>&1
   echo "rc=$?" >> $R/speed_gemma_phases.log
 fi
-if [ -n "${TESTS:-}" ]; then  # a pytest -k expression, e.g. TESTS=in_place (after the benchmarks: on a cold machine they compile for minutes)
+}
+step_tests() {
+if [ -n "${TESTS:-}" ]; then  # a pytest -k expression, e.g. TESTS=in_place (on a cold machine they compile for minutes)
   python3 -m pytest tests/test_gpu.py -m gpu -k "$TESTS" -x -p no:cacheprovider --durations=0 > $R/gpu_tests.log 2>&1
   echo "rc=$?" >> $R/gpu_tests.log
 fi
+}
+step_modes() {
+[ "${MODES:-}" = none ] && return
 # the whole sweep below under CUDA MPS; a mode of its own under MPS: MODES=auto4:8,auto4+mps:8
 [ -n "${MPS:-}" ] && nvidia-cuda-mps-control -d
-if [ "${MODES:-}" != none ]; then
 # WARM_MODEL=qwen3: the tutorial's model shape (random Qwen3-1.7B, bench/warm_sweep_qwen3.yaml) instead of gemma
 if [ "${WARM_MODEL:-gemma}" = qwen3 ]; then WARM_ARGS="--model random-qwen3 --spec bench/warm_sweep_qwen3.yaml"
 else WARM_ARGS="--model /tmp/models/gemma-3-270m-q4_k_m.gguf"; fi
@@ -73,6 +88,11 @@ python3 bench/warm_sweep.py $WARM_ARGS --out $R/warm.json \
   --modes "${MODES:-eager:3,reuse:3,pack4+eager:8}" \
   --overrides "${OVERRIDES:-{\"grpo.max_steps\": 20, \"grpo.report_every\": 5\}}" > $R/warm.log 2>&1
 echo "rc=$?" >> $R/warm.log
-fi
 [ -n "${MPS:-}" ] && echo quit | nvidia-cuda-mps-control
+}
+# ORDER: which steps run, in that order (a lease can end at any point: put first what matters most)
+for step in ${ORDER:-share speed packed gemma_ckpt gemma_phases tests modes}; do
+  declare -F step_$step > /dev/null || { echo "fill_session: no step '$step' in ORDER" >&2; continue; }
+  step_$step
+done
 touch $R/DONE
