@@ -22,7 +22,9 @@
 #      20 GRPO steps per trial, a report every 5: bench/warm_summary.py times each window), under CUDA MPS when MPS is set. The lease at 5446a99 ran the
 #      default until its time ran out in the second mode;
 # ORDER (default "share speed packed gemma_ckpt gemma_phases tests modes") runs the steps in another
-# order or fewer of them, e.g. ORDER="modes tests gemma_ckpt": what matters most first.
+# order or fewer of them, e.g. ORDER="modes decode gemma_ckpt tests": what matters most first; the
+# step "decode" (only when named) is bench/vllm_decode.py --profile: the 1.7B's vLLM decode with and
+# without its LoRA.
 # with nvidia-smi every 2 s (smi.csv) and the busiest threads every 15 s (top.txt: host-side
 # contention of packed trials).
 set -u
@@ -54,6 +56,10 @@ if [ -n "${PACKED:-}" ]; then  # is the 1.7B step's card shareable? (auto packs 
   python3 bench/trial_gpu.py speed --procs "$PACKED" --mps "${PACKED_MPS:-off}" --out $R/packed.json > $R/packed.log 2>&1
   echo "rc=$?" >> $R/packed.log
 fi
+}
+step_decode() {  # the 1.7B decode with and without the LoRA (bench/vllm_decode.py): what stands between the step and 0.7 s
+  python3 bench/vllm_decode.py --profile --out $R/decode.json > $R/decode.log 2>&1
+  echo "rc=$?" >> $R/decode.log
 }
 step_gemma_ckpt() {
 GEMMA_CKPT=${GEMMA_CKPT:-}
