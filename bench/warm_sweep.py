@@ -15,6 +15,8 @@ as real sweeps through ``grpo_ray.sweep.driver.run_sweep`` (Ray Tune + Optuna), 
                    lent H200 it should pick what pack4 / pack8 set by hand
     eager   one per GPU with model.compile: false (no torch.compile, no CUDA graphs)
     fixedkv model.kv_cache_gib: 1.0, a fixed KV cache per engine (auto8+fixedkv: eight per GPU)
+    pad     lora.pad_rank: true, every trial's LoRA the search's largest rank wide, so a warm trial
+            of another rank reuses the compiled graphs (auto4:8,auto4+pad:8: its compile_s against none)
     mps     no spec change: the mode runs under CUDA MPS (the daemon started before its sweep
             and stopped after), so auto4 and auto4+mps compare in one lease
     a+b     modes merged left to right: pack4+eager is four per GPU, eager
@@ -69,6 +71,9 @@ MODES = {
     # start without queueing for each other's sizing. gemma-3-270m needs 18 KiB per token (18 layers,
     # one KV head of 256), 16 sequences of 320 tokens: 90 MiB
     "fixedkv": {"model.kv_cache_gib": 1.0},
+    # a part to add to any mode (auto4+pad): the trials' LoRA padded to the search's largest rank
+    # (lora.pad_rank), so warm trials that change rank keep the adapter's shapes and compile nothing
+    "pad": {"lora.pad_rank": True},
 }
 
 

@@ -115,6 +115,49 @@ def test_a_warm_unsloth_model_takes_the_next_trials_lora_in_place(gemma_gguf):
     assert 0 <= final["eval_accuracy"] <= 1 and final["completion_length"] > 0
 
 
+def test_a_padded_warm_unsloth_trial_keeps_the_adapters_shape(gemma_gguf):
+    """lora.pad_rank on Unsloth + vLLM: trial A (rank 16) then trial B (rank 8), both padded to
+    the search's 16, in one process. B's LoRA weights are A's Parameter objects; B's padding is
+    still exactly zero after its SFT and GRPO (Unsloth's LoRA kernels, adamw_8bit); B saves rank
+    8 with alpha 16 and evaluates through vLLM with the padded adapter (r 16, lora_alpha 32).
+    Printed for the lease: B's compiled_graphs and compile_s, what padding is for (a warm trial
+    that changed rank recompiled 32-34 graphs at 0cf12c9)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from grpo_ray.trial import warm
+    from grpo_ray.trial.run import run_trial
+
+    def lora(model):
+        return {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+
+    spec = _short_spec(gemma_gguf)
+    run_trial({"lora.rank": 16, "lora.pad_rank": True}, spec, report=lambda m, d: None)
+    model = warm._warm.backend.model
+    ids = {n: id(p) for n, p in lora(model).items()}
+    reports = []
+
+    def report(m, d):
+        live = lora(warm._warm.backend.model)
+        moved = [n for n, p in live.items() if (p[8:] if ".lora_A." in n else p[:, 8:]).count_nonzero()]
+        widths = {p.shape[0] for n, p in live.items() if ".lora_A." in n}
+        reports.append((m, load_file(f"{d}/adapter_model.safetensors"),
+                        json.loads(open(f"{d}/adapter_config.json").read()), moved, widths))
+
+    final = run_trial({"lora.rank": 8, "lora.pad_rank": True, "grpo.learning_rate": 2e-5}, spec, report=report)
+    assert warm._warm.backend.model is model and {n: id(p) for n, p in lora(model).items()} == ids
+    for m, saved, config, moved, widths in reports:
+        assert m["model_reused"] == 1.0 and m["lora_tensor_rank"] == 16 and widths == {16}
+        assert not moved, moved[:3]
+        assert (config["r"], config["lora_alpha"]) == (8, 16)
+        assert {tuple(v.shape)[0] for k, v in saved.items() if "lora_A" in k} == {8}
+    # B trained (its B matrices start at zero), so its padding had gradients' chances to move
+    assert any(v.count_nonzero() for k, v in reports[0][1].items() if "lora_B" in k)
+    print("PADDED WARM TRIAL B: compiled_graphs", final["compiled_graphs"], "compile_s", final["compile_s"])
+    assert 0 <= final["eval_accuracy"] <= 1 and final["completion_length"] > 0
+
+
 def test_vllm_share_too_small_names_the_setting_to_raise(gemma_gguf):
     """A real refusal, not a synthetic one: 0.5% of an H100 (~0.4 GiB) cannot hold gemma's
     weights plus a KV cache, and the trial must say which setting to raise."""

@@ -45,6 +45,13 @@ def test_mps_mode_runs_its_sweep_between_the_daemons_start_and_quit(tmp_path, mo
     import warm_sweep
 
     assert warm_sweep.mode_overrides("auto4+mps") == warm_sweep.mode_overrides("auto4")
+    # lora.pad_rank on top of any mode, and a spec the benchmark's own validates with
+    assert warm_sweep.mode_overrides("auto4+pad") == warm_sweep.mode_overrides("auto4") | {"lora.pad_rank": True}
+    from grpo_ray.config.load import load_spec
+    from grpo_ray.config.overrides import apply_overrides
+
+    bench = load_spec(Path(warm_sweep.__file__).parent / "warm_sweep.yaml")
+    assert apply_overrides(bench, warm_sweep.mode_overrides("auto4+pad")).lora.pad_rank
     with warm_sweep.under_mps(False):
         pass
     assert not log.exists()

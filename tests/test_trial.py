@@ -5,6 +5,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from grpo_ray.config.load import load_spec
@@ -168,6 +169,47 @@ def test_a_retried_trial_resumes_from_its_checkpoint(trial_run, tmp_path):
     a = load_file(step2 / "adapter_model.safetensors")
     b = load_file(resumed[-1][1] / "adapter_model.safetensors")
     assert set(a) == set(b) and all((a[k] == b[k]).all() for k in a)
+
+
+def test_a_rank_r_checkpoint_resumes_into_a_padded_model(trial_run, tmp_path):
+    """The same step-2 checkpoint (rank 4, as every checkpoint is saved) retried with
+    lora.pad_rank: the model's adapter is the search's largest rank wide (8 here), the checkpoint
+    fills its first rows and columns, and the retry continues as the unpadded retry does: with
+    a learning rate of 1e-30 its adapter is exactly the checkpoint's, with a real one every
+    report equals the unpadded retry's (trial/common.py load_lora_weights)."""
+    from grpo_ray.trial import warm
+
+    spec, reports, _ = trial_run
+    step2 = reports[0][1]
+    widths = []
+
+    def resume(config, keep):
+        runs, report = _keeper(keep)
+
+        def with_width(metrics, ckpt_dir):
+            model = warm._warm.backend.model
+            widths.append({p.shape[0] for n, p in model.named_parameters() if ".lora_A." in n})
+            report(metrics, ckpt_dir)
+
+        warm.release()
+        run_trial(config, spec, report=with_width, resume_from=step2)
+        warm.release()
+        return runs
+
+    still = resume(CONFIG | {"grpo.learning_rate": 1e-30, "lora.pad_rank": True}, tmp_path / "still")
+    assert widths and all(w == {8} for w in widths)  # trained padded: a no-op padding fails here
+    a = load_file(step2 / "adapter_model.safetensors")
+    b = load_file(still[-1][1] / "adapter_model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    padded = resume(CONFIG | {"grpo.learning_rate": 1e-3, "lora.pad_rank": True}, tmp_path / "padded")
+    plain = resume(CONFIG | {"grpo.learning_rate": 1e-3}, tmp_path / "plain")
+    assert [m["step"] for m, _ in padded] == [m["step"] for m, _ in plain] == [4]
+    for (m_p, d_p), (m_u, d_u) in zip(padded, plain):
+        for key in ("reward", "reward_weighted", "eval_accuracy", "completion_length", "sft_lora_norm"):
+            assert m_p[key] == m_u[key] or (math.isnan(m_p[key]) and math.isnan(m_u[key])), key
+        w_p, w_u = load_file(d_p / "adapter_model.safetensors"), load_file(d_u / "adapter_model.safetensors")
+        assert set(w_p) == set(w_u) and all(torch.equal(w_p[k], w_u[k]) for k in w_u)
+        assert any(not torch.equal(w_u[k], a[k]) for k in a)  # the retry trained: the check has teeth
 
 
 def test_unsloth_compiled_cache_is_shared_by_the_trials_of_a_node(monkeypatch, tmp_path):

@@ -94,15 +94,70 @@ def guard_errors(fn: Callable[[], T], spec: SweepSpec) -> T:
 
 
 def load_lora_weights(model: Any, adapter_dir: Path) -> None:
-    """Put a saved adapter's LoRA weights into ``model`` (a PEFT model of the same rank and targets)."""
-    from peft import set_peft_model_state_dict
+    """Put a saved adapter's LoRA weights into ``model`` (a PEFT model with the same targets).
+
+    A checkpoint holds the trial's own rank (:func:`save_lora_adapter`); a model built with
+    ``lora.pad_rank`` is wider: the saved A fills the first rows, B the first columns, the rest
+    is zero, as :func:`init_lora` leaves it.
+    """
+    import torch
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     weights = load_file(str(Path(adapter_dir, "adapter_model.safetensors")))
+    own = get_peft_model_state_dict(model)  # the same keys save_pretrained wrote
+    for key, t in weights.items():
+        want = own.get(key)
+        if want is None or want.shape == t.shape or t.dim() != 2:
+            continue  # a size mismatch left here is set_peft_model_state_dict's to report
+        pad_a = ".lora_A." in key and t.shape[1] == want.shape[1] and t.shape[0] < want.shape[0]
+        pad_b = ".lora_B." in key and t.shape[0] == want.shape[0] and t.shape[1] < want.shape[1]
+        if pad_a or pad_b:
+            wide = torch.zeros(want.shape, dtype=t.dtype)
+            wide[: t.shape[0], : t.shape[1]] = t
+            weights[key] = wide
     result = set_peft_model_state_dict(model, weights)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise RuntimeError(f"{adapter_dir}: adapter weights this model has no place for: {unexpected[:3]}")
+
+
+def save_lora_adapter(model: Any, out_dir: Path, spec: SweepSpec) -> None:
+    """``model.save_pretrained(out_dir)``, at the trial's own rank and alpha.
+
+    With ``lora.pad_rank`` the model's adapter is :func:`adapter_rank` wide and PEFT writes it
+    so. Everything saved (every checkpoint, the best adapter, what export merges and converts)
+    must be the trial's real adapter, so that it loads into an unpadded model, merges, converts
+    to GGUF and reads back like any other, and no reader ever sees the padding: A is cut to its
+    first ``rank`` rows, B to its first ``rank`` columns, and adapter_config.json gets the
+    trial's rank and alpha. The cut-off part must be zero (training keeps it so:
+    tests/test_pad_rank.py); if it is not, cutting would change the adapter, and this refuses.
+    """
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model.save_pretrained(str(out_dir))
+    r, width = spec.lora.rank, adapter_rank(spec)
+    if width == r:
+        return
+    path = Path(out_dir, "adapter_model.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        weights = {k: f.get_tensor(k) for k in f.keys()}
+    for key, t in weights.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            keep, rest = (t[:r], t[r:]) if ".lora_A." in key else (t[:, :r], t[:, r:])
+            if rest.count_nonzero():
+                raise RuntimeError(f"{key}: the padding past rank {r} (lora.pad_rank) is not zero; the adapter "
+                                   "cannot be cut to its rank without changing it")
+            weights[key] = keep.contiguous()
+    save_file(weights, str(path), metadata=metadata)
+    config_path = Path(out_dir, "adapter_config.json")
+    config = json.loads(config_path.read_text())
+    config["r"], config["lora_alpha"] = r, lora_alpha(spec)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def save_tokenizer(tokenizer: Any, out_dir: Path, cache_dir: Path) -> None:
@@ -144,27 +199,69 @@ def seed_adapter_init(spec: SweepSpec) -> None:
 ADAPTER = "default"  # the one adapter a trial trains; saved, exported and served under this name
 
 
+def adapter_rank(spec: SweepSpec) -> int:
+    """The rank of the adapter's tensors: the trial's ``lora.rank``, or with ``lora.pad_rank``
+    the largest the search can sample (what vLLM reserves), so every trial's adapter has one shape."""
+    r = spec.lora.rank
+    return max(spec.max_lora_rank(), r) if spec.lora.pad_rank else r
+
+
+def peft_lora_alpha(spec: SweepSpec) -> int | float:
+    """The ``lora_alpha`` PEFT gets for an adapter :func:`adapter_rank` wide.
+
+    PEFT scales by lora_alpha / r, and so does vLLM (Unsloth hands it the PEFT config), so a
+    padded adapter gets alpha x width / rank: the same scaling, alpha / rank, as the trial's own.
+    An int where it divides (the default alpha, 2 x rank, always does), else a float.
+    """
+    r, width = spec.lora.rank, adapter_rank(spec)
+    q, rem = divmod(lora_alpha(spec) * width, r)
+    return q if rem == 0 else lora_alpha(spec) * width / r
+
+
 def init_lora(model: Any, spec: SweepSpec) -> None:
-    """Initialise every LoRA weight of ``model`` from ``spec``'s seed alone.
+    """Initialise every LoRA weight of ``model`` from ``spec``'s seed alone, and set its scaling.
 
     PEFT's init (A: kaiming-uniform, B: zero), drawn from a generator of our own in module
     order, so a trial's adapter starts the same whichever way it was made: a fresh
     ``get_peft_model``, or :func:`resize_lora` on a warm actor's model (trial/warm.py).
+
+    An adapter wider than the trial's rank (``lora.pad_rank``) gets the same draw in its first
+    ``rank`` rows of A, and zeros in the rest of A and in B: the same function and the same
+    numbers as the unpadded adapter. The padding then stays zero in training: the gradient of
+    A's padded rows is B_pad^T g x^T and B's padded columns are zero; that of B's padded
+    columns is g (A_pad x)^T and A's padded rows are zero; AdamW moves a zero weight with a
+    zero gradient nowhere. The scaling is set to alpha / rank, not left to PEFT's
+    lora_alpha / width (:func:`peft_lora_alpha`), which could differ in the last bit.
     """
     import math
 
     import torch
     from peft.tuners.lora import LoraLayer
 
+    r, width = spec.lora.rank, adapter_rank(spec)
+    scaling = lora_alpha(spec) / r
     gen = torch.Generator().manual_seed(spec.grpo.seed)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-                a, b = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
-                bound = 1 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT
-                a.copy_(torch.empty(a.shape).uniform_(-bound, bound, generator=gen))
-                b.zero_()
-                a.grad = b.grad = None
+            if not isinstance(module, LoraLayer) or ADAPTER not in module.r:
+                continue
+            # Padding is for Linear layers' LoRA: an embedding's (PEFT's own init, left as it is)
+            # starts with A zero and B drawn, and its padded rows of A would train.
+            if width != r and (ADAPTER not in module.lora_A or type(module.lora_A[ADAPTER]) is not torch.nn.Linear):
+                raise ValueError(f"lora.pad_rank: the LoRA of a {type(module).__name__} layer (from "
+                                 "lora.target_modules) cannot be padded; set lora.pad_rank: false or drop that "
+                                 "module from lora.target_modules")
+            if ADAPTER not in module.lora_A:
+                continue
+            a, b = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
+            if a.shape[0] != width or b.shape[1] != width:
+                raise RuntimeError(f"a LoRA of rank {a.shape[0]} where {width} was built")
+            bound = 1 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT
+            a[:r].copy_(torch.empty(r, *a.shape[1:]).uniform_(-bound, bound, generator=gen))
+            a[r:].zero_()
+            b.zero_()
+            a.grad = b.grad = None
+            module.scaling[ADAPTER] = scaling
 
 
 def lora_norm(model: Any) -> float:
@@ -190,9 +287,12 @@ def resize_lora(model: Any, spec: SweepSpec, made_for: SweepSpec | None) -> bool
     A warm actor's next trial would otherwise unload the LoRA and wrap the model again, which
     on Unsloth costs seconds of patching per trial. ``made_for``: the spec the model's current
     adapter was made for. Returns False, changing nothing, when there is none or its LoRA
-    settings differ from ``spec``'s in more than rank and alpha (targets, dropout), or the
-    adapter is of a kind this does not resize (DoRA, rsLoRA, bias, embeddings...): the caller
-    then builds it afresh.
+    settings differ from ``spec``'s in more than rank, alpha and padding (targets, dropout), or
+    the adapter is of a kind this does not resize (DoRA, rsLoRA, bias, embeddings...): the
+    caller then builds it afresh.
+
+    An adapter already :func:`adapter_rank` wide (``lora.pad_rank``: every trial's is the
+    search's largest rank) keeps its Parameter objects; :func:`init_lora` copies into them.
 
     The targets are compared in the two specs, not in the PEFT config: Unsloth hands PEFT a
     regex of its own for an explicit module list (its vision-model path, which Gemma 3 takes),
@@ -205,7 +305,7 @@ def resize_lora(model: Any, spec: SweepSpec, made_for: SweepSpec | None) -> bool
 
     if made_for is None or not isinstance(model, PeftModel) or list(model.peft_config) != [ADAPTER]:
         return False
-    own = {"rank", "alpha"}
+    own = {"rank", "alpha", "pad_rank"}  # a padded and an unpadded trial differ only in the adapter's shape
     if made_for.lora.model_dump(exclude=own) != spec.lora.model_dump(exclude=own):
         return False
     cfg = model.peft_config[ADAPTER]
@@ -215,26 +315,58 @@ def resize_lora(model: Any, spec: SweepSpec, made_for: SweepSpec | None) -> bool
     if not layers or any(list(m.lora_A) != [ADAPTER] or len(m.lora_embedding_A)
                          or type(m.lora_A[ADAPTER]) is not torch.nn.Linear for m in layers):
         return False
-    r, alpha = spec.lora.rank, lora_alpha(spec)
+    width, alpha = adapter_rank(spec), peft_lora_alpha(spec)
     for m in layers:
-        if m.r[ADAPTER] != r:
+        a, b = m.lora_A[ADAPTER], m.lora_B[ADAPTER]
+        if a.weight.shape[0] != width or b.weight.shape[1] != width:
             # New weights of the new shape inside the same Linear modules: the graphs
             # torch.compile made of the decoder blocks (Unsloth compiles them) are guarded on the
             # modules they saw, and a rank (shape) seen before is served from the compile cache.
             # torch.empty: no draw from the global RNG, which a fresh actor would not make either.
-            a, b = m.lora_A[ADAPTER], m.lora_B[ADAPTER]
-            a.weight = torch.nn.Parameter(torch.empty(r, a.in_features, device=a.weight.device, dtype=a.weight.dtype))
-            b.weight = torch.nn.Parameter(torch.empty(b.out_features, r, device=b.weight.device, dtype=b.weight.dtype))
-            a.out_features = b.in_features = r
-        m.r[ADAPTER], m.lora_alpha[ADAPTER], m.scaling[ADAPTER] = r, alpha, alpha / r
+            a.weight = torch.nn.Parameter(torch.empty(width, a.in_features, device=a.weight.device,
+                                                      dtype=a.weight.dtype))
+            b.weight = torch.nn.Parameter(torch.empty(b.out_features, width, device=b.weight.device,
+                                                      dtype=b.weight.dtype))
+            a.out_features = b.in_features = width
+        # PEFT's r is the tensors' width; the scaling is the trial's alpha / rank (as init_lora sets it).
+        m.r[ADAPTER], m.lora_alpha[ADAPTER], m.scaling[ADAPTER] = width, alpha, lora_alpha(spec) / spec.lora.rank
     # A new config object, not the old one edited: unsloth_zoo caches the vLLM LoRA config it
     # derives from it by identity (vllm_utils._live_lora_config), and would otherwise serve
     # GRPO's generation the previous trial's rank and alpha.
     # A shallow copy: dataclasses.replace would run LoraConfig's checks again on what Unsloth set.
     new = copy.copy(cfg)
-    new.r, new.lora_alpha = r, alpha
+    new.r, new.lora_alpha = width, alpha
     model.peft_config[ADAPTER] = new
     return True
+
+
+def applied_lora(model: Any, spec: SweepSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The LoRA ``model`` trains, read back from its layers: ``({spec field: value}, details)``.
+
+    By spec field (reported as ``effective/lora.rank``...): the trial's rank, the alpha its
+    layers' scaling gives at that rank, and ``lora.pad_rank``. A padded trial's rank is its
+    own, not the tensors' width: the update B A it trains has rank at most ``rank`` (the
+    padding is zero). The details (``effective_config.json``) say what it was trained as: the
+    tensors' width, and the r and lora_alpha PEFT (and vLLM) were given.
+    """
+    import math
+
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
+    widths = sorted({m.lora_A[ADAPTER].weight.shape[0] for m in layers})
+    scalings = sorted({m.scaling[ADAPTER] for m in layers})
+    r = spec.lora.rank
+    alpha = scalings[0] * r if len(scalings) == 1 else None
+    if alpha is not None and math.isclose(alpha, round(alpha), rel_tol=1e-9):
+        alpha = round(alpha)
+    cfg = model.peft_config[ADAPTER]
+    ran = {"lora.rank": r, "lora.alpha": alpha, "lora.pad_rank": spec.lora.pad_rank}
+    details = {"rank": r, "alpha": alpha, "pad_rank": spec.lora.pad_rank,
+               "tensor_rank": widths[0] if len(widths) == 1 else widths,
+               "scaling": scalings[0] if len(scalings) == 1 else scalings,
+               "peft_r": cfg.r, "peft_lora_alpha": cfg.lora_alpha}
+    return ran, details
 
 
 def instance_forward(model: Any) -> Any:

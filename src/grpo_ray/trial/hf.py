@@ -12,14 +12,16 @@ from typing import Any, Callable
 from grpo_ray.config.spec import SweepSpec
 from grpo_ray.trial.workdirs import make_workdir
 from grpo_ray.trial.common import (
+    adapter_rank,
     guard_errors,
     init_lora,
     instance_forward,
     load_lora_weights,
-    lora_alpha,
+    peft_lora_alpha,
     prepare_tokenizer,
     resize_lora,
     restore_forward,
+    save_lora_adapter,
     save_tokenizer,
     seed_adapter_init,
 )
@@ -54,7 +56,8 @@ class HFBackend:
         """Give the model a fresh LoRA of ``spec``'s rank, initialised from its seed.
 
         A warm model's adapter is resized in place (common.resize_lora); otherwise the LoRA
-        layers come out and PEFT wraps the model again. Both end in the same seeded init.
+        layers come out and PEFT wraps the model again. Both end in the same seeded init. With
+        ``lora.pad_rank`` the adapter is the search's largest rank wide (common.adapter_rank).
         """
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -64,8 +67,8 @@ class HFBackend:
         else:
             base = self.model.unload() if isinstance(self.model, PeftModel) else self.model  # LoRA layers out
             lora = LoraConfig(
-                r=spec.lora.rank,
-                lora_alpha=lora_alpha(spec),
+                r=adapter_rank(spec),  # the trial's rank, or the search's largest (lora.pad_rank)
+                lora_alpha=peft_lora_alpha(spec),
                 lora_dropout=spec.lora.dropout,
                 target_modules=spec.lora.target_modules,
                 task_type="CAUSAL_LM",
@@ -149,5 +152,5 @@ class HFBackend:
         load_lora_weights(self.model, adapter_dir)
 
     def save_adapter(self, out_dir: Path) -> None:
-        self.model.save_pretrained(str(out_dir))
+        save_lora_adapter(self.model, out_dir, self._spec)  # the trial's own rank, padded or not
         save_tokenizer(self.tokenizer, out_dir, self._workdir / "tokenizer")

@@ -114,6 +114,7 @@ class EffectiveRecord:
         self.ran: dict[str, Any] = {}
         self.changes: dict[tuple[str, str], str] = {}  # (stage, TRL argument) -> description
         self.full: dict[str, dict[str, Any]] = {}
+        self.lora: dict[str, Any] = {}  # the adapter as the model holds it (common.applied_lora)
 
     def record(self, stage: str, args: Any, ran: dict[str, Any], changes: list[Any]) -> None:
         from grpo_ray.trial.trl_args import trl_args_dict
@@ -134,6 +135,15 @@ class EffectiveRecord:
         refuse_sampled_changes(changes, self.sampled, self.backend, stage)
         return requested
 
+    def record_lora(self, model: Any, spec: SweepSpec) -> None:
+        """Record the LoRA ``model`` trains, read from its layers: the trial's rank and alpha by
+        spec field, and (``lora_tensor_rank``, ``effective_config.json``) the width it trains at,
+        the search's largest rank with ``lora.pad_rank``."""
+        from grpo_ray.trial.common import applied_lora
+
+        ran, self.lora = applied_lora(model, spec)
+        self.ran |= ran
+
     def callback(self, stage: str, requested: dict[str, Any], table: dict[str, str | None]) -> Any:
         from grpo_ray.trial.common import EffectiveConfig
 
@@ -142,13 +152,15 @@ class EffectiveRecord:
     def metrics(self) -> dict[str, Any]:
         # Lists (the reward weights) stay in the file: a metric is a number or a string.
         out: dict[str, Any] = {f"effective/{k}": v for k, v in self.ran.items() if not isinstance(v, list)}
+        if isinstance(self.lora.get("tensor_rank"), int):
+            out["lora_tensor_rank"] = self.lora["tensor_rank"]
         if self.changes:
             out["changed_by_backend"] = "; ".join(self.changes.values())
         return out
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps({"by_field": self.ran, "changed_by_backend": list(self.changes.values()),
-                                    "trl": self.full}, indent=1, default=str))
+                                    "lora": self.lora, "trl": self.full}, indent=1, default=str))
 
 
 def grpo_rows(data: Datasets, tokenizer: Any, spec: SweepSpec) -> list[dict[str, Any]]:
@@ -282,6 +294,7 @@ class TrialRecipe:
         from grpo_ray.trial.trl_args import GRPO_ARGS, SFT_ARGS
 
         self.effective = EffectiveRecord(self.sampled, self.backend.name)
+        self.effective.record_lora(self.backend.model, self.spec)
         self.run_sft = self.spec.sft.enabled and bool(self.data.sft)
         self.sft_kwargs = (self.effective.check("SFT", *self.backend.sft_args(self.spec), SFT_ARGS)
                            if self.run_sft else {})

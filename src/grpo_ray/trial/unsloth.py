@@ -23,15 +23,17 @@ from typing import Any, Callable
 from grpo_ray.config.spec import SweepSpec
 from grpo_ray.trial.workdirs import make_workdir
 from grpo_ray.trial.common import (
+    adapter_rank,
     guard_errors,
     gradient_checkpointing,
     init_lora,
     instance_forward,
     load_lora_weights,
-    lora_alpha,
+    peft_lora_alpha,
     prepare_tokenizer,
     resize_lora,
     restore_forward,
+    save_lora_adapter,
     save_tokenizer,
     seed_adapter_init,
 )
@@ -85,7 +87,9 @@ class UnslothBackend:
         warm model's adapter is resized in place (common.resize_lora), keeping Unsloth's
         patching; otherwise PEFT's ``unload`` puts the base layers back and Unsloth wraps the
         model again as on a fresh load (it refuses a second ``get_peft_model`` on a model that
-        still has a LoRA). Both end in the same seeded init.
+        still has a LoRA). Both end in the same seeded init. With ``lora.pad_rank`` the adapter
+        is the search's largest rank wide (common.adapter_rank): a warm trial keeps its shapes,
+        so the compiled graphs of the blocks are reused rather than compiled for a new rank.
         """
         from peft import PeftModel
         from unsloth import FastLanguageModel
@@ -98,9 +102,9 @@ class UnslothBackend:
             seed_adapter_init(spec)
             self.model = FastLanguageModel.get_peft_model(
                 base,
-                r=spec.lora.rank,
+                r=adapter_rank(spec),  # the trial's rank, or the search's largest (lora.pad_rank)
                 target_modules=spec.lora.target_modules,
-                lora_alpha=lora_alpha(spec),
+                lora_alpha=peft_lora_alpha(spec),  # Unsloth hands vLLM this config: lora_alpha / r scales
                 lora_dropout=spec.lora.dropout,
                 use_gradient_checkpointing=gradient_checkpointing(spec, self.name),
                 random_state=spec.grpo.seed,
@@ -186,6 +190,9 @@ class UnslothBackend:
         ]
         ids = [list(x["input_ids"]) if hasattr(x, "keys") else list(x) for x in ids]
         lora_dir = self._workdir / "eval_lora"
+        # Written as the model holds it, padded with lora.pad_rank (not save_lora_adapter's cut):
+        # vLLM reads r = the search's largest rank, which it reserves anyway, and lora_alpha
+        # scaled to match (common.peft_lora_alpha), so it scales by the trial's alpha / rank.
         self.model.save_lora(str(lora_dir))
         params = self._sampling_params(self._spec, temperature=0.0, max_tokens=max_new_tokens, min_p=0.0)
         outputs = self.model.fast_generate(
@@ -200,5 +207,5 @@ class UnslothBackend:
         load_lora_weights(self.model, adapter_dir)
 
     def save_adapter(self, out_dir: Path) -> None:
-        self.model.save_pretrained(str(out_dir))
+        save_lora_adapter(self.model, out_dir, self._spec)  # the trial's own rank, padded or not
         save_tokenizer(self.tokenizer, out_dir, self._workdir / "tokenizer")

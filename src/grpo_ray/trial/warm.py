@@ -66,6 +66,8 @@ def load_key(model_dir: str, spec: SweepSpec) -> tuple[Any, ...]:
     """What a loaded model depends on; two trials with equal keys can share it."""
     m = spec.model
     # Checkpointing too: Unsloth patches it into the model it wraps, and unwrapping need not undo it.
+    # Not lora.pad_rank: it sets the adapter's width, which every trial's new_adapter sets anyway
+    # (common.resize_lora), and the base model and engine do not depend on it.
     return (choose_backend(spec.backend), model_dir, m.max_seq_length, m.load_in_4bit,
             m.gpu_memory_utilization, m.kv_cache_gib, m.compile, spec.max_lora_rank(), spec.lora.gradient_checkpointing)
 
