@@ -39,6 +39,7 @@ from grpo_ray.trial.common import (
 )
 from grpo_ray.trial.trl_args import engine_compile_kwargs, grpo_config_kwargs, sft_config_kwargs
 from grpo_ray.trial.compile_clock import restore_torch_logs
+from grpo_ray.trial.unsloth_patches import reuse_graphs_across_temperatures
 from grpo_ray.trial.engine_lock import fixed_kv_cache, one_start_per_gpu, release_at_engine_warmup, visible_gpus
 
 restore_torch_logs(_TORCH_LOGS)
@@ -173,6 +174,9 @@ class UnslothBackend:
         from trl import GRPOTrainer
 
         _, args = self.grpo_args(spec, reward_weights)
+        # Once per process (later calls find it done): the log-prob graph then serves every
+        # trial's temperature instead of compiling again for each (trial/unsloth_patches.py).
+        reuse_graphs_across_temperatures()
         trainer = GRPOTrainer(
             model=self.model,
             processing_class=self.tokenizer,
