@@ -78,3 +78,31 @@ def test_engine_start_queue_of_packed_cold_trials():
     for m, _ in ts:  # one at a time per GPU: nothing queued, nothing said
         m["engine_wait_s"] = 0.0
     assert "queued" not in summary_line(utilization(ts))
+
+
+def test_warm_trials_compile_share():
+    # Two warm trials of 100 s each: one compiled for 60 s (a guard failed), one for nothing.
+    ts = [_t(0, 100, 200, 7, False), _t(200, 201, 300, 7, True), _t(300, 301, 400, 7, True)]
+    for (m, _), c in zip(ts, (80.0, 60.0, 0.0)):
+        m["compile_s"] = c
+    assert utilization(ts)["warm_compile_share"] == 0.3
+    assert utilization(ts[:1])["warm_compile_share"] is None  # no warm trial: nothing to say
+
+
+def test_status_says_when_warm_trials_recompile_and_what_to_set():
+    from grpo_ray.views.status import TrialStatus, advice, status_table
+
+    def statuses(compiles, ranks):
+        ts = [_t(0, 100, 200, 7, False), _t(200, 201, 300, 7, True), _t(300, 301, 400, 7, True)]
+        for (m, _), c in zip(ts, compiles):
+            m["compile_s"] = c
+        return [TrialStatus(f"t{i}", "TERMINATED", {"lora.rank": r}, m, 0) for i, ((m, _), r) in enumerate(zip(ts, ranks))]
+
+    # 55e4f1e's warm 1.7B trials: 57 and 42 s of compiling in about 100 s each, rank fixed
+    [line] = advice(statuses((74.0, 57.0, 42.0), (32, 32, 32)))
+    assert line.startswith("warm trials compiled 50 s each on average (50% of their time)"), line
+    assert "TORCH_LOGS=recompiles" in line and "lora.pad_rank" not in line
+    assert line in str(status_table(statuses((74.0, 57.0, 42.0), (32, 32, 32))).caption)
+    # the search samples the rank: padding is the first thing to set
+    assert "set lora.pad_rank: true" in advice(statuses((74.0, 57.0, 42.0), (16, 8, 16)))[0]
+    assert advice(statuses((74.0, 0.0, 3.0), (32, 32, 32))) == []  # warm trials that reuse their graphs

@@ -178,6 +178,37 @@ def packing_advice(use: dict[str, Any] | None, gpu_memory_utilization: float | N
             f"{total:.0f} GiB): pack {2 * k} per GPU ({how}")
 
 
+# Over this part of warm trials' time in torch.compile, say what recompiles: a warm trial should
+# compile nothing; each warm 1.7B-shape trial at 55e4f1e compiled 42-67 s of its 81-116 s (the
+# sampled temperature, since fixed in trial/unsloth_patches.py), and rank changes 17-78 s of 79-153 s.
+RECOMPILE_WARN = 0.2
+RECOMPILE_MIN_S = 10.0  # ... and at least this many seconds per warm trial, so short trials' few seconds stay quiet
+
+
+def recompile_advice(use: dict[str, Any] | None, rank_searched: bool = False) -> str | None:
+    """Warm trials that compile much of their time: what to set, or how to find the guard that fails.
+
+    >>> use = {"compile_s": {"warm": {"n": 2, "mean": 50.0, "median": 50.0, "max": 57.0}}, "warm_compile_share": 0.55}
+    >>> recompile_advice(use)[:60]
+    'warm trials compiled 50 s each on average (55% of their time'
+    >>> "lora.pad_rank: true" in recompile_advice(use, rank_searched=True)
+    True
+    >>> recompile_advice(use | {"warm_compile_share": 0.05}) is None
+    True
+    """
+    if not use or not (warm := (use.get("compile_s") or {}).get("warm")):
+        return None
+    share = use.get("warm_compile_share")
+    if share is None or share < RECOMPILE_WARN or warm["mean"] < RECOMPILE_MIN_S:
+        return None
+    rank = ("the search samples lora.rank, and a new rank is a new shape: set lora.pad_rank: true; "
+            if rank_searched else "")
+    return (f"warm trials compiled {warm['mean']:.0f} s each on average ({share:.0%} of their time), though a "
+            f"warm trial reuses its actor's compiled graphs: something a graph was specialized on changes between "
+            f"trials. {rank}to see which guard fails, run with TORCH_LOGS=recompiles GRPO_RAY_TRIAL_LOGS=1 "
+            "(docs/monitoring.md)")
+
+
 def advice(trials: list[TrialStatus], gpu_memory_utilization: float | None = None,
            use: dict[str, Any] | None = None) -> list[str]:
     """One line per problem the reporting trials share (their last windows, averaged), and the fix.
@@ -210,7 +241,9 @@ def advice(trials: list[TrialStatus], gpu_memory_utilization: float | None = Non
     if use is None:
         use = utilization((t.last, t.status == "TERMINATED") for t in trials)
     pack = packing_advice(use, gpu_memory_utilization)
-    return out + ([pack] if pack else [])
+    ranks = {t.config.get("lora.rank", t.last.get("effective/lora.rank")) for t in trials} - {None}
+    recompile = recompile_advice(use, rank_searched=len(ranks) > 1)
+    return out + [line for line in (pack, recompile) if line]
 
 
 def memory_share(run_dir: str) -> float | None:

@@ -169,10 +169,25 @@ def utilization(trials: Iterable[tuple[dict[str, Any], bool]]) -> dict[str, Any]
         "handoff_s": _stats(handoffs),
         "compile_s": {"cold": _stats([t.compile_s for t in ts if not t.reused and t.compile_s is not None]),
                       "warm": _stats([t.compile_s for t in ts if t.reused and t.compile_s is not None])},
+        "warm_compile_share": _warm_compile_share(ts),
         "trials_per_device_max": at_once,
         "trials_per_device_hour": round(sum(t.finished for t in ts) / (wall / 3600 * len(devices)), 2),
         "trials_per_device_hour_after_first": round(after_done / (after_wall / 3600), 2) if after_wall > 0 else None,
     } | _gpu_use_all(ts, devices)
+
+
+def _warm_compile_share(ts: list[_Trial]) -> float | None:
+    """The part of warm trials' time spent in torch.compile; None without any warm trial that reported it.
+
+    A warm trial should compile nothing (it reuses its actor's graphs); one that does recompiled
+    for something a graph was specialized on (docs/monitoring.md).
+
+    >>> _warm_compile_share([_Trial(0, 1, 100, True, "d", "w", True, 50.0), _Trial(100, 101, 200, True, "d", "w", True, 0.0)])
+    0.25
+    """
+    warm = [t for t in ts if t.reused and t.compile_s is not None]
+    spent = sum(max(t.end - t.started, 0.0) for t in warm)
+    return round(sum(t.compile_s for t in warm) / spent, 3) if warm and spent > 0 else None
 
 
 def _gpu_use_all(ts: list[_Trial], devices: list[str]) -> dict[str, Any]:
