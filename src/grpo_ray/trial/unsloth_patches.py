@@ -77,12 +77,11 @@ def _recompile_without_branch(module: ModuleType, name: str) -> bool:
     new_source, n = without_temperature_branch(source)
     if n == 0:
         return False
-    namespace = dict(vars(module))  # the module's own names: its decorator, torch, its helpers
+    # Run in the module's own namespace, as its import did: the same decorator and options, the same
+    # helpers (looked up when called, as the original's are), and the def replaces the attribute.
     exec(compile(new_source, f"<{module.__name__}.{name} without the temperature branch (grpo-ray)>", "exec"),
-         namespace)
-    new = namespace[name]
-    setattr(new, _PATCHED, True)
-    setattr(module, name, new)
+         vars(module))
+    setattr(getattr(module, name), _PATCHED, True)
     return True
 
 
