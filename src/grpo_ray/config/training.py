@@ -121,8 +121,9 @@ class GrpoSpec(Strict):
     batch_size: int = Field(
         1, gt=0, description="Prompts per step per device (TRL's per_device_train_batch_size is this x "
         "num_generations). Higher: smoother gradients, more memory, and more completions per GPU-second: vLLM "
-        "decodes a step's sequences together, so twice as many cost little more (a Qwen3-1.7B shape on an H200: 16 "
-        "completions of 256 tokens in 1.05 s, 8 in 0.99 s). The tutorial's: 1.")
+        "decodes a step's sequences together, so twice as many cost little more (a Qwen3-1.7B shape with its LoRA on "
+        "an H200: 3.90 ms per token step for 16 sequences, 3.76 ms for 8; bench/results/vllm_decode_h200_55e4f1e.json)"
+        ". The tutorial's: 1.")
     gradient_accumulation_steps: int = Field(
         1, gt=0, description="Batches summed into one optimizer step. Higher: smoother, slower steps at the same "
         "memory. The tutorial's: 1.")
