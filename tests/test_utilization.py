@@ -86,6 +86,9 @@ def test_warm_trials_compile_share():
     for (m, _), c in zip(ts, (80.0, 60.0, 0.0)):
         m["compile_s"] = c
     assert utilization(ts)["warm_compile_share"] == 0.3
+    assert "warm 1.0 s (x2, compiling 30% of their time)" in summary_line(utilization(ts))
+    ts[1][0]["compile_s"] = 2.0
+    assert "compiling" not in summary_line(utilization(ts))  # 1%: graphs reused, nothing to say
     assert utilization(ts[:1])["warm_compile_share"] is None  # no warm trial: nothing to say
 
 

@@ -213,7 +213,9 @@ def summary_line(u: dict[str, Any] | None) -> str:
         parts.append(f"start-up cold {cold['median']:.1f} s (x{cold['n']})"
                      + (f", queued for an engine start up to {queued['max']:.0f} s" if queued and queued["max"] >= 1 else ""))
     if warm:
-        parts.append(f"warm {warm['median']:.1f} s (x{warm['n']})")
+        share = u.get("warm_compile_share")  # a warm trial should reuse its actor's graphs: say when it did not
+        parts.append(f"warm {warm['median']:.1f} s (x{warm['n']}"
+                     + (f", compiling {share:.0%} of their time" if share is not None and share >= 0.05 else "") + ")")
     if u["handoff_s"]:
         parts.append(f"hand-over median {u['handoff_s']['median']:.1f} s")
     parts.append(f"{u['trials_per_device_hour']:.1f} trials per device-hour")
