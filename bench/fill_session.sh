@@ -31,10 +31,14 @@ set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/bench HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 GRPO_RAY_CACHE=/tmp/grpo-cache \
   CUDA_VISIBLE_DEVICES=0 GRPO_RAY_TRIAL_LOGS=1 GRPO_RAY_COMMIT=${1:-unknown}
-R=/tmp/res
+R=${FILL_RES:-/tmp/res}  # where each step's output goes (the polls copy it to $OUT)
 mkdir -p $R
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 2 > $R/smi.csv 2>&1 &
+SMI=$!
 (while sleep 15; do date -u +%FT%TZ; top -b -H -n 1 -w 160 | sed -n 7,22p; done) > $R/top.txt 2>&1 &
+TOP=$!
+echo "$SMI $TOP" > $R/samplers.pid
+trap 'kill $SMI $TOP 2>/dev/null; wait $SMI $TOP 2>/dev/null' EXIT  # the samplers end with the session, not with the machine
 step_share() {
 if [ -n "${SHARE:-}" ]; then  # do packed processes serialize on the GPU? (bench/share_gpu.py), e.g. SHARE=1,2,4,8
   python3 bench/share_gpu.py --gguf /tmp/models/gemma-3-270m-q4_k_m.gguf --procs "$SHARE" --mps off,on --steps 8 \
