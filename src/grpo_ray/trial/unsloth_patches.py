@@ -105,7 +105,8 @@ def reuse_graphs_across_temperatures(modules: list[ModuleType] | None = None) ->
                            if n.rsplit(".", 1)[-1] == "UnslothGRPOTrainer" and m is not None]
     done = [f"{m.__name__}.{name}" for m in modules for name in LOGPROB_FUNCTIONS
             if getattr(m, name, None) is not None and _recompile_without_branch(m, name)]
-    if not done:
+    before = any(getattr(getattr(m, name, None), _PATCHED, False) for m in modules for name in LOGPROB_FUNCTIONS)
+    if not done and not before:  # said once per process, not at every trainer after the first
         log.info("Unsloth's GRPO log-prob functions are not in the form this patch expects; warm trials "
                  "with a new temperature may recompile them (trial/unsloth_patches.py)")
     return done
