@@ -253,7 +253,11 @@ def status(
     with Live(table, console=out, refresh_per_second=1) as live:
         while True:
             time.sleep(watch)
-            live.update(status_table(read_status(run), share))
+            try:
+                table = status_table(read_status(run), share)
+            except (OSError, ValueError) as e:  # a snapshot in flux past read_status's retries: keep the last table
+                err.print(f"[yellow]status:[/] {e}", highlight=False)
+            live.update(table)
 
 
 @app.command()

@@ -9,9 +9,12 @@ and the class lives at module level so it pickles by reference. A callback resto
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 from ray.tune import Callback
+
+log = logging.getLogger(__name__)
 
 # Receives ("start" | "result" | "complete" | "error", event data) from Tune's callback below,
 # and ("note", {"message": str}) for a line about the search itself (search.py).
@@ -35,8 +38,15 @@ class ProgressCallback(Callback):
 
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
         listener = self.on_event or _listener
-        if listener is not None:
+        if listener is None:
+            return
+        try:
             listener(kind, data)
+        except Exception:  # noqa: BLE001 - a display's fault must not become the trial's
+            # Tune runs callbacks inside its own trial handling: an exception here marks the
+            # trial ERROR and stops its actor (a warm actor lost, its next trial cold). A
+            # benchmark's listener did that at 8d5b03e (bench/README.md); log it and go on.
+            log.warning("progress listener failed on a %r event; the sweep goes on", kind, exc_info=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._emit("start", {"trial_id": trial.trial_id, "config": dict(trial.config)})

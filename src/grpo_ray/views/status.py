@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,7 @@ def read_status(run_dir: str) -> list[TrialStatus]:
     if not snapshots:
         raise FileNotFoundError(f"{run_dir}: no sweep here yet (no experiment_state-*.json)")
     # Names carry the start time; after --resume a newer file holds every trial.
-    state = json.loads(storage.read_text(storage.join(run_dir, sorted(snapshots)[-1])))
+    state = read_snapshot(storage.join(run_dir, sorted(snapshots)[-1]))
     from grpo_ray.run_lock import driver_alive
 
     orphaned = not driver_alive(run_dir)  # Tune's snapshot still says RUNNING after its driver died
@@ -63,6 +64,28 @@ def read_status(run_dir: str) -> list[TrialStatus]:
             cause=trial_cause(run_dir, trial.get("relative_logdir")) if trial["status"] == "ERROR" else None,
         ))
     return out
+
+
+# Tune writes its snapshot whole in the driver's staging directory, then copies it over the one
+# in storage (pyarrow's copy_files, not a rename), so a reader can catch it half-written (a
+# benchmark's progress listener did on an H200 at 8d5b03e, eight trials reporting at once).
+SNAPSHOT_READS = 5
+SNAPSHOT_RETRY_S = 0.2  # the copy of a ~250 KB snapshot takes milliseconds
+
+
+def read_snapshot(path: str) -> dict[str, Any]:
+    """Tune's experiment snapshot at ``path``, read again while it is being rewritten.
+
+    Raises ValueError naming the file when it stays incomplete JSON (damaged, not in flux)."""
+    for attempt in range(1, SNAPSHOT_READS + 1):
+        try:
+            return json.loads(storage.read_text(path))
+        except json.JSONDecodeError as e:
+            if attempt == SNAPSHOT_READS:
+                raise ValueError(f"{path}: not a whole JSON snapshot in {SNAPSHOT_READS} reads ({e}): Tune rewrites "
+                                 "it every few seconds while the sweep runs; if none runs, the file is damaged") from None
+            time.sleep(SNAPSHOT_RETRY_S * attempt)  # 2 s in all
+    raise AssertionError("unreachable")
 
 
 def trial_cause(run_dir: str, logdir: str | None) -> str | None:
@@ -185,14 +208,20 @@ RECOMPILE_WARN = 0.2
 RECOMPILE_MIN_S = 10.0  # ... and at least this many seconds per warm trial, so short trials' few seconds stay quiet
 
 
-def recompile_advice(use: dict[str, Any] | None, rank_searched: bool = False) -> str | None:
+def recompile_advice(use: dict[str, Any] | None, rank_searched: bool = False, rank_padded: bool = False,
+                     groups_searched: bool = False) -> str | None:
     """Warm trials that compile much of their time: what to set, or how to find the guard that fails.
+
+    ``rank_searched``: the trials differ in lora.rank, ``rank_padded``: their adapters were padded
+    to one width (effective lora.pad_rank), ``groups_searched``: they differ in grpo.num_generations.
 
     >>> use = {"compile_s": {"warm": {"n": 2, "mean": 50.0, "median": 50.0, "max": 57.0}}, "warm_compile_share": 0.55}
     >>> recompile_advice(use)[:60]
     'warm trials compiled 50 s each on average (55% of their time'
     >>> "lora.pad_rank: true" in recompile_advice(use, rank_searched=True)
     True
+    >>> "lora.pad_rank" in recompile_advice(use, rank_searched=True, rank_padded=True)
+    False
     >>> recompile_advice(use | {"warm_compile_share": 0.05}) is None
     True
     """
@@ -201,12 +230,16 @@ def recompile_advice(use: dict[str, Any] | None, rank_searched: bool = False) ->
     share = use.get("warm_compile_share")
     if share is None or share < RECOMPILE_WARN or warm["mean"] < RECOMPILE_MIN_S:
         return None
-    rank = ("the search samples lora.rank, and a new rank is a new shape: set lora.pad_rank: true; "
-            if rank_searched else "")
+    causes = []
+    if rank_searched and not rank_padded:
+        causes.append("the search samples lora.rank, and a new rank is a new shape: set lora.pad_rank: true")
+    if groups_searched:  # at 8d5b03e a warm gemma trial with a new group size compiled 41-57 s of 171-184 s
+        causes.append("the search samples grpo.num_generations, and each new group size is a new shape for "
+                      "Unsloth's GRPO graphs (compiled once per actor and size): search fewer sizes, or fix it")
     return (f"warm trials compiled {warm['mean']:.0f} s each on average ({share:.0%} of their time), though a "
             f"warm trial reuses its actor's compiled graphs: something a graph was specialized on changes between "
-            f"trials. {rank}to see which guard fails, run with TORCH_LOGS=recompiles GRPO_RAY_TRIAL_LOGS=1 "
-            "(docs/monitoring.md)")
+            f"trials. {''.join(c + '; ' for c in causes)}to see which guard fails, run with TORCH_LOGS=recompiles "
+            "GRPO_RAY_TRIAL_LOGS=1 (docs/monitoring.md)")
 
 
 def advice(trials: list[TrialStatus], gpu_memory_utilization: float | None = None,
@@ -241,8 +274,12 @@ def advice(trials: list[TrialStatus], gpu_memory_utilization: float | None = Non
     if use is None:
         use = utilization((t.last, t.status == "TERMINATED") for t in trials)
     pack = packing_advice(use, gpu_memory_utilization)
-    ranks = {t.config.get("lora.rank", t.last.get("effective/lora.rank")) for t in trials} - {None}
-    recompile = recompile_advice(use, rank_searched=len(ranks) > 1)
+    def differ(key: str) -> bool:  # the trials ran more than one value of key
+        return len({t.config.get(key, t.last.get(f"effective/{key}")) for t in trials} - {None}) > 1
+
+    padded = any(t.last.get("effective/lora.pad_rank") is True for t in trials)
+    recompile = recompile_advice(use, rank_searched=differ("lora.rank"), rank_padded=padded,
+                                 groups_searched=differ("grpo.num_generations"))
     return out + [line for line in (pack, recompile) if line]
 
 
