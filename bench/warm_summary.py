@@ -1,5 +1,5 @@
 """Print bench/warm_sweep.py's JSON as one line per trial (where its time went) and each mode's
-utilization. Usage: python bench/warm_summary.py warm.json [--smi smi.csv]
+utilization. Usage: python bench/warm_summary.py warm.json [--smi smi.csv] [--slots N]
 
 ``--smi``: nvidia-smi's samples (bench/warm_session.sh writes them every 2 s) averaged over
 each trial's steps (first step to last report): how hard the GPU itself worked while the
@@ -100,7 +100,25 @@ def timeline(trials: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (r["first_step"] is None, r["first_step"] or 0.0))
 
 
-def main(path: str, smi_path: str | None = None) -> None:
+def warm_wave(trials: list[dict], slots: int | None) -> dict | None:
+    """What the warm trials alone would give: ``slots`` of them at once, each taking its measured
+    time (first report's clock start to last report, ``elapsed_s``) plus the hand-over before it
+    (``startup_s``, a warm trial's wait for its actor's next config). An estimate of a long sweep's
+    steady rate, free of the cold wave and of the mode's tail (a last trial running alone), which a
+    benchmark of two waves measures with them: at 8d5b03e 174 trials per GPU-hour from the warm wave
+    against 64.9 for the mode after its first trials (bench/README.md). Per GPU: ``slots`` is the
+    mode's trials per GPU (utilization's ``trials_per_device_max``)."""
+    warm = [t for t in trials if t.get("model_reused") and t.get("elapsed_s") and t.get("startup_s") is not None]
+    if not warm or not slots:
+        return None
+    each = [t["elapsed_s"] + t["startup_s"] for t in warm]
+    mean = statistics.fmean(each)
+    return {"n": len(warm), "slots": slots, "trial_s_mean": round(mean, 1),
+            "trial_s_sd": round(statistics.stdev(each), 1) if len(each) > 1 else None,
+            "trials_per_device_hour": round(slots * 3600 / mean, 1)}
+
+
+def main(path: str, smi_path: str | None = None, slots: int | None = None) -> None:
     smi = read_smi(smi_path) if smi_path else []
     result = json.load(open(path))
     for mode, m in result.get("modes", {}).items():
@@ -115,6 +133,9 @@ def main(path: str, smi_path: str | None = None) -> None:
                 print(" " * 20, gpu_use(smi, t))
         print("utilization:", json.dumps(m.get("utilization")))
         print("GRPO step by company on the card:", json.dumps(steps_by_company(m.get("trials", []))))
+        wave = warm_wave(m.get("trials", []), slots or (m.get("utilization") or {}).get("trials_per_device_max"))
+        print("warm trials only, as many at once as the mode ran (an estimate of a long sweep's rate):",
+              json.dumps(wave))
         print("timeline (s from the first start: first step, SFT end, end):",
               " ".join(f"{r['trial_id'][-8:]}{'*' if r['reused'] else ''} {r['first_step']}/{r['sft_end']}/{r['end']}"
                        for r in timeline(m.get("trials", []))), "(* warm)")
@@ -124,5 +145,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("warm_json")
     ap.add_argument("--smi")
+    ap.add_argument("--slots", type=int, help="trials per GPU, for results older than utilization's "
+                    "trials_per_device_max (c2ff95b's packed run: 2)")
     args = ap.parse_args()
-    main(args.warm_json, args.smi)
+    main(args.warm_json, args.smi, args.slots)

@@ -72,3 +72,16 @@ def test_timeline_orders_trials_by_first_step_from_the_first_start():
     assert rows[1]["sft_end"] == 150.0  # started SFT 15 s later, ended it with the other
     assert rows[2]["reused"] and rows[2]["sft_end"] is None  # no SFT reported: none
     assert timeline([]) == []
+
+
+def test_the_warm_wave_rate_counts_only_warm_trials_and_their_hand_overs():
+    from warm_summary import warm_wave
+
+    cold = {"trial_id": "c", "model_reused": 0.0, "elapsed_s": 500.0, "startup_s": 200.0}
+    warm = [{"trial_id": "a", "model_reused": 1.0, "elapsed_s": 146.0, "startup_s": 4.0},
+            {"trial_id": "b", "model_reused": 1.0, "elapsed_s": 196.0, "startup_s": 4.0}]
+    # eight at once, each 175 s with its hand-over: 8 x 3600 / 175
+    assert warm_wave([cold, *warm], 8) == {"n": 2, "slots": 8, "trial_s_mean": 175.0, "trial_s_sd": 35.4,
+                                           "trials_per_device_hour": 164.6}
+    assert warm_wave([cold], 8) is None  # one cold wave: nothing to estimate from
+    assert warm_wave(warm, None) is None  # an older result without trials_per_device_max, no --slots
