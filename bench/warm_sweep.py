@@ -17,6 +17,8 @@ as real sweeps through ``grpo_ray.sweep.driver.run_sweep`` (Ray Tune + Optuna), 
     fixedkv model.kv_cache_gib: 1.0, a fixed KV cache per engine (auto8+fixedkv: eight per GPU)
     pad     lora.pad_rank: true, every trial's LoRA the search's largest rank wide, so a warm trial
             of another rank reuses the compiled graphs (auto4:8,auto4+pad:8: its compile_s against none)
+    nopad   lora.pad_rank: false, every trial's LoRA its own rank wide: what the default (auto, which
+            pads warm trials of a searched rank) saves (auto4+nopad:8,auto4:8)
     mps     no spec change: the mode runs under CUDA MPS (the daemon started before its sweep
             and stopped after), so auto4 and auto4+mps compare in one lease
     a+b     modes merged left to right: pack4+eager is four per GPU, eager
@@ -74,6 +76,8 @@ MODES = {
     # a part to add to any mode (auto4+pad): the trials' LoRA padded to the search's largest rank
     # (lora.pad_rank), so warm trials that change rank keep the adapter's shapes and compile nothing
     "pad": {"lora.pad_rank": True},
+    # its opposite (auto4+nopad): unpadded, to compare with the default, which pads these modes' trials
+    "nopad": {"lora.pad_rank": False},
 }
 
 

@@ -99,7 +99,8 @@ def test_a_warm_unsloth_model_takes_the_next_trials_lora_in_place(gemma_gguf):
     from grpo_ray.trial import warm
     from grpo_ray.trial.run import run_trial
 
-    spec = _short_spec(gemma_gguf)
+    # Unpadded (the default, auto, pads these warm trials): B's adapter is a new shape, resized in place
+    spec = apply_overrides(_short_spec(gemma_gguf), {"lora.pad_rank": False})
     run_trial({"lora.rank": 16}, spec, report=lambda m, d: None)  # trial A (or the previous test's model)
     backend = warm._warm.backend
     peft_model = backend.model

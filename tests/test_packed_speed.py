@@ -51,7 +51,10 @@ def test_mps_mode_runs_its_sweep_between_the_daemons_start_and_quit(tmp_path, mo
     from grpo_ray.config.overrides import apply_overrides
 
     bench = load_spec(Path(warm_sweep.__file__).parent / "warm_sweep.yaml")
-    assert apply_overrides(bench, warm_sweep.mode_overrides("auto4+pad")).lora.pad_rank
+    assert apply_overrides(bench, warm_sweep.mode_overrides("auto4+pad")).lora.pad_rank is True
+    # The benchmark's warm modes search lora.rank, so the default (auto) pads them; nopad compares
+    assert apply_overrides(bench, warm_sweep.mode_overrides("auto4")).pads_lora_rank()
+    assert not apply_overrides(bench, warm_sweep.mode_overrides("auto4+nopad")).pads_lora_rank()
     with warm_sweep.under_mps(False):
         pass
     assert not log.exists()

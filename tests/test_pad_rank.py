@@ -6,6 +6,7 @@ Real TRL SFT + GRPO trials of the smoke spec on the tiny Qwen3 (hf backend), run
 process as Ray Tune runs them in an actor (tests/test_warm.py does the same for warm actors).
 """
 
+import doctest
 import json
 import math
 
@@ -14,7 +15,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
-from grpo_ray.config.load import load_spec
+from grpo_ray.config import spec as spec_module
+from grpo_ray.config.load import load_spec, parse_spec
 from grpo_ray.config.overrides import apply_overrides
 from grpo_ray.config.search import Choice
 from grpo_ray.config.training import RewardSpec
@@ -27,6 +29,7 @@ WIDTH = 16  # the largest rank of _spec()'s search: every padded trial's adapter
 # What the rank-4 trials share; weight decay stays on (the smoke spec's 0.01): decay must keep zeros zero.
 TRIAL = {"lora.rank": 4, "grpo.num_generations": 2, "rewards.check_answer.weight": 2.0, "lora.alpha": 12}
 PADDED = {"lora.pad_rank": True}
+UNPADDED = {"lora.pad_rank": False}  # the default (auto) pads _spec()'s trials: a warm actor, a searched rank
 # Reported values that are per run (clocks) or say, by design, how the adapter was built.
 TIMING = {"trial_started_at", "first_step_at", "reported_at", "startup_s", "load_s", "elapsed_s", "sft_seconds",
           "model_reused", "sft_setup_s", "eval_seconds", "grpo_setup_s", "grpo_step_s", "compile_s",
@@ -78,14 +81,15 @@ def _same_reports(got, want, exact_weights=True):
 @pytest.fixture(scope="module")
 def padded_and_unpadded(tiny_model_dir):
     spec = _spec()
-    unpadded = _run(spec, TRIAL)
+    unpadded = _run(spec, TRIAL | UNPADDED)
     padded = _run(spec, TRIAL | PADDED)
+    by_default = _run(spec, TRIAL)  # lora.pad_rank: auto, resolved on the trial's own spec
     warm.release()
-    return unpadded, padded
+    return unpadded, padded, by_default
 
 
 def test_a_padded_adapter_is_the_searchs_largest_rank_wide_while_it_trains(padded_and_unpadded):
-    unpadded, padded = padded_and_unpadded
+    unpadded, padded, _ = padded_and_unpadded
     for (m, _, _, live), width in [(padded[0], WIDTH), (unpadded[0], 4)]:
         assert live and all((p.shape[0] if ".lora_A." in n else p.shape[1]) == width for n, p in live.items())
         assert m["lora_tensor_rank"] == width
@@ -93,10 +97,41 @@ def test_a_padded_adapter_is_the_searchs_largest_rank_wide_while_it_trains(padde
     assert padded[0][0]["effective/lora.pad_rank"] is True and unpadded[0][0]["effective/lora.pad_rank"] is False
 
 
+def test_by_default_a_warm_trial_of_a_searched_rank_is_padded(padded_and_unpadded):
+    """lora.pad_rank: auto resolves on the spec run_trial builds (the sweep's, sampled values
+    applied), which keeps search.space: were it lost there, auto would resolve to no padding."""
+    _, padded, by_default = padded_and_unpadded
+    assert by_default[0][0]["effective/lora.pad_rank"] is True and by_default[0][0]["lora_tensor_rank"] == WIDTH
+    _same_reports(by_default, padded)
+
+
+def test_pad_rank_auto_pads_a_warm_actors_searched_rank():
+    spec = _spec()
+    assert spec.lora.pad_rank == "auto" and spec.trial.reuse_model and "lora.rank" in spec.search.space
+
+    def pads(over, base=spec):
+        return apply_overrides(base, over).pads_lora_rank()
+
+    assert pads({}) and pads({"lora.rank": 4})  # a trial's spec: the sweep's with its sampled values
+    assert not pads({"trial.reuse_model": False})  # a fresh process per trial: no shapes to keep
+    unsearched = spec.model_copy(update={"search": spec.search.model_copy(update={"space": {}})})
+    assert unsearched.max_lora_rank() == unsearched.lora.rank and not pads({}, unsearched)
+    # Set, it wins either way
+    assert pads(PADDED | {"trial.reuse_model": False}) and pads(PADDED, unsearched)
+    assert not pads(UNPADDED) and not pads(UNPADDED | {"lora.rank": 4})
+    assert doctest.testmod(spec_module).failed == 0
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("false", False), ("auto", "auto"), (None, "auto")])
+def test_pad_rank_parses_from_yaml(text, value):
+    spec = parse_spec("name: x\n" + (f"lora:\n  pad_rank: {text}\n" if text else ""))
+    assert spec.lora.pad_rank == value and type(spec.lora.pad_rank) is type(value)  # true, not "true"
+
+
 def test_the_padding_stays_exactly_zero_through_sft_and_grpo(padded_and_unpadded):
     """Zero B columns and zero A rows give the padding zero gradients, and AdamW (weight decay
     0.01 here) leaves a zero weight with a zero gradient at zero: checked, not assumed."""
-    _, padded = padded_and_unpadded
+    _, padded, _ = padded_and_unpadded
     for m, _, _, live in padded:  # after SFT and every GRPO report window
         for n, p in live.items():
             rest = p[4:] if ".lora_A." in n else p[:, 4:]
@@ -110,7 +145,7 @@ def test_a_padded_trial_is_the_unpadded_trial(padded_and_unpadded):
     """Same init (the first 4 rows of A drawn as for a rank-4 adapter), same scaling (alpha / 4,
     not alpha / 16): every report, metrics and saved weights, is the unpadded trial's. Exact on
     this CPU (the padding adds exact zeros); a GPU's kernels for other shapes may round apart."""
-    unpadded, padded = padded_and_unpadded
+    unpadded, padded, _ = padded_and_unpadded
     _same_reports(padded, unpadded)
     # The comparison has teeth: training moved the adapter between reports.
     first, last = unpadded[0][1], unpadded[-1][1]
@@ -118,7 +153,7 @@ def test_a_padded_trial_is_the_unpadded_trial(padded_and_unpadded):
 
 
 def test_what_a_padded_trial_saves_is_its_own_rank_and_alpha(padded_and_unpadded):
-    unpadded, padded = padded_and_unpadded
+    unpadded, padded, _ = padded_and_unpadded
     for (_, weights, config, live), (_, _, config_u, _) in zip(padded, unpadded):
         assert config["r"] == 4 and config["lora_alpha"] == 12 and config == config_u
         shapes = {k: tuple(v.shape) for k, v in weights.items()}
@@ -158,7 +193,7 @@ def test_an_actor_switches_between_padded_and_unpadded_by_resizing(tiny_model_di
     model_dir = str(tiny_model_dir)
     assert warm.load_key(model_dir, spec) == warm.load_key(model_dir, apply_overrides(spec, PADDED))
     warm.release()
-    backend, _ = warm.acquire(model_dir, apply_overrides(spec, {"lora.rank": 8}))
+    backend, _ = warm.acquire(model_dir, apply_overrides(spec, {"lora.rank": 8} | UNPADDED))
     peft_model = backend.model
     again, reused = warm.acquire(model_dir, apply_overrides(spec, {"lora.rank": 4} | PADDED))
     assert reused and again.model is peft_model
@@ -169,7 +204,7 @@ def test_an_actor_switches_between_padded_and_unpadded_by_resizing(tiny_model_di
     ids = {n: id(p) for n, p in _lora_weights(peft_model).items()}
     again, reused = warm.acquire(model_dir, apply_overrides(spec, {"lora.rank": 8} | PADDED))
     assert reused and {n: id(p) for n, p in _lora_weights(peft_model).items()} == ids
-    back, reused = warm.acquire(model_dir, apply_overrides(spec, {"lora.rank": 4}))
+    back, reused = warm.acquire(model_dir, apply_overrides(spec, {"lora.rank": 4} | UNPADDED))
     assert reused and back.model is peft_model and peft_model.peft_config[ADAPTER].r == 4
     warm.release()
 
@@ -180,7 +215,7 @@ def test_the_lora_alpha_peft_gets_keeps_the_trials_scaling():
     def at(**over):
         return apply_overrides(spec, {f"lora.{k}": v for k, v in over.items()})
 
-    assert adapter_rank(at(rank=4)) == 4 and peft_lora_alpha(at(rank=4)) == 8  # off: the trial's own
+    assert adapter_rank(at(rank=4, pad_rank=False)) == 4 and peft_lora_alpha(at(rank=4, pad_rank=False)) == 8
     assert adapter_rank(at(rank=4, pad_rank=True)) == WIDTH
     assert peft_lora_alpha(at(rank=4, pad_rank=True)) == 32  # default alpha 2 x 4, at r 16: 2 x 16
     assert peft_lora_alpha(at(rank=4, alpha=12, pad_rank=True)) == 48
@@ -192,12 +227,19 @@ def test_the_lora_alpha_peft_gets_keeps_the_trials_scaling():
 
 def test_padding_an_embeddings_lora_is_refused_by_name(tiny_model_dir):
     """PEFT initialises an embedding's LoRA the other way round (A zero, B drawn): its padded rows
-    of A would train. The trial fails before any step, naming the setting."""
-    spec = apply_overrides(_spec(), {"lora.target_modules": ["embed_tokens", "q_proj"]} | PADDED)
+    of A would train. The trial fails before any step, naming the setting, and says why auto
+    padded; unpadded, the same targets build."""
+    spec = apply_overrides(_spec(), {"lora.target_modules": ["embed_tokens", "q_proj"], "lora.rank": 4})
     warm.release()
     with pytest.raises(ValueError, match=r"lora\.pad_rank: the LoRA of a Embedding layer .* set lora\.pad_rank: "
                        r"false"):
+        warm.acquire(str(tiny_model_dir), apply_overrides(spec, PADDED))
+    warm.release()
+    with pytest.raises(ValueError, match=r"auto pads: trial\.reuse_model is on .* set lora\.pad_rank: false"):
         warm.acquire(str(tiny_model_dir), spec)
+    warm.release()
+    backend, _ = warm.acquire(str(tiny_model_dir), apply_overrides(spec, UNPADDED))
+    assert {m.r[ADAPTER] for m in backend.model.modules() if isinstance(m, LoraLayer)} == {4}
     warm.release()
 
 

@@ -38,6 +38,7 @@ def test_defaults_follow_the_seed():
     [
         ("name: x\nlora:\n  rnak: 3\n", 3, "lora.rnak", "unknown key"),
         ("name: x\nlora:\n  gradient_checkpointing: sometimes\n", 3, "lora.gradient_checkpointing", "unsloth"),
+        ("name: x\nlora:\n  pad_rank: sometimes\n", 3, "lora.pad_rank", "'auto', True or False"),
         ("name: x\ngrpo:\n  temperature: -1\n", 3, "grpo.temperature", "greater than 0"),
         ("name: x\nsearch:\n  space:\n    lora.rnk: {choice: [1]}\n", 4, "search.space.lora.rnk", "no such field"),
         ("name: x\nsearch:\n  space:\n    grpo.temperature: {uniform: [2, 1]}\n", 4,

@@ -109,3 +109,23 @@ def test_status_says_when_warm_trials_recompile_and_what_to_set():
     # the search samples the rank: padding is the first thing to set
     assert "set lora.pad_rank: true" in advice(statuses((74.0, 57.0, 42.0), (16, 8, 16)))[0]
     assert advice(statuses((74.0, 0.0, 3.0), (32, 32, 32))) == []  # warm trials that reuse their graphs
+
+
+def test_recompile_advice_names_a_searched_group_size_and_leaves_padded_ranks_alone():
+    from grpo_ray.views.status import TrialStatus, advice
+
+    # 8d5b03e's warm gemma trials at eight per GPU, padded: the rank changed without a recompile,
+    # a new grpo.num_generations cost 41-57 s (here 50 s of two 100 s warm trials)
+    ts = [_t(0, 100, 200, 7, False), _t(200, 201, 300, 7, True), _t(300, 301, 400, 7, True)]
+    for (m, _), c, groups in zip(ts, (80.0, 50.0, 50.0), (4, 6, 8)):
+        m |= {"compile_s": c, "effective/lora.pad_rank": True, "effective/grpo.num_generations": groups}
+    trials = [TrialStatus(f"t{i}", "TERMINATED", {"lora.rank": r}, m, 0) for i, ((m, _), r) in enumerate(zip(ts, (8, 16, 32)))]
+    [line] = advice(trials)
+    assert "grpo.num_generations" in line and "lora.pad_rank" not in line, line
+    # the same trials unpadded: padding is named too; one group size: only the padding
+    for m, _ in ts:
+        m["effective/lora.pad_rank"] = False
+    assert "set lora.pad_rank: true" in advice(trials)[0] and "grpo.num_generations" in advice(trials)[0]
+    for m, _ in ts:
+        m["effective/grpo.num_generations"] = 8
+    assert "grpo.num_generations" not in advice(trials)[0]

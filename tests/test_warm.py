@@ -111,7 +111,8 @@ def test_a_warm_adapter_is_resized_in_place_with_the_wrapping_kept(tiny_model_di
 
     from grpo_ray.trial.common import resize_lora
 
-    spec = load_spec(REPO / "sweeps" / "smoke.yaml")
+    # Unpadded, so a new rank is a new shape to resize to (padded adapters: tests/test_pad_rank.py)
+    spec = apply_overrides(load_spec(REPO / "sweeps" / "smoke.yaml"), {"lora.pad_rank": False})
     warm.release()
     backend, _ = warm.acquire(str(tiny_model_dir), spec)
     peft_model = backend.model
@@ -150,7 +151,7 @@ def test_unsloths_regex_targets_are_resized_too(tiny_model_dir):
     takes): the H200 run at 0ec4420 showed every warm trial wrapping the model again for it
     (FastLanguageModel.get_peft_model in 64% of the warm start-up samples). The targets are
     compared in the specs, so such an adapter is resized in place as well."""
-    spec = load_spec(REPO / "sweeps" / "smoke.yaml")
+    spec = apply_overrides(load_spec(REPO / "sweeps" / "smoke.yaml"), {"lora.pad_rank": False})  # a new shape
     warm.release()
     backend, _ = warm.acquire(str(tiny_model_dir), spec)
     peft_model = backend.model

@@ -139,6 +139,24 @@ class SweepSpec(Strict):
         """The largest rank any trial can sample (vLLM reserves LoRA slots for it)."""
         return self._largest("lora.rank", self.lora.rank)
 
+    def pads_lora_rank(self) -> bool:
+        """Whether a trial's adapter is built :meth:`max_lora_rank` wide (``lora.pad_rank`` resolved).
+
+        ``auto`` pads only where it can save a recompile: a warm actor (``trial.reuse_model``) and a
+        searched ``lora.rank``, so that the actor's next trial may have another rank. A trial's spec
+        keeps the sweep's search.space (config/overrides.py apply_overrides), so a trial resolves as
+        its sweep does.
+
+        >>> spec = SweepSpec(name="x", search={"space": {"lora.rank": {"choice": [8, 16]}}})
+        >>> spec.pads_lora_rank(), spec.model_copy(update={"trial": TrialSpec(reuse_model=False)}).pads_lora_rank()
+        (True, False)
+        >>> SweepSpec(name="x").pads_lora_rank()  # the rank is not searched: nothing to pad to
+        False
+        """
+        if self.lora.pad_rank == "auto":
+            return self.trial.reuse_model and "lora.rank" in self.search.space
+        return self.lora.pad_rank
+
     def vllm_memory_share(self) -> float:
         """vLLM's ``gpu_memory_utilization``: the spec's share of this trial's slice of the GPU, so
         trials packed on one card (``resources.gpu`` below 1) split its memory instead of each

@@ -49,17 +49,19 @@ class LoraSpec(Strict):
         "memory, slower steps. unsloth: Unsloth's offloaded checkpointing (the tutorial's "
         "use_gradient_checkpointing='unsloth'; plain checkpointing, TRL's default, on the hf backend); true: "
         "plain; false: none, the fastest steps where the activations fit (a small model on a large GPU).")
-    pad_rank: bool = Field(
-        False, description="Build every trial's adapter at the largest lora.rank the search can sample (the rank "
+    pad_rank: Literal["auto", True, False] = Field(
+        "auto", description="Build every trial's adapter at the largest lora.rank the search can sample (the rank "
         "vLLM reserves room for): the trial's own rank trains in the first rows of A and columns of B, the rest "
         "start at zero and stay zero, and the scaling stays alpha / rank, so the trial computes the same function "
         "as unpadded (equal up to float rounding) and its checkpoints, best adapter and export hold its own rank "
         "and alpha. Why: a warm actor's next trial then keeps the adapter's tensor shapes, so the unsloth "
-        "backend need not recompile its graphs for a new rank (warm trials that changed rank spent 17-78 s of "
-        "79-153 s recompiling on an H200 at 0cf12c9: docs/performance.md). Cost: every trial's LoRA products, "
-        "gradients and optimizer state are the largest rank's. Linear layers only (an embedding in "
-        "target_modules is refused). false for now: it becomes the default once a GPU lease has measured it "
-        "(bench/warm_sweep.py, mode part pad).")
+        "backend need not recompile its graphs for a new rank (on an H200, gemma-3-270m: warm trials that changed "
+        "rank spent 17-78 s of 79-153 s recompiling unpadded at 0cf12c9; padded at 8d5b03e, those that kept "
+        "grpo.num_generations compiled nothing in GRPO, 10.3 s in all, the SFT stage's: docs/performance.md). "
+        "Cost: every trial's LoRA products, gradients and optimizer state are the largest rank's. Linear layers "
+        "only (an embedding in target_modules is refused). auto: pad when trial.reuse_model is on and "
+        "search.space samples lora.rank (then the padding is what saves the recompiles); true: always; false: "
+        "never.")
 
 
 class SftSpec(Strict):

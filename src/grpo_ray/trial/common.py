@@ -200,10 +200,11 @@ ADAPTER = "default"  # the one adapter a trial trains; saved, exported and serve
 
 
 def adapter_rank(spec: SweepSpec) -> int:
-    """The rank of the adapter's tensors: the trial's ``lora.rank``, or with ``lora.pad_rank``
-    the largest the search can sample (what vLLM reserves), so every trial's adapter has one shape."""
+    """The rank of the adapter's tensors: the trial's ``lora.rank``, or where ``lora.pad_rank``
+    resolves to padding (SweepSpec.pads_lora_rank) the largest the search can sample (what vLLM
+    reserves), so every trial's adapter has one shape."""
     r = spec.lora.rank
-    return max(spec.max_lora_rank(), r) if spec.lora.pad_rank else r
+    return max(spec.max_lora_rank(), r) if spec.pads_lora_rank() else r
 
 
 def peft_lora_alpha(spec: SweepSpec) -> int | float:
@@ -248,9 +249,11 @@ def init_lora(model: Any, spec: SweepSpec) -> None:
             # Padding is for Linear layers' LoRA: an embedding's (PEFT's own init, left as it is)
             # starts with A zero and B drawn, and its padded rows of A would train.
             if width != r and (ADAPTER not in module.lora_A or type(module.lora_A[ADAPTER]) is not torch.nn.Linear):
+                why = (" (lora.pad_rank auto pads: trial.reuse_model is on and search.space samples lora.rank)"
+                       if spec.lora.pad_rank == "auto" else "")  # the user may never have set it
                 raise ValueError(f"lora.pad_rank: the LoRA of a {type(module).__name__} layer (from "
-                                 "lora.target_modules) cannot be padded; set lora.pad_rank: false or drop that "
-                                 "module from lora.target_modules")
+                                 f"lora.target_modules) cannot be padded{why}; set lora.pad_rank: false or drop "
+                                 "that module from lora.target_modules")
             if ADAPTER not in module.lora_A:
                 continue
             a, b = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
@@ -344,7 +347,8 @@ def applied_lora(model: Any, spec: SweepSpec) -> tuple[dict[str, Any], dict[str,
     """The LoRA ``model`` trains, read back from its layers: ``({spec field: value}, details)``.
 
     By spec field (reported as ``effective/lora.rank``...): the trial's rank, the alpha its
-    layers' scaling gives at that rank, and ``lora.pad_rank``. A padded trial's rank is its
+    layers' scaling gives at that rank, and ``lora.pad_rank`` resolved (true or false, never
+    auto: SweepSpec.pads_lora_rank). A padded trial's rank is its
     own, not the tensors' width: the update B A it trains has rank at most ``rank`` (the
     padding is zero). The details (``effective_config.json``) say what it was trained as: the
     tensors' width, and the r and lora_alpha PEFT (and vLLM) were given.
@@ -361,8 +365,9 @@ def applied_lora(model: Any, spec: SweepSpec) -> tuple[dict[str, Any], dict[str,
     if alpha is not None and math.isclose(alpha, round(alpha), rel_tol=1e-9):
         alpha = round(alpha)
     cfg = model.peft_config[ADAPTER]
-    ran = {"lora.rank": r, "lora.alpha": alpha, "lora.pad_rank": spec.lora.pad_rank}
-    details = {"rank": r, "alpha": alpha, "pad_rank": spec.lora.pad_rank,
+    pad = spec.pads_lora_rank()  # what "auto" resolved to: whether this trial's adapter was padded
+    ran = {"lora.rank": r, "lora.alpha": alpha, "lora.pad_rank": pad}
+    details = {"rank": r, "alpha": alpha, "pad_rank": pad,
                "tensor_rank": widths[0] if len(widths) == 1 else widths,
                "scaling": scalings[0] if len(scalings) == 1 else scalings,
                "peft_r": cfg.r, "peft_lora_alpha": cfg.lora_alpha}
