@@ -19,6 +19,8 @@ as real sweeps through ``grpo_ray.sweep.driver.run_sweep`` (Ray Tune + Optuna), 
             of another rank reuses the compiled graphs (auto4:8,auto4+pad:8: its compile_s against none)
     nopad   lora.pad_rank: false, every trial's LoRA its own rank wide: what the default (auto, which
             pads warm trials of a searched rank) saves (auto4+nopad:8,auto4:8)
+    groups8 grpo.num_generations fixed at 8 (out of search.space): no warm trial recompiles for a new
+            group size (auto8:16,auto8+groups8:16)
     mps     no spec change: the mode runs under CUDA MPS (the daemon started before its sweep
             and stopped after), so auto4 and auto4+mps compare in one lease
     a+b     modes merged left to right: pack4+eager is four per GPU, eager
@@ -44,6 +46,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from _common import commit, device_info, under_mps  # bench/ is on sys.path when a script here runs
 from dump_run import KEEP, snapshot
@@ -78,7 +81,19 @@ MODES = {
     "pad": {"lora.pad_rank": True},
     # its opposite (auto4+nopad): unpadded, to compare with the default, which pads these modes' trials
     "nopad": {"lora.pad_rank": False},
+    # a part to add to any mode (auto8+groups8): every trial's group size 8, so no warm trial
+    # recompiles for a new one (41-57 s each at 8d5b03e); the search samples the rest (fixed_by_mode)
+    "groups8": {"grpo.num_generations": 8},
 }
+
+
+def fixed_by_mode(spec: Any, overrides: dict) -> dict:
+    """``overrides`` plus ``search.space`` without the fields they set: a mode that sets a searched
+    field fixes it (the search would otherwise sample over it). The search then samples other
+    configurations than a mode that keeps the field, so compare such modes by rate, not trial by trial."""
+    space = spec.model_dump(mode="json")["search"]["space"]
+    kept = {k: v for k, v in space.items() if k not in overrides}
+    return overrides | ({"search.space": kept} if kept != space else {})
 
 
 def mode_overrides(mode: str) -> dict:
@@ -122,8 +137,8 @@ def main() -> None:
         # for run-to-run noise); the second is recorded, and runs, as cold-2.
         runs_of[mode] = runs_of.get(mode, 0) + 1
         label = mode if runs_of[mode] == 1 else f"{mode}-{runs_of[mode]}"
-        spec = apply_overrides(base, mode_overrides(mode) | {"name": f"warm-{label.replace('+', '-')}",
-                                                              "search.num_samples": int(n)})
+        spec = apply_overrides(base, fixed_by_mode(base, mode_overrides(mode)) | {
+            "name": f"warm-{label.replace('+', '-')}", "search.num_samples": int(n)})
         t0 = time.time()
         print(f"== {label}: {n} trials", flush=True)
         run_dir = f"{spec.storage}/{spec.name}"

@@ -55,6 +55,11 @@ def test_mps_mode_runs_its_sweep_between_the_daemons_start_and_quit(tmp_path, mo
     # The benchmark's warm modes search lora.rank, so the default (auto) pads them; nopad compares
     assert apply_overrides(bench, warm_sweep.mode_overrides("auto4")).pads_lora_rank()
     assert not apply_overrides(bench, warm_sweep.mode_overrides("auto4+nopad")).pads_lora_rank()
+    # groups8 fixes the group size: it leaves the search space, the rest of the space stays
+    fixed = apply_overrides(bench, warm_sweep.fixed_by_mode(bench, warm_sweep.mode_overrides("auto8+groups8")))
+    assert fixed.grpo.num_generations == 8 and "grpo.num_generations" not in fixed.search.space
+    assert set(fixed.search.space) == set(bench.search.space) - {"grpo.num_generations"}
+    assert warm_sweep.fixed_by_mode(bench, warm_sweep.mode_overrides("auto8")) == warm_sweep.mode_overrides("auto8")
     with warm_sweep.under_mps(False):
         pass
     assert not log.exists()
