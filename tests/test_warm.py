@@ -146,6 +146,41 @@ def test_a_warm_adapter_is_resized_in_place_with_the_wrapping_kept(tiny_model_di
     warm.release()
 
 
+def test_a_warm_trials_trainers_run_under_autocast_like_a_fresh_ones():
+    # Real Accelerate, bf16 on CPU, in its own process (its state is a process-wide singleton that
+    # later trainers in this one would inherit). Each trainer prepares the model; between trials
+    # the warm actor puts it back (restore_forward). Accelerate's "prepared" mark, left on the
+    # model, made the next trial's trainers skip the autocast wrapping: a warm SFT ran without it
+    # on an H200 at 8d5b03e (another loss, 25 graphs compiled again).
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from grpo_ray.trial.common import instance_forward, restore_forward
+
+class Model(torch.nn.Module):
+    def forward(self):
+        return torch.is_autocast_enabled("cpu")
+
+model = Model()
+saved, seen = instance_forward(model), []
+for trial in range(2):
+    for trainer in ("sft", "grpo"):
+        AcceleratorState._reset_state(True)  # each TRL trainer builds its own Accelerator
+        Accelerator(cpu=True, mixed_precision="bf16").prepare_model(model)
+        seen.append(model())
+    model.__dict__.pop("forward", None)  # Unsloth's GRPO unwraps the forward for good (unwrap_model)
+    restore_forward(model, saved)
+print(seen)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-4:] == ["[True,", "True,", "True,", "True]"], out.stdout
+
+
 def test_unsloths_regex_targets_are_resized_too(tiny_model_dir):
     """Unsloth hands PEFT a regex for an explicit target list (its vision-model path, which Gemma 3
     takes): the H200 run at 0ec4420 showed every warm trial wrapping the model again for it
