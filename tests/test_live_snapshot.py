@@ -68,3 +68,26 @@ def test_a_failing_progress_listener_does_not_reach_tune(caplog):
         "progress listener failed on a 'result' event; the sweep goes on",
         "progress listener failed on a 'complete' event; the sweep goes on",
     ]
+
+
+def test_status_watch_keeps_its_last_table_through_a_snapshot_in_flux(tmp_path: Path, monkeypatch):
+    from grpo_ray.views.status import TrialStatus
+
+    calls = iter([
+        [TrialStatus("a1", "RUNNING", {}, {"step": 5}, 0)],
+        ValueError("experiment_state-x.json: not a whole JSON snapshot in 5 reads"),
+        KeyboardInterrupt(),  # the user's Ctrl-C ends --watch
+    ])
+
+    def fake_read_status(run_dir: str):
+        got = next(calls)
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    monkeypatch.setattr("grpo_ray.views.status.read_status", fake_read_status)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    result = CliRunner().invoke(app, ["status", str(tmp_path), "--watch", "1"])
+    assert result.exit_code == 130, result.output  # the Ctrl-C, not the ValueError, ended it
+    assert "status: experiment_state-x.json: not a whole JSON snapshot" in result.output
+    assert "a1" in result.output and "RUNNING" in result.output  # the table from before stays
