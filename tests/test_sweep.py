@@ -39,6 +39,8 @@ def test_sweep_runs_every_trial_and_shows_progress(smoke_run):
         assert t["config"]["lora.rank"] in (4, 8) and 0.7 <= t["config"]["grpo.temperature"] <= 1.2
         assert t["metrics"]["step"] == 4 and t["metrics"]["eval_size"] == 16
     assert "trials" in r.stderr and "3/3" in r.stderr and "step 4" in r.stderr
+    # smoke.yaml searches lora.rank with warm actors: what lora.pad_rank's default decided is said
+    assert "lora.pad_rank: auto -> every trial's LoRA is built at rank 8" in " ".join(r.stderr.split())
 
 
 def test_best_json_names_the_pareto_winner(smoke_run):
@@ -157,3 +159,11 @@ def test_utilization_is_recorded_and_reuse_is_consistent(smoke_run):
     assert 0 < use["busy_fraction"] <= 1
     assert json.loads((run_dir / "best" / "best.json").read_text())["utilization"] == use
     assert "utilization: busy" in r.stdout
+
+
+def test_driver_doctests():
+    import doctest
+
+    from grpo_ray.sweep import driver
+
+    assert doctest.testmod(driver).failed == 0

@@ -129,3 +129,11 @@ def test_recompile_advice_names_a_searched_group_size_and_leaves_padded_ranks_al
     for m, _ in ts:
         m["effective/grpo.num_generations"] = 8
     assert "grpo.num_generations" not in advice(trials)[0]
+
+
+def test_status_doctests():
+    import doctest
+
+    from grpo_ray.views import status
+
+    assert doctest.testmod(status).failed == 0

@@ -270,6 +270,24 @@ def preflight(spec: SweepSpec, lines: SpecLines | None = None) -> None:
     load_warm_start(spec)  # a SweepError naming search.warm_start; the searcher reads them again when Tune starts
 
 
+def pad_note(spec: SweepSpec) -> str | None:
+    """A line on what ``lora.pad_rank: auto`` decided, when it pads: the user never set it, and
+    every trial then trains (and uses memory) at the search's largest rank.
+
+    >>> from grpo_ray.config.spec import SweepSpec
+    >>> pad_note(SweepSpec(name="x", search={"space": {"lora.rank": {"choice": [8, 64]}}}))[:62]
+    "lora.pad_rank: auto -> every trial's LoRA is built at rank 64,"
+    >>> pad_note(SweepSpec(name="x")) is None  # the rank is not searched
+    True
+    """
+    if spec.lora.pad_rank != "auto" or not spec.pads_lora_rank():
+        return None
+    return (f"lora.pad_rank: auto -> every trial's LoRA is built at rank {spec.max_lora_rank()}, the search's "
+            "largest, its own rank in the first rows and zeros in the rest, so a warm actor's next trial reuses "
+            "the compiled graphs whatever its rank; checkpoints and the export keep each trial's own rank "
+            "(lora.pad_rank: false trains each at its own rank)")
+
+
 def run_sweep(spec: SweepSpec, storage_root: str | None = None, resume: bool = False,
               on_event: Callable[[str, dict[str, Any]], None] | None = None,
               progress: Callable[[str], None] = lambda s: None, lines: SpecLines | None = None) -> SweepOutcome:
@@ -297,7 +315,7 @@ def run_sweep(spec: SweepSpec, storage_root: str | None = None, resume: bool = F
         init_ray()  # before the resources: `auto` looks at the cluster's GPUs and CPUs
         spec, notes = resolve_resources(spec)
         if on_event:
-            for note in notes:
+            for note in notes + [n for n in (pad_note(spec),) if n]:
                 on_event("note", {"message": note})
         # Written now too, so `status` and `report` of a running sweep know its objectives and space;
         # and a storage that cannot be written fails here, before any GPU time is spent.
