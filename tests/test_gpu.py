@@ -74,7 +74,8 @@ def _short_spec(gemma_gguf):
     return apply_overrides(spec, {
         "model.source": gemma_gguf, "sft.max_steps": 10, "grpo.max_steps": 4, "grpo.report_every": 2,
         "data.eval.size": 16, "data.eval.before_sft": False, "grpo.num_generations": 4,
-        "search.space": {"lora.rank": {"choice": [8, 16]}},
+        # the group size searched too: the log-prob function's chunk count is sized for the largest
+        "search.space": {"lora.rank": {"choice": [8, 16]}, "grpo.num_generations": {"choice": [4, 8]}},
     })
 
 
@@ -127,6 +128,24 @@ def test_a_warm_trial_with_a_new_temperature_compiles_nothing(gemma_gguf):
     run_trial({"lora.rank": 16, "grpo.temperature": 1.0}, spec, report=lambda m, d: None)
     final = run_trial({"lora.rank": 16, "grpo.temperature": 0.85}, spec, report=lambda m, d: None)
     print("WARM TRIAL AT A NEW TEMPERATURE: compiled_graphs", final["compiled_graphs"], "compile_s", final["compile_s"])
+    assert final["model_reused"] == 1.0
+    assert final["compiled_graphs"] == 0, final["compile_s"]
+
+
+def test_a_warm_trial_with_a_new_group_size_and_rank_compiles_nothing(gemma_gguf):
+    """Trial B after trial A on the same warm model, another group size (8 completions per
+    prompt against 4), rank and temperature: B reuses every graph A compiled, SFT included. At
+    8d5b03e a new group size recompiled Unsloth's log-prob function for 41-57 s
+    (trial/unsloth_patches.py, one_chunk_count), and every warm SFT ran without autocast and
+    recompiled about 25 graphs (common.restore_forward): either shows here as compiled graphs."""
+    from grpo_ray.trial.run import run_trial
+
+    spec = _short_spec(gemma_gguf)
+    run_trial({"lora.rank": 16, "grpo.num_generations": 4, "grpo.temperature": 1.0}, spec, report=lambda m, d: None)
+    final = run_trial({"lora.rank": 8, "grpo.num_generations": 8, "grpo.temperature": 0.9}, spec,
+                      report=lambda m, d: None)
+    print("WARM TRIAL, NEW GROUP SIZE AND RANK: compiled_graphs", final["compiled_graphs"], "compile_s",
+          final["compile_s"], "sft_compile_s", final.get("sft_compile_s"), "sft_loss", final["sft_loss"])
     assert final["model_reused"] == 1.0
     assert final["compiled_graphs"] == 0, final["compile_s"]
 

@@ -1,5 +1,5 @@
 """trial/unsloth_patches.py: Unsloth's compiled GRPO log-prob function no longer recompiles for
-each trial's temperature.
+each trial's temperature, nor for each group size (its chunk count).
 
 unsloth_zoo needs a CUDA machine to import, so the function here is a stand-in written to a real
 module file: the same shape as unsloth_zoo 2026.10.7's ``chunked_selective_log_softmax`` (its
@@ -118,3 +118,94 @@ def test_without_unsloth_installed_it_does_nothing():
 
 def test_doctests():
     assert doctest.testmod(patches).failed == 0
+
+
+# The hidden-states function's shape in unsloth_zoo 2026.10.7: `chunks` row ranges from a Python
+# loop over bounds, which Dynamo unrolls (one graph per count), and the temperature branch.
+STANDIN_CHUNKS = '''import torch
+
+
+def _maybe_compile(**kwargs):
+    return lambda fn: torch.compile(fn, **kwargs)
+
+
+@_maybe_compile(dynamic=True, fullgraph=True, backend="aot_eager")
+def chunked_hidden_states_selective_log_softmax(hidden_states, lm_head, index, chunks: int = 4,
+                                                temperature: float = 1.0):
+    flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    flat_index = index.reshape(-1)
+    chunks = max(1, min(chunks, flat.shape[0]))
+    bounds = [(i * flat.shape[0]) // chunks for i in range(chunks + 1)]
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        chunk_logits = (flat[a:b] @ lm_head.t()).to(torch.float32)
+        if temperature != 1.0:
+            chunk_logits = chunk_logits / temperature
+        selected = torch.gather(chunk_logits, -1, flat_index[a:b].unsqueeze(-1)).squeeze(-1)
+        out.append(selected - torch.logsumexp(chunk_logits, -1))
+    return torch.cat(out).reshape(index.shape)
+'''
+# Unsloth's counts for 4, 6 and 8 completions per prompt are 16, 24 and 32; a quarter of them here
+# (then the first again), as each count unrolls into a graph that takes the CPU seconds to compile.
+GROUP_CHUNKS = (4, 6, 8, 4)
+
+
+@pytest.fixture
+def zoo_chunks(tmp_path, monkeypatch):
+    name = f"standin_chunks_{tmp_path.name}"
+    (tmp_path / f"{name}.py").write_text(STANDIN_CHUNKS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(patches, "_chunks", None)
+    torch._dynamo.reset()
+    yield importlib.import_module(name)
+    sys.modules.pop(name, None)
+    torch._dynamo.reset()
+
+
+def _graphs_per_group_size(zoo_module) -> tuple[list[int], list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    lm_head = torch.randn(50, 16, generator=gen)
+    new, outs = [], []
+    for chunks in GROUP_CHUNKS:
+        rows = chunks * 20  # the group's completions, 20 tokens each
+        hidden, index = torch.randn(1, rows, 16, generator=gen), torch.randint(0, 50, (1, rows), generator=gen)
+        fn = zoo_module.chunked_hidden_states_selective_log_softmax
+        before = counters["stats"]["unique_graphs"]
+        got = fn(hidden, lm_head, index, chunks, 0.9)  # positional, as Unsloth's packed path calls it
+        new.append(counters["stats"]["unique_graphs"] - before)
+        outs.append((got, inspect.unwrap(fn)(hidden, lm_head, index, chunks, 0.9)))
+    return new, outs
+
+
+def test_a_new_group_size_compiles_again_unpatched(zoo_chunks):
+    new, _ = _graphs_per_group_size(zoo_chunks)
+    assert new == [1, 1, 1, 0]  # the premise: each chunk count its own graph (the first was compiled first)
+
+
+def test_one_chunk_count_compiles_once_for_every_group_size(zoo_chunks):
+    from grpo_ray.trial.unsloth_patches import one_chunk_count
+
+    name = f"{zoo_chunks.__name__}.chunked_hidden_states_selective_log_softmax"
+    assert reuse_graphs_across_temperatures([zoo_chunks]) == [name]  # as the backend calls them: first
+    assert one_chunk_count(8, [zoo_chunks]) == [name]  # the search's largest count
+    new, outs = _graphs_per_group_size(zoo_chunks)
+    assert new == [1, 0, 0, 0]
+    for got, eager in outs:  # rows are scored independently: regrouping them changes only rounding
+        torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    # The next trainer: both patches find their work done, and the wrapper stays in place.
+    wrapped = zoo_chunks.chunked_hidden_states_selective_log_softmax
+    assert reuse_graphs_across_temperatures([zoo_chunks]) == [] and one_chunk_count(8, [zoo_chunks]) == []
+    assert zoo_chunks.chunked_hidden_states_selective_log_softmax is wrapped
+
+
+def test_one_chunk_count_never_lowers_a_count_and_leaves_whole_batch_calls(zoo_chunks, monkeypatch):
+    from grpo_ray.trial.unsloth_patches import one_chunk_count
+
+    seen = []
+    monkeypatch.setattr(zoo_chunks, "chunked_hidden_states_selective_log_softmax",
+                        lambda hidden, head, index, chunks=4, temperature=1.0: seen.append(chunks))
+    one_chunk_count(32, [zoo_chunks])
+    f = zoo_chunks.chunked_hidden_states_selective_log_softmax
+    f(None, None, None, 16), f(None, None, None, 64), f(None, None, None, 1), f(None, None, None, chunks=24)
+    f(None, None, None)  # no count given: the function's own default, untouched
+    assert seen == [32, 64, 1, 32, 4]

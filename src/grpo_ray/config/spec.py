@@ -164,6 +164,16 @@ class SweepSpec(Strict):
         gpu = self.resources.gpu
         return self.model.gpu_memory_utilization * (min(1.0, gpu) if isinstance(gpu, float) and gpu > 0 else 1.0)
 
+    def max_grpo_rows(self) -> int:
+        """The most completions one GRPO step scores: the largest grpo.batch_size (prompts) any
+        trial can sample times the largest grpo.num_generations.
+
+        >>> SweepSpec(name="x", search={"space": {"grpo.num_generations": {"choice": [4, 8]}}}).max_grpo_rows()
+        8
+        """
+        return (self._largest("grpo.batch_size", self.grpo.batch_size)
+                * self._largest("grpo.num_generations", self.grpo.num_generations))
+
     def max_grpo_steps(self) -> int:
         """The most GRPO steps any trial can run (early stopping's horizon)."""
         return self._largest("grpo.max_steps", self.grpo.max_steps)

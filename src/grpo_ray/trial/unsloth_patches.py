@@ -25,16 +25,27 @@ loss call, so replacing the module's attributes is enough; its generated trainer
 copies of its own for old and reference log-probs (``grpo.beta`` > 0 and the like), which are
 replaced too where present. A version of Unsloth whose source differs is left as it is, with one
 log line: the patch only ever saves compile time, it never changes what a trial computes.
+
+:func:`one_chunk_count`: the same functions split their rows into ``chunks`` ranges in a Python
+loop, which Dynamo unrolls, so each chunk count is a graph of its own. Unsloth passes rows x 4
+(16, 24 or 32 for 4, 6 or 8 completions per prompt), and on the H200 at 8d5b03e every warm gemma
+trial whose ``grpo.num_generations`` differed from its actor's last compiled again for 41-57 s
+(bench/README.md). Rows are scored independently (a row of the head's product, its log-sum-exp,
+the gather), so the chunk count only regroups them: raising it to the most the search can ask
+for gives one graph per process, the same results up to rounding in the head's product, and no
+more memory per chunk than Unsloth's own count would take.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import re
 import sys
 import textwrap
 from types import ModuleType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +96,21 @@ def _recompile_without_branch(module: ModuleType, name: str) -> bool:
     return True
 
 
+def _logprob_modules(modules: list[ModuleType] | None) -> list[ModuleType]:
+    """``modules``, or where Unsloth's GRPO log-prob functions live: ``unsloth_zoo.rl_replacements``
+    and any generated GRPO trainer module already imported (none without Unsloth)."""
+    if modules is not None:
+        return modules
+    zoo = sys.modules.get("unsloth_zoo.rl_replacements")
+    if zoo is None:
+        try:
+            import unsloth_zoo.rl_replacements as zoo
+        except ImportError:
+            return []
+    return [zoo] + [m for n, m in list(sys.modules.items())
+                    if n.rsplit(".", 1)[-1] == "UnslothGRPOTrainer" and m is not None]
+
+
 def reuse_graphs_across_temperatures(modules: list[ModuleType] | None = None) -> list[str]:
     """Keep Unsloth's compiled GRPO log-prob functions from recompiling for each trial's temperature.
 
@@ -94,19 +120,72 @@ def reuse_graphs_across_temperatures(modules: list[ModuleType] | None = None) ->
     this expects. Idempotent: a function already replaced is left as it is (building it again
     would give Dynamo new code to compile), so call it before each GRPO trainer is built.
     """
-    if modules is None:
-        zoo = sys.modules.get("unsloth_zoo.rl_replacements")
-        if zoo is None:
-            try:
-                import unsloth_zoo.rl_replacements as zoo
-            except ImportError:
-                return []
-        modules = [zoo] + [m for n, m in list(sys.modules.items())
-                           if n.rsplit(".", 1)[-1] == "UnslothGRPOTrainer" and m is not None]
+    modules = _logprob_modules(modules)
+    if not modules:  # no Unsloth here
+        return []
     done = [f"{m.__name__}.{name}" for m in modules for name in LOGPROB_FUNCTIONS
             if getattr(m, name, None) is not None and _recompile_without_branch(m, name)]
     before = any(getattr(getattr(m, name, None), _PATCHED, False) for m in modules for name in LOGPROB_FUNCTIONS)
     if not done and not before:  # said once per process, not at every trainer after the first
         log.info("Unsloth's GRPO log-prob functions are not in the form this patch expects; warm trials "
                  "with a new temperature may recompile them (trial/unsloth_patches.py)")
+    return done
+
+
+CHUNKS_ARG = 3  # `chunks` is the fourth parameter of both log-prob functions (hidden states or logits)
+_CHUNKED = "_grpo_ray_fixed_chunks"  # set on our wrapper: never wrapped twice
+_chunks: int | None = None  # what the wrapper raises a call's chunk count to (set by one_chunk_count)
+_told: set[str] = set()  # functions one_chunk_count found in another form, said once
+
+
+def _with_fixed_chunks(fn: Any) -> Any:
+    """``fn`` called with its ``chunks`` raised to ``_chunks`` (never lowered: fewer rows per
+    range than Unsloth chose, so no more memory; 1, a whole-batch call, is left alone)."""
+
+    @functools.wraps(fn)  # also carries _PATCHED over: the temperature patch leaves it alone
+    def call(*args: Any, **kwargs: Any) -> Any:
+        k = _chunks
+        if k:
+            if len(args) > CHUNKS_ARG:
+                if 1 < args[CHUNKS_ARG] < k:
+                    args = (*args[:CHUNKS_ARG], k, *args[CHUNKS_ARG + 1:])
+            elif 1 < kwargs.get("chunks", 1) < k:
+                kwargs["chunks"] = k
+        return fn(*args, **kwargs)
+
+    setattr(call, _CHUNKED, True)
+    return call
+
+
+def one_chunk_count(chunks: int, modules: list[ModuleType] | None = None) -> list[str]:
+    """Make every call of Unsloth's GRPO log-prob functions use at least ``chunks`` row ranges, so
+    that one compiled graph serves every group size the search samples (4 x the largest
+    ``grpo.batch_size`` x ``grpo.num_generations``: trial/unsloth.py).
+
+    Call it after :func:`reuse_graphs_across_temperatures` (which rebuilds the functions this
+    wraps) before each GRPO trainer: a function already wrapped keeps its wrapper and takes the
+    new count. Returns ``module.function`` for each one wrapped now; a function whose fourth
+    parameter is not ``chunks`` is left as it is, with one log line.
+    """
+    global _chunks
+    _chunks = chunks
+    done = []
+    for m in _logprob_modules(modules):
+        for name in LOGPROB_FUNCTIONS:
+            fn = getattr(m, name, None)
+            if fn is None or getattr(fn, _CHUNKED, False):
+                continue
+            try:
+                params = list(inspect.signature(inspect.unwrap(fn)).parameters)
+            except (TypeError, ValueError):
+                params = []
+            if params[CHUNKS_ARG:CHUNKS_ARG + 1] != ["chunks"]:
+                if f"{m.__name__}.{name}" in _told:
+                    continue
+                _told.add(f"{m.__name__}.{name}")  # once per process, not at every trainer
+                log.info("%s.%s has no chunks parameter where this patch expects it; warm trials with a new "
+                         "grpo.num_generations may recompile it (trial/unsloth_patches.py)", m.__name__, name)
+                continue
+            setattr(m, name, _with_fixed_chunks(fn))
+            done.append(f"{m.__name__}.{name}")
     return done

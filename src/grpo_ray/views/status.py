@@ -234,8 +234,10 @@ def recompile_advice(use: dict[str, Any] | None, rank_searched: bool = False, ra
     if rank_searched and not rank_padded:
         causes.append("the search samples lora.rank, and a new rank is a new shape: set lora.pad_rank: true")
     if groups_searched:  # at 8d5b03e a warm gemma trial with a new group size compiled 41-57 s of 171-184 s
-        causes.append("the search samples grpo.num_generations, and each new group size is a new shape for "
-                      "Unsloth's GRPO graphs (compiled once per actor and size): search fewer sizes, or fix it")
+        causes.append("the search samples grpo.num_generations, and a new group size can be a new shape for "
+                      "Unsloth's GRPO graphs (grpo-ray gives its log-prob function one chunk count for all, "
+                      "trial/unsloth_patches.py; sequences of 20k tokens or more defeat that): search "
+                      "fewer sizes")
     return (f"warm trials compiled {warm['mean']:.0f} s each on average ({share:.0%} of their time), though a "
             f"warm trial reuses its actor's compiled graphs: something a graph was specialized on changes between "
             f"trials. {''.join(c + '; ' for c in causes)}to see which guard fails, run with TORCH_LOGS=recompiles "
