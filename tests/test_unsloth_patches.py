@@ -198,7 +198,7 @@ def test_one_chunk_count_compiles_once_for_every_group_size(zoo_chunks):
     assert zoo_chunks.chunked_hidden_states_selective_log_softmax is wrapped
 
 
-def test_one_chunk_count_never_lowers_a_count_and_leaves_whole_batch_calls(zoo_chunks, monkeypatch):
+def test_one_chunk_count_never_lowers_a_count_and_leaves_short_and_whole_batch_calls(zoo_chunks, monkeypatch):
     from grpo_ray.trial.unsloth_patches import one_chunk_count
 
     seen = []
@@ -206,6 +206,8 @@ def test_one_chunk_count_never_lowers_a_count_and_leaves_whole_batch_calls(zoo_c
                         lambda hidden, head, index, chunks=4, temperature=1.0: seen.append(chunks))
     one_chunk_count(32, [zoo_chunks])
     f = zoo_chunks.chunked_hidden_states_selective_log_softmax
-    f(None, None, None, 16), f(None, None, None, 64), f(None, None, None, 1), f(None, None, None, chunks=24)
-    f(None, None, None)  # no count given: the function's own default, untouched
-    assert seen == [32, 64, 1, 32, 4]
+    rows64, rows63 = torch.zeros(1, 64, 8), torch.zeros(1, 63, 8)  # [batch, tokens, hidden]
+    f(rows64, None, None, 16), f(rows64, None, None, 64), f(rows64, None, None, 1), f(rows64, None, None, chunks=24)
+    f(rows64, None, None)  # no count given: the function's own default, untouched
+    f(rows63, None, None, 16)  # fewer than two rows per range at 32: Unsloth's count, its own graphs as before
+    assert seen == [32, 64, 1, 32, 4, 16]

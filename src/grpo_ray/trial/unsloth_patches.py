@@ -33,7 +33,8 @@ trial whose ``grpo.num_generations`` differed from its actor's last compiled aga
 (bench/README.md). Rows are scored independently (a row of the head's product, its log-sum-exp,
 the gather), so the chunk count only regroups them: raising it to the most the search can ask
 for gives one graph per process, the same results up to rounding in the head's product, and no
-more memory per chunk than Unsloth's own count would take.
+more memory per chunk than Unsloth's own count would take. Batches of fewer than two rows (tokens)
+per range keep Unsloth's count, as the function compiles those apart anyway.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import re
 import sys
 import textwrap
@@ -139,13 +141,17 @@ _told: set[str] = set()  # functions one_chunk_count found in another form, said
 
 
 def _with_fixed_chunks(fn: Any) -> Any:
-    """``fn`` called with its ``chunks`` raised to ``_chunks`` (never lowered: fewer rows per
-    range than Unsloth chose, so no more memory; 1, a whole-batch call, is left alone)."""
+    """``fn`` called with its ``chunks`` raised to ``_chunks`` when its rows fill at least two per
+    range. Never lowered (fewer rows per range than Unsloth chose, so no more memory); a call
+    with fewer rows, or a whole-batch call (1), keeps Unsloth's count: the function compiles
+    those shapes apart anyway (its guards ``rows // chunks != 1`` and ``min(rows, chunks)``), and
+    raising the count would only make more short batches fall into them."""
 
     @functools.wraps(fn)  # also carries _PATCHED over: the temperature patch leaves it alone
     def call(*args: Any, **kwargs: Any) -> Any:
         k = _chunks
-        if k:
+        shape = getattr(args[0], "shape", None) if args else None
+        if k and shape is not None and math.prod(shape[:-1]) >= 2 * k:
             if len(args) > CHUNKS_ARG:
                 if 1 < args[CHUNKS_ARG] < k:
                     args = (*args[:CHUNKS_ARG], k, *args[CHUNKS_ARG + 1:])
