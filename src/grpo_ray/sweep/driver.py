@@ -314,8 +314,10 @@ def run_sweep(spec: SweepSpec, storage_root: str | None = None, resume: bool = F
         workdirs.remove_orphans()  # left by trial processes of earlier sweeps on this host that were killed
         init_ray()  # before the resources: `auto` looks at the cluster's GPUs and CPUs
         spec, notes = resolve_resources(spec)
+        if pad := pad_note(spec):
+            notes = [*notes, pad]
         if on_event:
-            for note in notes + [n for n in (pad_note(spec),) if n]:
+            for note in notes:
                 on_event("note", {"message": note})
         # Written now too, so `status` and `report` of a running sweep know its objectives and space;
         # and a storage that cannot be written fails here, before any GPU time is spent.

@@ -77,15 +77,16 @@ def read_snapshot(path: str) -> dict[str, Any]:
     """Tune's experiment snapshot at ``path``, read again while it is being rewritten.
 
     Raises ValueError naming the file when it stays incomplete JSON (damaged, not in flux)."""
-    for attempt in range(1, SNAPSHOT_READS + 1):
+    for attempt in range(1, SNAPSHOT_READS):
         try:
             return json.loads(storage.read_text(path))
-        except json.JSONDecodeError as e:
-            if attempt == SNAPSHOT_READS:
-                raise ValueError(f"{path}: not a whole JSON snapshot in {SNAPSHOT_READS} reads ({e}): Tune rewrites "
-                                 "it every few seconds while the sweep runs; if none runs, the file is damaged") from None
+        except json.JSONDecodeError:
             time.sleep(SNAPSHOT_RETRY_S * attempt)  # 2 s in all
-    raise AssertionError("unreachable")
+    try:
+        return json.loads(storage.read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a whole JSON snapshot in {SNAPSHOT_READS} reads ({e}): Tune rewrites it "
+                         "every few seconds while the sweep runs; if none runs, the file is damaged") from None
 
 
 def trial_cause(run_dir: str, logdir: str | None) -> str | None:
