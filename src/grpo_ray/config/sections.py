@@ -215,7 +215,8 @@ class ResourcesSpec(Strict):
         "ranks, finished about as many trials per GPU-hour as 2; 8, with those recompiles gone and 50-step trials, "
         "kept the card 73-78% busy while its warm trials stepped and finished 64.9 trials per GPU-hour after the "
         "first (docs/performance.md; 2 and 8 not yet side by side in one lease, so the default stays). Higher: "
-        "worth it for a small model on a large card (with resources.cpu low enough: 16 cores hold eight of 2); but more trials at once, so the search learns from "
+        "worth it for a small model on a large card (with resources.cpu low enough: 16 cores hold eight of 2); "
+        "but more trials at once, so the search learns from "
         "fewer finished trials before it samples the next, and packed cold starts queue for the card (30-35 s "
         "per start ahead). Only with gpu: auto; a number in gpu already sets the density.")
 

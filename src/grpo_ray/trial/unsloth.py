@@ -39,14 +39,15 @@ from grpo_ray.trial.common import (
 )
 from grpo_ray.trial.trl_args import engine_compile_kwargs, grpo_config_kwargs, sft_config_kwargs
 from grpo_ray.trial.compile_clock import restore_torch_logs
-from grpo_ray.trial.unsloth_patches import one_chunk_count, reuse_graphs_across_temperatures
+from grpo_ray.trial.unsloth_patches import prepare_grpo_logprobs
 from grpo_ray.trial.engine_lock import fixed_kv_cache, one_start_per_gpu, release_at_engine_warmup, visible_gpus
 
 restore_torch_logs(_TORCH_LOGS)
 
 # Unsloth's row ranges per completion in its GRPO log-prob function: its multiplier, 4 below
 # 20,480 tokens (unsloth/models/rl_replacements.py: max(4, seq_len // 4096)). With longer ones
-# Unsloth's count can exceed what one_chunk_count asks for: such calls keep their own (a graph each).
+# Unsloth's count can exceed what unsloth_patches.one_chunk_count asks for: such calls keep
+# their own (a graph each).
 LOGPROB_CHUNKS_PER_ROW = 4
 
 
@@ -183,8 +184,7 @@ class UnslothBackend:
         # trial's temperature instead of compiling again for each (trial/unsloth_patches.py),
         # and every group size: Unsloth splits rows x LOGPROB_CHUNKS_PER_ROW ranges, so the most
         # the search can ask for is one count for all its trials.
-        reuse_graphs_across_temperatures()
-        one_chunk_count(LOGPROB_CHUNKS_PER_ROW * spec.max_grpo_rows())
+        prepare_grpo_logprobs(LOGPROB_CHUNKS_PER_ROW * spec.max_grpo_rows())
         trainer = GRPOTrainer(
             model=self.model,
             processing_class=self.tokenizer,

@@ -169,7 +169,7 @@ def one_chunk_count(chunks: int, modules: list[ModuleType] | None = None) -> lis
     ``grpo.batch_size`` x ``grpo.num_generations``: trial/unsloth.py).
 
     Call it after :func:`reuse_graphs_across_temperatures` (which rebuilds the functions this
-    wraps) before each GRPO trainer: a function already wrapped keeps its wrapper and takes the
+    wraps) before each GRPO trainer, as :func:`prepare_grpo_logprobs` does: a function already wrapped keeps its wrapper and takes the
     new count. Returns ``module.function`` for each one wrapped now; a function whose fourth
     parameter is not ``chunks`` is left as it is, with one log line.
     """
@@ -195,3 +195,12 @@ def one_chunk_count(chunks: int, modules: list[ModuleType] | None = None) -> lis
             setattr(m, name, _with_fixed_chunks(fn))
             done.append(f"{m.__name__}.{name}")
     return done
+
+
+def prepare_grpo_logprobs(chunks: int) -> None:
+    """Both patches, in the order they need, before each GRPO trainer is built: the functions
+    rebuilt without the temperature branch (once per process), then wrapped with ``chunks``
+    as their least chunk count (the wrapper keeps the rebuilt function's mark, so the first
+    patch finds its work done at the next trainer)."""
+    reuse_graphs_across_temperatures()
+    one_chunk_count(chunks)
