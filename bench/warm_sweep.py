@@ -10,6 +10,7 @@ as real sweeps through ``grpo_ray.sweep.driver.run_sweep`` (Ray Tune + Optuna), 
     pack4, pack8   four or eight trials per GPU (resources.gpu 0.25 / 0.125; 3 / 2 CPUs each, so
                    that 8 fit a 16-core node): the density benchmark of "Fill the GPU"
     auto    resources.gpu: auto with the default max_trials_per_gpu (2), search.max_concurrent_trials: auto
+    auto2   the same at two CPUs per trial, like auto8: density the only difference (auto8:24,auto2:8)
     auto4, auto8   resources.gpu: auto with max_trials_per_gpu 4 / 8 (3 / 2 CPUs each): the
                    sweep's own rule picks the density on the real card (sweep/packing.py); on the
                    lent H200 it should pick what pack4 / pack8 set by hand
@@ -63,6 +64,9 @@ MODES = {
     "pack8": {"trial.reuse_model": True, "resources.gpu": 0.125, "resources.cpu": 2,
               "search.max_concurrent_trials": 8},
     "auto": {"trial.reuse_model": True, "resources.gpu": "auto", "search.max_concurrent_trials": "auto"},
+    # the default density with auto8's CPUs per trial: a side-by-side of two and eight per GPU
+    "auto2": {"trial.reuse_model": True, "resources.gpu": "auto", "resources.max_trials_per_gpu": 2,
+              "resources.cpu": 2, "search.max_concurrent_trials": "auto"},
     "auto4": {"trial.reuse_model": True, "resources.gpu": "auto", "resources.max_trials_per_gpu": 4,
               "resources.cpu": 3, "search.max_concurrent_trials": "auto"},
     "auto8": {"trial.reuse_model": True, "resources.gpu": "auto", "resources.max_trials_per_gpu": 8,
@@ -106,6 +110,25 @@ def mode_overrides(mode: str) -> dict:
     return out
 
 
+def parse_modes(text: str) -> list[tuple[str, int]]:
+    """``mode:trials,...`` checked whole before any sweep starts.
+
+    >>> parse_modes("auto8:24,auto2:8")
+    [('auto8', 24), ('auto2', 8)]
+    >>> parse_modes("auto8:24,auto3:8")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    SystemExit: unknown mode 'auto3' in 'auto3'; known: ...
+    """
+    plan = []
+    for item in text.split(","):
+        mode, sep, n = item.strip().partition(":")
+        if not sep or not n.isdigit() or int(n) < 1:
+            raise SystemExit(f"--modes: {item!r} is not mode:trials (e.g. auto8:24)")
+        mode_overrides(mode)
+        plan.append((mode, int(n)))
+    return plan
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", "--gguf", dest="model", required=True,
@@ -130,9 +153,9 @@ def main() -> None:
     result = {"bench": "warm_sweep", "device": device_info(), "commit": commit("src", "bench"),
               "command": command,
               "config": json.loads(json.dumps(base.model_dump(mode="json", by_alias=True))), "modes": {}}
+    plan = parse_modes(args.modes)  # a typo in the last mode must not cost the lease the modes before it
     runs_of: dict[str, int] = {}
-    for item in args.modes.split(","):
-        mode, n = item.split(":")
+    for mode, n in plan:
         # A mode may come twice (cold:2,cold:2: the same configurations on fresh processes again,
         # for run-to-run noise); the second is recorded, and runs, as cold-2.
         runs_of[mode] = runs_of.get(mode, 0) + 1

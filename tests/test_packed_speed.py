@@ -32,6 +32,9 @@ def test_no_overlap_or_too_few_steps_gives_no_step_time():
 
 def test_doctests():
     assert doctest.testmod(trial_gpu).failed == 0
+    import warm_sweep  # parse_modes: the whole --modes list is checked before the first sweep starts
+
+    assert doctest.testmod(warm_sweep).failed == 0
 
 
 def test_mps_mode_runs_its_sweep_between_the_daemons_start_and_quit(tmp_path, monkeypatch):
