@@ -200,16 +200,48 @@ def test_one_chunk_count_compiles_once_for_every_group_size(zoo_chunks):
     assert zoo_chunks.chunked_hidden_states_selective_log_softmax is wrapped
 
 
-def test_one_chunk_count_never_lowers_a_count_and_leaves_short_and_whole_batch_calls(zoo_chunks, monkeypatch):
+def test_one_chunk_count_never_lowers_a_long_count_and_gives_short_batches_one_range(zoo_chunks, monkeypatch):
     from grpo_ray.trial.unsloth_patches import one_chunk_count
 
     seen = []
     monkeypatch.setattr(zoo_chunks, "chunked_hidden_states_selective_log_softmax",
                         lambda hidden, head, index, chunks=4, temperature=1.0: seen.append(chunks))
-    one_chunk_count(32, [zoo_chunks])
     f = zoo_chunks.chunked_hidden_states_selective_log_softmax
+    monkeypatch.setattr(zoo_chunks, "chunked_hidden_states_selective_log_softmax", patches._with_fixed_chunks(f))
     rows64, rows63 = torch.zeros(1, 64, 8), torch.zeros(1, 63, 8)  # [batch, tokens, hidden]
+    zoo_chunks.chunked_hidden_states_selective_log_softmax(rows63, None, None, 16)  # no k set yet: untouched
+    one_chunk_count(32, [zoo_chunks])  # finds the wrapper in place: keeps it, takes the new k
+    f = zoo_chunks.chunked_hidden_states_selective_log_softmax
     f(rows64, None, None, 16), f(rows64, None, None, 64), f(rows64, None, None, 1), f(rows64, None, None, chunks=24)
     f(rows64, None, None)  # no count given: the function's own default, untouched
-    f(rows63, None, None, 16)  # fewer than two rows per range at 32: Unsloth's count, its own graphs as before
-    assert seen == [32, 64, 1, 32, 4, 16]
+    # Fewer than two rows per range at 32: one range, whatever the group size's count (or 1 already).
+    f(rows63, None, None, 16), f(rows63, None, None, chunks=24), f(rows63, None, None, 64), f(rows63, None, None, 1)
+    assert seen == [16, 32, 64, 1, 32, 4, 1, 1, 1, 1]
+
+
+# Short batches (fewer than 2k rows) of several group sizes, between long ones: Unsloth's counts 16,
+# 24 and 32 with rows under 64 on the GPU, a quarter of them here (k = 8, so under 16 rows), rows of
+# each count both above and below it. With Unsloth's count kept for short batches (the wrapper as of
+# eef4552) every short batch here compiled a graph of its own, 6 graphs in all against 2: each
+# count and each row count under it is a loop of another length (on the H200 at 920d3f9: 54 s and
+# 11 s, guard `... == 33`), and the long batches' guards held for no short one.
+MIXED_BATCHES = ((4, 80), (4, 13), (6, 10), (8, 15), (6, 5), (8, 7), (8, 160), (4, 9))  # (count, rows)
+
+
+def test_short_batches_of_every_group_size_compile_one_graph(zoo_chunks):
+    from grpo_ray.trial.unsloth_patches import one_chunk_count
+
+    reuse_graphs_across_temperatures([zoo_chunks])
+    one_chunk_count(8, [zoo_chunks])
+    fn = zoo_chunks.chunked_hidden_states_selective_log_softmax
+    gen = torch.Generator().manual_seed(0)
+    lm_head = torch.randn(50, 16, generator=gen)
+    new = []
+    for chunks, rows in MIXED_BATCHES:
+        hidden, index = torch.randn(1, rows, 16, generator=gen), torch.randint(0, 50, (1, rows), generator=gen)
+        before = counters["stats"]["unique_graphs"]
+        got = fn(hidden, lm_head, index, chunks, 0.9)
+        new.append(counters["stats"]["unique_graphs"] - before)
+        # Rows are scored independently: one range or Unsloth's count, the same up to rounding.
+        torch.testing.assert_close(got, inspect.unwrap(fn)(hidden, lm_head, index, chunks, 0.9), rtol=1e-5, atol=1e-5)
+    assert new == [1, 1, 0, 0, 0, 0, 0, 0]  # the long batches' graph, then one for every short batch

@@ -33,8 +33,18 @@ trial whose ``grpo.num_generations`` differed from its actor's last compiled aga
 (bench/README.md). Rows are scored independently (a row of the head's product, its log-sum-exp,
 the gather), so the chunk count only regroups them: raising it to the most the search can ask
 for gives one graph per process, the same results up to rounding in the head's product, and no
-more memory per chunk than Unsloth's own count would take. Batches of fewer than two rows (tokens)
-per range keep Unsloth's count, as the function compiles those apart anyway.
+more memory per chunk than Unsloth's own count would take. That holds for batches of at least two
+rows (completion tokens) per range. A shorter one kept Unsloth's count at first, and on the H200
+at 920d3f9 two of 16 warm trials still compiled the function again (54 s and 11 s), the guard
+``(1 + max(1, min(hidden_states.size()[1], chunks))) == 33`` failing: a batch of fewer than 64
+tokens came with the count of the trial's new group size, so its unrolled loop had another length
+than the graph the process held (bench/results/warm_sweep_density_h200_920d3f9.log.gz). Such a
+batch now goes in one range whatever its group size: a loop of length 1, so a process compiles
+two graphs of the function (per grad mode, which Dynamo guards on anyway), one for long batches
+and one for short ones, instead of one more per group size that meets a short batch. One range
+holds fewer than 2 x count rows x vocabulary logits, in the head's dtype and a float32 copy: for
+gemma-3-270m (count 32, 262,144 tokens, bf16) 64 x 262,144 x (2 + 4) bytes, about 0.1 GB, against
+the 2.0-4.9 GiB a trial allocated at its peak in that run.
 """
 
 from __future__ import annotations
@@ -136,27 +146,46 @@ def reuse_graphs_across_temperatures(modules: list[ModuleType] | None = None) ->
 
 CHUNKS_ARG = 3  # `chunks` is the fourth parameter of both log-prob functions (hidden states or logits)
 _CHUNKED = "_grpo_ray_fixed_chunks"  # set on our wrapper: never wrapped twice
-_chunks: int | None = None  # what the wrapper raises a call's chunk count to (set by one_chunk_count)
+_chunks: int | None = None  # k: what the wrapper raises a long call's chunk count to (set by one_chunk_count)
 _told: set[str] = set()  # functions one_chunk_count found in another form, said once
 
 
 def _with_fixed_chunks(fn: Any) -> Any:
-    """``fn`` called with its ``chunks`` raised to ``_chunks`` when its rows fill at least two per
-    range. Never lowered (fewer rows per range than Unsloth chose, so no more memory); a call
-    with fewer rows, or a whole-batch call (1), keeps Unsloth's count: the function compiles
-    those shapes apart anyway (its guards ``rows // chunks != 1`` and ``min(rows, chunks)``), and
-    raising the count would only make more short batches fall into them."""
+    """``fn`` with every chunk count it is given fixed by the rows it is called on, not by the
+    group size: raised to ``_chunks`` (the search's largest, k) when the rows fill at least two per
+    range, and 1 (the whole batch as one range) below 2k rows. A long batch's count is never
+    lowered (fewer rows per range than Unsloth chose, so no more memory); a call given 1, or no
+    count (the function's own default), or made before :func:`one_chunk_count` set k, is left as
+    it is.
+
+    Why 1 for short batches: Unsloth's count there is rows x 4 of the trial's group size (16, 24
+    or 32), and each count is a loop of its own length, so each group size that met a short batch
+    compiled the function again (54 s and 11 s on the H200 at 920d3f9: the module's docstring).
+    Raising them to k instead would not do: the function lowers a count above the rows
+    (``min(chunks, n_rows)``), so a batch of fewer than k rows would get a loop as long as its
+    rows, a graph per row count (and every batch under 2k, to ``rows // 2``, when the head
+    trains: its rule for ``rows < 2 * chunks``). At 1 neither rule changes anything
+    (``min(1, rows)`` is 1 for any rows, ``rows < 2`` only for a one-row batch), nor does the
+    ``max_rows_per_chunk`` cap, off (0) unless ``UNSLOTH_GRPO_MAX_ROWS_PER_CHUNK`` is set
+    (unsloth_zoo 2026.10.7's rl_replacements.py). The memory of one range is bounded by 2k rows:
+    fewer than 12 x k x vocabulary bytes in bf16 (the logits and their float32 copy), about 0.1 GB
+    at k = 32 with Gemma's 262,144 tokens. The result differs only by rounding, as rows are
+    scored independently."""
 
     @functools.wraps(fn)  # also carries _PATCHED over: the temperature patch leaves it alone
     def call(*args: Any, **kwargs: Any) -> Any:
         k = _chunks
         shape = getattr(args[0], "shape", None) if args else None
-        if k and shape is not None and math.prod(shape[:-1]) >= 2 * k:
-            if len(args) > CHUNKS_ARG:
-                if 1 < args[CHUNKS_ARG] < k:
-                    args = (*args[:CHUNKS_ARG], k, *args[CHUNKS_ARG + 1:])
-            elif 1 < kwargs.get("chunks", 1) < k:
-                kwargs["chunks"] = k
+        if k and shape is not None:
+            positional = len(args) > CHUNKS_ARG
+            given = args[CHUNKS_ARG] if positional else kwargs.get("chunks")
+            if given is not None and given > 1:
+                # Below 2k rows the range count is 1 for every group size; above, at least k.
+                chunks = 1 if math.prod(shape[:-1]) < 2 * k else max(given, k)
+                if positional:
+                    args = (*args[:CHUNKS_ARG], chunks, *args[CHUNKS_ARG + 1:])
+                else:
+                    kwargs["chunks"] = chunks
         return fn(*args, **kwargs)
 
     setattr(call, _CHUNKED, True)
@@ -164,9 +193,10 @@ def _with_fixed_chunks(fn: Any) -> Any:
 
 
 def one_chunk_count(chunks: int, modules: list[ModuleType] | None = None) -> list[str]:
-    """Make every call of Unsloth's GRPO log-prob functions use at least ``chunks`` row ranges, so
-    that one compiled graph serves every group size the search samples (4 x the largest
-    ``grpo.batch_size`` x ``grpo.num_generations``: trial/unsloth.py).
+    """Make every call of Unsloth's GRPO log-prob functions use at least ``chunks`` row ranges
+    when it has at least 2 x ``chunks`` rows, and one range when it has fewer, so that two
+    compiled graphs (long and short batches) serve every group size the search samples
+    (``chunks``: 4 x the largest ``grpo.batch_size`` x ``grpo.num_generations``: trial/unsloth.py).
 
     Call it after :func:`reuse_graphs_across_temperatures` (which rebuilds the functions this
     wraps) before each GRPO trainer, as :func:`prepare_grpo_logprobs` does: a function already wrapped keeps its wrapper and takes the
@@ -200,7 +230,8 @@ def one_chunk_count(chunks: int, modules: list[ModuleType] | None = None) -> lis
 def prepare_grpo_logprobs(chunks: int) -> None:
     """Both patches, in the order they need, before each GRPO trainer is built: the functions
     rebuilt without the temperature branch (once per process), then wrapped with ``chunks``
-    as their least chunk count (the wrapper keeps the rebuilt function's mark, so the first
-    patch finds its work done at the next trainer)."""
+    as their least chunk count for batches of at least 2 x ``chunks`` rows, and one range for
+    shorter ones (the wrapper keeps the rebuilt function's mark, so the first patch finds its
+    work done at the next trainer)."""
     reuse_graphs_across_temperatures()
     one_chunk_count(chunks)
