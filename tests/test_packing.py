@@ -17,7 +17,7 @@ from conftest import REPO
 
 
 @pytest.mark.parametrize("weights, gpus, gib, alone, share", [
-    (0.5, 1, 80, True, 0.5),      # gemma-3-270m on an H100: two per GPU
+    (0.5, 1, 80, True, 0.2),      # gemma-3-270m on an H100: eight by default (0.6%), five fit its memory
     (0.5, 4, 24, False, 1.0),     # ... but not on a 24 GB card (0.5 > 3% of 24)
     (3.2, 1, 80, True, 1.0),      # Qwen3-1.7B on an H100: one (4%: not measured packed)
     (3.2, 1, 141, True, 0.5),     # ... on an H200 (2.3%): two, 1.3x the work of one (packed_qwen3_h200_85f0640)
@@ -35,7 +35,7 @@ def test_auto_rule(weights, gpus, gib, alone, share):
 @pytest.mark.parametrize("cpu, cpus_per_gpu, share, words", [
     (4, 8, 0.5, "two trials per GPU"),      # 8 cores per GPU hold two trials of 4
     (4, 6, 1.0, "the GPU nodes have 6 CPUs per GPU for 4 per trial (resources.cpu); lower resources.cpu"),
-    (4, None, 0.5, "two trials per GPU"),   # no GPU node up to ask (an autoscaler's first minutes)
+    (4, None, 0.125, "eight trials per GPU"),  # no GPU node up to ask (an autoscaler's first minutes)
 ])
 def test_packing_never_asks_for_more_cpus_than_a_gpu_node_has_per_gpu(cpu, cpus_per_gpu, share, words):
     got, why = gpu_per_trial(0.5, 1, 141, True, cpu, cpus_per_gpu)
@@ -44,7 +44,8 @@ def test_packing_never_asks_for_more_cpus_than_a_gpu_node_has_per_gpu(cpu, cpus_
 
 @pytest.mark.parametrize("max_per_gpu, cpu, cpus_per_gpu, gib, engine_share, share, words", [
     # gemma-3-270m (0.5 GiB) on the lent H200: 16 cores, 141 GiB.
-    (None, 4, 16, 141, 0.7, 0.5, "resources.max_trials_per_gpu is 2"),  # the default density
+    (None, 2, 16, 141, 0.7, 0.125, "max_trials_per_gpu is unset (8, the default for weights at most 1%"),
+    (None, 4, 16, 141, 0.7, 0.25, "16 CPUs per GPU for 4 per trial"),   # the default, bound by the cores
     (4, 4, 16, 141, 0.7, 0.25, "four trials per GPU"),
     (8, 4, 16, 141, 0.7, 0.25, "16 CPUs per GPU for 4 per trial"),      # cores bound it at four
     (8, 2, 16, 141, 0.7, 0.125, "eight trials per GPU"),
@@ -56,11 +57,38 @@ def test_packing_never_asks_for_more_cpus_than_a_gpu_node_has_per_gpu(cpu, cpus_
 ])
 def test_density_is_the_tightest_of_the_spec_the_memory_and_the_cores(max_per_gpu, cpu, cpus_per_gpu, gib,
                                                                       engine_share, share, words):
-    got, why = gpu_per_trial(0.5, 1, gib, True, cpu, cpus_per_gpu, max_per_gpu or 2, engine_share)
+    got, why = gpu_per_trial(0.5, 1, gib, True, cpu, cpus_per_gpu, max_per_gpu, engine_share)
     assert got == share and words in why, why
     if share < 1:
         k = round(1 / share)
         assert k * share <= 1.0 < (k + 1) * share  # Ray can place exactly k of them on one card
+
+
+def test_doctests():
+    import doctest
+
+    from grpo_ray.sweep import packing
+
+    assert doctest.testmod(packing).failed == 0
+
+
+def test_default_density_follows_the_models_share_of_the_card():
+    from grpo_ray.config.sections import ResourcesSpec
+
+    assert ResourcesSpec().cpu == 2.0 and ResourcesSpec().max_trials_per_gpu is None
+    # gemma-3-270m (0.5 GiB) on an H200 at the default 2 cores per trial: eight, said as the default
+    share, why = gpu_per_trial(0.5, 1, 141, True, ResourcesSpec().cpu, 16)
+    assert share == 0.125 and "max_trials_per_gpu is unset (8" in why, why
+    # Qwen3-1.7B (3.2 GiB, 2.3%): two, the density measured for it
+    share, why = gpu_per_trial(3.2, 1, 141, True, ResourcesSpec().cpu, 16)
+    assert share == 0.5 and "max_trials_per_gpu is unset (2" in why, why
+    # the boundary: 1% of the card still dense, just above it two
+    from grpo_ray.sweep.packing import default_trials_per_gpu
+
+    assert default_trials_per_gpu(1.41, 141)[0] == 8 and default_trials_per_gpu(1.42, 141)[0] == 2
+    # a set max_trials_per_gpu wins over the default either way
+    assert gpu_per_trial(0.5, 1, 141, True, 2.0, 16, 2)[0] == 0.5
+    assert gpu_per_trial(3.2, 1, 141, True, 2.0, 16, 4)[0] == 0.25
 
 
 def test_memory_rule_on_the_measured_trials():
@@ -148,6 +176,9 @@ H100 = {"accelerator_type:H100": 1}
     (1, 1, H100, {}, 1.0, "the GPU nodes have 1"),  # two would need 2 cores
     (8, 1, H100, {"resources.max_trials_per_gpu": 4}, 0.25, "four trials per GPU"),
     (3, 1, H100, {"resources.max_trials_per_gpu": 8}, 0.3333, "the GPU nodes have 3 CPUs per GPU for 1 per trial"),
+    # The defaults on a node like the lent H200 (16 cores): a small model eight per GPU at 2 cores each,
+    # the density bench/results/warm_sweep_density_h200_920d3f9.json measured best
+    (16, 1, {"accelerator_type:H200": 1}, {"resources.cpu": 2.0}, 0.125, "eight trials per GPU"),
 ])
 def test_auto_resolves_against_the_real_ray_cluster(cpus, gpus, resources, overrides, share, words):
     [out] = resolve(cpus, gpus, resources, overrides)

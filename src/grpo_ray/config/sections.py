@@ -205,20 +205,21 @@ class ResourcesSpec(Strict):
             return v
         raise ValueError("expected a number >= 0 (0.5 packs two trials per GPU) or 'auto'")
     cpu: float = Field(
-        4.0, gt=0, description="CPU cores Ray reserves per trial (data loading, rewards, tokenizing). Higher: "
-        "fewer trials at once on a machine without GPUs, and fewer packed per GPU under gpu: auto (a GPU node "
-        "with 16 cores per GPU holds four trials of 4). A packed trial's step keeps about one core busy.")
+        2.0, gt=0, description="CPU cores Ray reserves per trial (data loading, rewards, tokenizing; on a machine "
+        "without GPUs, the trial's torch threads). Higher: fewer trials at once on a machine without GPUs, and "
+        "fewer packed per GPU under gpu: auto (a GPU node with 16 cores per GPU holds eight trials of 2, four of 4). "
+        "A packed trial's step keeps about one core busy: eight gemma-3-270m trials on an H200 node kept 8-9 of its "
+        "16 cores busy (bench/results/warm_sweep_density_h200_920d3f9.top.txt.gz).")
     max_trials_per_gpu: Optional[int] = Field(
-        None, ge=1, le=MAX_TRIALS_PER_GPU, description="With gpu: auto, the most trials that may share one GPU (unset: 2). 2 "
-        "gave gemma-3-270m on an H200 49.7 trials per GPU-hour against 18.1 one at a time; 4 stepped each trial "
-        "about as fast as alone (3.4x the card's GRPO work) but, on 20-step trials that recompiled for new LoRA "
-        "ranks, finished about as many trials per GPU-hour as 2; 8, with those recompiles gone and 50-step trials, "
-        "kept the card 73-78% busy while its warm trials stepped and finished 64.9 trials per GPU-hour after the "
-        "first (docs/performance.md; 2 and 8 not yet side by side in one lease, so the default stays). Higher: "
-        "worth it for a small model on a large card (with resources.cpu low enough: 16 cores hold eight of 2); "
-        "but more trials at once, so the search learns from "
-        "fewer finished trials before it samples the next, and packed cold starts queue for the card (30-35 s "
-        "per start ahead). Only with gpu: auto; a number in gpu already sets the density.")
+        None, ge=1, le=MAX_TRIALS_PER_GPU, description="With gpu: auto, the most trials that may share one GPU. "
+        "Unset: 8 when the model's 16-bit weights take at most 1% of the GPU's memory, else 2 (sweep/packing.py). "
+        "Measured on an H200: gemma-3-270m (0.36% of it) eight per GPU finished 136.0 trials per GPU-hour after "
+        "the first, the card 80-93% busy while its warm trials stepped, where two per GPU finished 49.7 and "
+        "cannot pass about 68; the tutorial's Qwen3-1.7B (2.3%) did 1.3x one trial's work with two. Lower: the "
+        "search learns from more finished trials before it samples the next (eight per GPU on 8 GPUs runs 64 "
+        "at once), and fewer packed cold starts queue for the card (about 35 s per start ahead); higher: more "
+        "trials per GPU-hour for a small model on a large card, if resources.cpu leaves the cores for them. "
+        "Only with gpu: auto; a number in gpu already sets the density.")
 
     @model_validator(mode="after")
     def _density_needs_auto(self) -> "ResourcesSpec":

@@ -11,27 +11,34 @@ scoring and Python overhead with the others' kernels. ``resources.gpu: auto`` pi
   whenever the model size or the GPU memory cannot be known on the driver (a hub model not on
   its disk, an autoscaling cluster with no GPU node up yet);
 - else ``1/k`` for the largest ``k`` (k trials per GPU) that all of these allow:
-  ``resources.max_trials_per_gpu`` (default 2); the card's memory (:func:`trials_fit_memory`:
-  each trial's slice must hold its engine in ``model.gpu_memory_utilization`` of it and its
-  training in the rest); and the GPU nodes' CPU cores (k x ``resources.cpu`` per GPU: Ray
-  places trials by CPUs as well as GPU shares, so asking for more would pack some cards and
-  leave others idle, and a small model's step is bound by its host process).
+  ``resources.max_trials_per_gpu``, unset: :func:`default_trials_per_gpu` (8 when the weights
+  take at most :data:`DENSE_WEIGHT_SHARE`, 1%, of the card; else 2); the card's memory
+  (:func:`trials_fit_memory`: each trial's slice must hold its engine in
+  ``model.gpu_memory_utilization`` of it and its training in the rest); and the GPU nodes' CPU
+  cores (k x ``resources.cpu`` per GPU: Ray places trials by CPUs as well as GPU shares, so
+  asking for more would pack some cards and leave others idle, and a small model's step is
+  bound by its host process).
 
 The sweep prints the choice and what bounds it. Why 3%: the tutorial's Qwen3-1.7B shape (2.3% of
 an H200) keeps the card busy 57-66% of the time alone (NVML, during GRPO steps), and two of its
 trials stepping together kept it 91% busy and did 1.26-1.36 times the work of one alone (2.45 s
 per step each, against 1.55-1.67 s alone: bench/results/packed_qwen3_h200_85f0640.json). A
 bigger model, or the same one on a smaller card, keeps the card busier alone and leaves less for
-a neighbour; it was not measured, so it runs alone. Why the default stops at two: two per H200
-is the density measured end to end (12 gemma-3-270m trials, none failed, 49.7 trials per
-GPU-hour against 18.1 one at a time: bench/results/warm_sweep_packed_h200_c2ff95b.json,
-warm_sweep_reuse_h200_32d5bab.json). The card itself takes more: K processes stepping a
-GRPO-shaped step of gemma-3-270m on one H200 did 4.24 times the work of one at K=4 and 5.65
-times at K=8 (bench/results/share_gpu_h200_a9f965a.json), but four packed trials of the
-quality benchmark stepped 3-4 times slower than one alone while their neighbours compiled and
-started engines. ``max_trials_per_gpu: 4`` or ``8`` is for a sweep of many short trials of a
-small model, after the density benchmark (bench/README.md) or the sweep's own
-``status`` shows the card idle.
+a neighbour; it was not measured, so it runs alone.
+
+Why eight below 1%, two up to 3%: gemma-3-270m (0.5 GiB, 0.36% of an H200) ran 24 trials eight
+per GPU, none failed, 136.0 trials per GPU-hour after the first trials, the card 52% busy during
+steps over the whole sweep and 80-93% during its warm trials
+(bench/results/warm_sweep_density_h200_920d3f9.json); two per GPU finished 49.7
+(warm_sweep_packed_h200_c2ff95b.json), and cannot pass about 68 even at today's step: a warm
+trial alone takes 50 GRPO steps of 1.73 s and an SFT of about 20 s, so two slots finish at most
+3600 / 106 x 2 trials an hour. The 1.7B shape gains only 1.3x from a second trial (above), so
+up to 3% stays at two. Between 1% and 3% (a 1.7B model on a small card, a 0.5B on an L4)
+nothing was measured beyond two. The costs of density: more trials at once, so the search
+learns from fewer finished trials before it samples the next; packed cold starts queue for the
+card (about 35 s per start ahead: the eighth of a cold wave took its first step 385 s after the
+first began); and each needs ``resources.cpu`` cores (default 2: eight packed gemma-3-270m
+trials kept about 8-9 of the node's 16 cores busy, ``.top.txt.gz`` beside that result).
 
 Each packed trial's vLLM engine reserves ``model.gpu_memory_utilization`` of its *slice*
 (SweepSpec.vllm_memory_share), so the engines split the card instead of each claiming 0.7
@@ -137,7 +144,26 @@ def _local_gpu_gib() -> float | None:
 # GiB besides the KV for the Qwen3-1.7B shape on an H200: bench/results/speed_phases_h200_a9f965a.log.gz).
 TRAIN_GIB = 4.0
 ENGINE_EXTRA_GIB = 2.0
-DEFAULT_TRIALS_PER_GPU = 2  # resources.max_trials_per_gpu unset: the density measured end to end (module docstring)
+DENSE_WEIGHT_SHARE = 0.01  # weights at most 1% of the card (gemma-3-270m: 0.36% of an H200): eight per GPU by default
+DEFAULT_TRIALS_PER_GPU = 2  # resources.max_trials_per_gpu unset, weights over 1%: the 1.7B shape's measured density
+
+
+def default_trials_per_gpu(weights: float, gpu_gib: float) -> tuple[int, str]:
+    """How many trials may share a GPU when ``resources.max_trials_per_gpu`` is unset, and why
+    (module docstring: what each density measured).
+
+    >>> default_trials_per_gpu(0.5, 141)[0]   # gemma-3-270m on an H200: 0.36% of the card
+    8
+    >>> default_trials_per_gpu(3.2, 141)[0]   # Qwen3-1.7B on an H200: 2.3%
+    2
+    >>> default_trials_per_gpu(0.5, 24)[0]    # gemma-3-270m on a 24 GiB card: 2.1%
+    2
+    """
+    if weights <= DENSE_WEIGHT_SHARE * gpu_gib:
+        return MAX_TRIALS_PER_GPU, (f"{MAX_TRIALS_PER_GPU}, the default for weights at most "
+                                    f"{DENSE_WEIGHT_SHARE:.0%} of the card")
+    return DEFAULT_TRIALS_PER_GPU, (f"{DEFAULT_TRIALS_PER_GPU}, the default for weights over "
+                                    f"{DENSE_WEIGHT_SHARE:.0%} of the card")
 
 
 def trials_fit_memory(weights: float, gpu_gib: float, engine_share: float) -> int:
@@ -159,12 +185,12 @@ def trials_fit_memory(weights: float, gpu_gib: float, engine_share: float) -> in
 
 def gpu_per_trial(weights: float | None, gpus: int, gpu_gib: float | None, alone: bool,
                   cpu_per_trial: float = 0.0, node_cpus_per_gpu: float | None = None,
-                  max_per_gpu: int = DEFAULT_TRIALS_PER_GPU, engine_share: float = 0.7) -> tuple[float, str]:
+                  max_per_gpu: int | None = None, engine_share: float = 0.7) -> tuple[float, str]:
     """The ``auto`` rule (module docstring): the GPU share per trial and why.
 
     ``node_cpus_per_gpu``: the fewest CPU cores per GPU on the GPU nodes up (None: none up, not
-    checked); ``max_per_gpu``: resources.max_trials_per_gpu; ``engine_share``:
-    model.gpu_memory_utilization."""
+    checked); ``max_per_gpu``: resources.max_trials_per_gpu (None: unset, so
+    :func:`default_trials_per_gpu`); ``engine_share``: model.gpu_memory_utilization."""
     if gpus == 0 and alone:
         return 0.0, "no GPU on this machine: trials run on its CPUs"
     if weights is None or gpu_gib is None:
@@ -175,7 +201,12 @@ def gpu_per_trial(weights: float | None, gpus: int, gpu_gib: float | None, alone
                      f"{gpu_gib:.0f} GiB")
     # Each bound: how many trials per GPU it allows, why, and what to change to pack more.
     by_memory = trials_fit_memory(weights, gpu_gib, engine_share)
-    bounds = [(max_per_gpu, f"resources.max_trials_per_gpu is {max_per_gpu}", ""),
+    if max_per_gpu is None:
+        max_per_gpu, said = default_trials_per_gpu(weights, gpu_gib)
+        limit = f"resources.max_trials_per_gpu is unset ({said})"
+    else:
+        limit = f"resources.max_trials_per_gpu is {max_per_gpu}"
+    bounds = [(max_per_gpu, limit, ""),
               (by_memory, f"{by_memory} fit{'s' if by_memory == 1 else ''} a {gpu_gib:.0f} GiB GPU's memory", "")]
     if node_cpus_per_gpu is not None and cpu_per_trial > 0:
         by_cpu = max(1, int(node_cpus_per_gpu / cpu_per_trial + 1e-9))
@@ -254,7 +285,7 @@ def resolve_resources(spec: SweepSpec) -> tuple[SweepSpec, list[str]]:
     gpus, gpu_gib, alone = cluster_gpus()
     if spec.resources.gpu == "auto":
         share, why = gpu_per_trial(weights_gib(spec.model.source), gpus, gpu_gib, alone, spec.resources.cpu,
-                                   cpus_per_gpu(), spec.resources.max_trials_per_gpu or DEFAULT_TRIALS_PER_GPU,
+                                   cpus_per_gpu(), spec.resources.max_trials_per_gpu,
                                    spec.model.gpu_memory_utilization)
         # The density is now in the number; spec.resolved.yaml keeps the number, which a resumed
         # sweep reads back (max_trials_per_gpu beside a number would be refused there).

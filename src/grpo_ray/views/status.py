@@ -195,9 +195,9 @@ def packing_advice(use: dict[str, Any] | None, gpu_memory_utilization: float | N
     how = ("resources.gpu: 0.5, with 2 x resources.cpu cores per GPU); two gemma-3-270m trials per H200 ran 2.7x "
            "the trials per GPU-hour of one, two of the Qwen3-1.7B shape 1.3x the work at 91% busy" if k == 1 else
            f"resources.max_trials_per_gpu: {2 * k} with resources.gpu: auto, or resources.gpu: {share_of(2 * k):g}; "
-           f"{2 * k} x resources.cpu cores per GPU); four gemma-3-270m trials per H200 each stepped about as fast "
-           "as one alone, which pays when GRPO steps are most of a trial (docs/performance.md), but more trials at "
-           "once give the search fewer finished trials to learn from")
+           f"{2 * k} x resources.cpu cores per GPU); eight gemma-3-270m trials per H200 finished 136 trials per "
+           "GPU-hour after the first, two 49.7 (docs/performance.md), but more trials at once give the search "
+           "fewer finished trials to learn from")
     return (f"GPU busy {util:.0f}% during steps with {now} per GPU, and {2 * k} would fit ({packed:.0f} of "
             f"{total:.0f} GiB): pack {2 * k} per GPU ({how}")
 
