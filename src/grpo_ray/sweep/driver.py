@@ -288,6 +288,54 @@ def pad_note(spec: SweepSpec) -> str | None:
             "(lora.pad_rank: false trains each at its own rank)")
 
 
+MODEL_SAMPLERS = ("tpe", "gp", "nsga2")  # samplers that learn from finished trials (Optuna)
+OPTUNA_STARTUP = 10  # Optuna's n_startup_trials when search.startup_trials is unset
+
+
+def informed_trials(num_samples: int, at_once: int, startup: int) -> int:
+    """How many of a sweep's trials a learning sampler can draw from finished results: trial k
+    starts when k - at_once trials have finished, and the sampler models them from ``startup``
+    finished trials on.
+
+    >>> informed_trials(40, 8, 10)    # sweeps/rewards.yaml on 8 GPUs, one trial per GPU
+    23
+    >>> informed_trials(40, 64, 10)   # eight per GPU on 8 GPUs: every trial starts before one finishes
+    0
+    """
+    return max(0, num_samples - (at_once + startup) + 1)
+
+
+def search_note(spec: SweepSpec) -> str | None:
+    """A line when so many trials run at once that a learning sampler draws fewer than half of
+    the sweep from finished results (``search.max_concurrent_trials`` resolved), where one at a
+    time it would draw at least half: a dense packing on a large cluster turns TPE into random
+    search, and the user should know what to change. (A sweep too short to learn even one at a
+    time, like the 3-trial smoke sweep, is not the concurrency's doing: no line.)
+
+    >>> from grpo_ray.config.spec import SweepSpec
+    >>> space = {"grpo.learning_rate": {"loguniform": [1e-6, 1e-5]}}
+    >>> search_note(SweepSpec(name="x", search={"space": space, "max_concurrent_trials": 32}))[:58]
+    'search: 32 trials at once and the first 10 drawn at random'
+    >>> search_note(SweepSpec(name="x", search={"space": space, "max_concurrent_trials": 8})) is None
+    True
+    >>> search_note(SweepSpec(name="x", search={"space": space, "max_concurrent_trials": 32, "sampler": "random"})) is None
+    True
+    >>> search_note(SweepSpec(name="x", search={"space": space, "max_concurrent_trials": 2, "num_samples": 3})) is None
+    True
+    """
+    s = spec.search
+    if s.sampler not in MODEL_SAMPLERS or not s.space or not isinstance(s.max_concurrent_trials, int):
+        return None
+    startup = s.startup_trials or OPTUNA_STARTUP
+    informed = informed_trials(s.num_samples, s.max_concurrent_trials, startup)
+    if 2 * informed >= s.num_samples or 2 * informed_trials(s.num_samples, 1, startup) < s.num_samples:
+        return None  # enough learn; or too few trials to learn even one at a time (startup_trials' help says so)
+    return (f"search: {s.max_concurrent_trials} trials at once and the first {startup} drawn at random, so "
+            f"{s.sampler} draws only {informed} of the {s.num_samples} trials from finished results (trial k "
+            "starts when k - at-once trials have finished); for a search that learns, raise search.num_samples, or "
+            "lower search.max_concurrent_trials or resources.max_trials_per_gpu, or search.startup_trials")
+
+
 def run_sweep(spec: SweepSpec, storage_root: str | None = None, resume: bool = False,
               on_event: Callable[[str, dict[str, Any]], None] | None = None,
               progress: Callable[[str], None] = lambda s: None, lines: SpecLines | None = None) -> SweepOutcome:
@@ -314,8 +362,7 @@ def run_sweep(spec: SweepSpec, storage_root: str | None = None, resume: bool = F
         workdirs.remove_orphans()  # left by trial processes of earlier sweeps on this host that were killed
         init_ray()  # before the resources: `auto` looks at the cluster's GPUs and CPUs
         spec, notes = resolve_resources(spec)
-        if pad := pad_note(spec):
-            notes = [*notes, pad]
+        notes = [*notes, *(n for n in (pad_note(spec), search_note(spec)) if n)]
         if on_event:
             for note in notes:
                 on_event("note", {"message": note})
