@@ -9,8 +9,10 @@ as real sweeps through ``grpo_ray.sweep.driver.run_sweep`` (Ray Tune + Optuna), 
     packed-nockpt  the same without gradient checkpointing (lora.gradient_checkpointing: false)
     pack4, pack8   four or eight trials per GPU (resources.gpu 0.25 / 0.125; 3 / 2 CPUs each, so
                    that 8 fit a 16-core node): the density benchmark of "Fill the GPU"
-    auto    resources.gpu: auto with the default max_trials_per_gpu (2), search.max_concurrent_trials: auto
-    auto2   the same at two CPUs per trial, like auto8: density the only difference (auto8:24,auto2:8)
+    auto    resources.gpu: auto and search.max_concurrent_trials: auto with the spec's defaults (max_trials_per_gpu
+            unset: eight per GPU for gemma-3-270m on an H200, two for the 1.7B shape; resources.cpu 2)
+    auto2   resources.gpu: auto with max_trials_per_gpu 2 (2 CPUs each, like auto8: density the only
+            difference; auto2:8,auto8:16)
     auto4, auto8   resources.gpu: auto with max_trials_per_gpu 4 / 8 (3 / 2 CPUs each): the
                    sweep's own rule picks the density on the real card (sweep/packing.py); on the
                    lent H200 it should pick what pack4 / pack8 set by hand
@@ -64,7 +66,7 @@ MODES = {
     "pack8": {"trial.reuse_model": True, "resources.gpu": 0.125, "resources.cpu": 2,
               "search.max_concurrent_trials": 8},
     "auto": {"trial.reuse_model": True, "resources.gpu": "auto", "search.max_concurrent_trials": "auto"},
-    # the default density with auto8's CPUs per trial: a side-by-side of two and eight per GPU
+    # two per GPU with auto8's CPUs per trial: a side-by-side of two and eight per GPU
     "auto2": {"trial.reuse_model": True, "resources.gpu": "auto", "resources.max_trials_per_gpu": 2,
               "resources.cpu": 2, "search.max_concurrent_trials": "auto"},
     "auto4": {"trial.reuse_model": True, "resources.gpu": "auto", "resources.max_trials_per_gpu": 4,
