@@ -106,7 +106,7 @@ class SearchSpec(Strict):
     max_concurrent_trials: Union[int, Literal["auto"]] = Field(
         "auto", description="Trials running at once. auto: as many as the cluster holds at resources.gpu per trial "
         "(GPUs now, or what the autoscaler may start), or at resources.cpu on a machine without GPUs; at most "
-        "num_samples (sweep/packing.py). Higher: more trials per hour; lower: a tpe, gp or nsga2 sampler draws more "
+        "num_samples (sweep/packing.py). Higher: more trials per hour; lower: a tpe or gp sampler draws more "
         "trials from finished results (trial k starts when k - this many have finished, and the first "
         "startup_trials are random); the sweep says when fewer than half of them are."
     )

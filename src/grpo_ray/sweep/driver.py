@@ -288,10 +288,6 @@ def pad_note(spec: SweepSpec) -> str | None:
             "(lora.pad_rank: false trains each at its own rank)")
 
 
-MODEL_SAMPLERS = ("tpe", "gp", "nsga2")  # samplers that learn from finished trials (Optuna)
-OPTUNA_STARTUP = 10  # Optuna's n_startup_trials when search.startup_trials is unset
-
-
 def informed_trials(num_samples: int, at_once: int, startup: int) -> int:
     """How many of a sweep's trials a learning sampler can draw from finished results: trial k
     starts when k - at_once trials have finished, and the sampler models them from ``startup``
@@ -306,7 +302,7 @@ def informed_trials(num_samples: int, at_once: int, startup: int) -> int:
 
 
 def search_note(spec: SweepSpec) -> str | None:
-    """A line when so many trials run at once that a learning sampler draws fewer than half of
+    """A line when so many trials run at once that tpe or gp draws fewer than half of
     the sweep from finished results (``search.max_concurrent_trials`` resolved), where one at a
     time it would draw at least half: a dense packing on a large cluster turns TPE into random
     search, and the user should know what to change. (A sweep too short to learn even one at a
@@ -323,10 +319,12 @@ def search_note(spec: SweepSpec) -> str | None:
     >>> search_note(SweepSpec(name="x", search={"space": space, "max_concurrent_trials": 2, "num_samples": 3})) is None
     True
     """
+    from grpo_ray.sweep.search import LEARNING_SAMPLERS, OPTUNA_STARTUP_TRIALS
+
     s = spec.search
-    if s.sampler not in MODEL_SAMPLERS or not s.space or not isinstance(s.max_concurrent_trials, int):
+    if s.sampler not in LEARNING_SAMPLERS or not s.space or not isinstance(s.max_concurrent_trials, int):
         return None
-    startup = s.startup_trials or OPTUNA_STARTUP
+    startup = s.startup_trials or OPTUNA_STARTUP_TRIALS
     informed = informed_trials(s.num_samples, s.max_concurrent_trials, startup)
     if 2 * informed >= s.num_samples or 2 * informed_trials(s.num_samples, 1, startup) < s.num_samples:
         return None  # enough learn; or too few trials to learn even one at a time (startup_trials' help says so)
