@@ -111,3 +111,53 @@ def test_status_advises_when_grpo_wastes_its_steps():
                                                    "format_rate": 1.0}, 0),
                TrialStatus("p", "PENDING", {}, {}, 0)]  # not reported yet: not counted
     assert advice(healthy) == []
+
+
+def _timed(i: int, started: float, ended: float | None) -> "object":
+    from grpo_ray.views.status import TrialStatus
+
+    last = {"step": 4, "trial_started_at": started} | ({"reported_at": ended} if ended is not None else {})
+    return TrialStatus(f"t{i}", "TERMINATED" if ended is not None else "RUNNING", {}, last, 0)
+
+
+def test_status_says_when_too_many_trials_at_once_left_tpe_nothing_to_learn_from():
+    """search_advice counts the trials that started after the sampler's first startup_trials had
+    finished; it speaks only when concurrency, not the sweep's length, kept most from learning."""
+    from grpo_ray.config.search import SearchSpec
+    from grpo_ray.views.status import advice, search_advice, status_table
+
+    search = SearchSpec(startup_trials=4, num_samples=12, space={"grpo.learning_rate": {"loguniform": [1e-6, 1e-5]}})
+    # Eight at once: trials 0-7 start together and end at 100-107; trials 8-11 take their slots as
+    # they free up (100-103). The 4th end is at 103, so only trial 11 started after 4 had finished.
+    packed = [_timed(i, 0.0, 100.0 + i) for i in range(8)] + [_timed(8 + i, 100.0 + i, 200.0 + i) for i in range(4)]
+    line = search_advice(packed, search)
+    assert line and line.startswith("search: tpe drew 1 of 12 started trials from finished results"), line
+    assert "search.max_concurrent_trials" in line and line in advice(packed, search=search)
+    assert line in str(status_table(packed, None, search).caption)
+    # One at a time: each starts as the last ends, so trials 4-11 (8 of 12) learned from the rest.
+    serial = [_timed(i, 10.0 * i, 10.0 * (i + 1)) for i in range(12)]
+    assert search_advice(serial, search) is None
+    # Nothing to say for a sampler that does not learn, without the run's search section, or for a
+    # sweep too short to learn even one at a time (3 trials, 4 random ones first).
+    assert search_advice(packed, search.model_copy(update={"sampler": "random"})) is None
+    assert search_advice(packed, None) is None and advice(packed) == []
+    assert search_advice(packed[:3], search) is None
+    # A running sweep: a trial that has not reported yet is not counted; a running one counts as started.
+    from grpo_ray.views.status import TrialStatus
+
+    running = packed[:11] + [_timed(11, 103.0, None), TrialStatus("p", "PENDING", {}, {}, 0)]
+    assert search_advice(running, search).startswith("search: tpe drew 1 of 12 started trials")
+
+
+def test_status_reads_the_runs_memory_share_and_search_from_its_resolved_spec(asha_run, tmp_path):
+    import doctest
+
+    from grpo_ray.config import search as search_module
+    from grpo_ray.views.status import resolved_settings
+
+    assert doctest.testmod(search_module).failed == 0
+    run_dir, _ = asha_run
+    share, search = resolved_settings(str(run_dir))
+    spec = parse_spec((run_dir / "spec.resolved.yaml").read_text())
+    assert share == spec.model.gpu_memory_utilization and search == spec.search
+    assert resolved_settings(str(tmp_path)) == (None, None)  # no spec.resolved.yaml: no advice lines from it

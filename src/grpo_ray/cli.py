@@ -239,12 +239,12 @@ def status(
 
     from rich.live import Live
 
-    from grpo_ray.views.status import memory_share, read_status, status_table
+    from grpo_ray.views.status import read_status, resolved_settings, status_table
 
     run = _run_path(run)
-    share = memory_share(run)  # for the packing advice
+    share, search = resolved_settings(run)  # for the packing and search advice
     try:
-        table = status_table(read_status(run), share)
+        table = status_table(read_status(run), share, search)
     except (OSError, ValueError) as e:  # no snapshot yet, or an unreadable one
         _fail(e)
     if watch <= 0:
@@ -254,7 +254,7 @@ def status(
         while True:
             time.sleep(watch)
             try:
-                table = status_table(read_status(run), share)
+                table = status_table(read_status(run), share, search)
             except (OSError, ValueError) as e:  # a snapshot in flux past read_status's retries: keep the last table
                 err.print(f"[yellow]status:[/] {e}", highlight=False)
             live.update(table)

@@ -81,6 +81,39 @@ class EarlyStopping(Strict):
     )
 
 
+# The samplers that model finished trials after drawing their first search.startup_trials at
+# random (nsga2 learns by generations instead), and Optuna's default for that count.
+LEARNING_SAMPLERS = ("tpe", "gp")
+OPTUNA_STARTUP_TRIALS = 10
+
+
+def informed_trials(num_samples: int, at_once: int, startup: int) -> int:
+    """How many of a sweep's trials a learning sampler can draw from finished results: trial k
+    starts when k - at_once trials have finished, and the sampler models them from ``startup``
+    finished trials on.
+
+    >>> informed_trials(40, 8, 10)    # sweeps/rewards.yaml on 8 GPUs, one trial per GPU
+    23
+    >>> informed_trials(40, 64, 10)   # eight per GPU on 8 GPUs: every trial starts before one finishes
+    0
+    """
+    return max(0, num_samples - (at_once + startup) + 1)
+
+
+def concurrency_costs_learning(num_samples: int, informed: int, startup: int) -> bool:
+    """Whether fewer than half of ``num_samples`` trials were (or will be) drawn from finished
+    results where one trial at a time would have drawn at least half: the trials at once, not
+    the sweep's length, keep the sampler from learning (a sweep of startup_trials or fewer is a
+    random search at any concurrency: startup_trials' help).
+
+    >>> concurrency_costs_learning(40, 0, 10), concurrency_costs_learning(40, 23, 10)
+    (True, False)
+    >>> concurrency_costs_learning(3, 0, 10)  # the smoke sweep: too short to learn one at a time
+    False
+    """
+    return 2 * informed < num_samples <= 2 * informed_trials(num_samples, 1, startup)
+
+
 class SearchSpec(Strict):
     """The search (Ray Tune + Optuna).
 

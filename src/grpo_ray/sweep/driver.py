@@ -288,19 +288,6 @@ def pad_note(spec: SweepSpec) -> str | None:
             "(lora.pad_rank: false trains each at its own rank)")
 
 
-def informed_trials(num_samples: int, at_once: int, startup: int) -> int:
-    """How many of a sweep's trials a learning sampler can draw from finished results: trial k
-    starts when k - at_once trials have finished, and the sampler models them from ``startup``
-    finished trials on.
-
-    >>> informed_trials(40, 8, 10)    # sweeps/rewards.yaml on 8 GPUs, one trial per GPU
-    23
-    >>> informed_trials(40, 64, 10)   # eight per GPU on 8 GPUs: every trial starts before one finishes
-    0
-    """
-    return max(0, num_samples - (at_once + startup) + 1)
-
-
 def search_note(spec: SweepSpec) -> str | None:
     """A line when so many trials run at once that tpe or gp draws fewer than half of
     the sweep from finished results (``search.max_concurrent_trials`` resolved), where one at a
@@ -319,15 +306,16 @@ def search_note(spec: SweepSpec) -> str | None:
     >>> search_note(SweepSpec(name="x", search={"space": space, "max_concurrent_trials": 2, "num_samples": 3})) is None
     True
     """
-    from grpo_ray.sweep.search import LEARNING_SAMPLERS, OPTUNA_STARTUP_TRIALS
+    from grpo_ray.config.search import (LEARNING_SAMPLERS, OPTUNA_STARTUP_TRIALS, concurrency_costs_learning,
+                                        informed_trials)
 
     s = spec.search
     if s.sampler not in LEARNING_SAMPLERS or not s.space or not isinstance(s.max_concurrent_trials, int):
         return None
     startup = s.startup_trials or OPTUNA_STARTUP_TRIALS
     informed = informed_trials(s.num_samples, s.max_concurrent_trials, startup)
-    if 2 * informed >= s.num_samples or 2 * informed_trials(s.num_samples, 1, startup) < s.num_samples:
-        return None  # enough learn; or too few trials to learn even one at a time (startup_trials' help says so)
+    if not concurrency_costs_learning(s.num_samples, informed, startup):
+        return None
     return (f"search: {s.max_concurrent_trials} trials at once and the first {startup} drawn at random, so "
             f"{s.sampler} draws only {informed} of the {s.num_samples} trials from finished results (trial k "
             "starts when k - at-once trials have finished); for a search that learns, raise search.num_samples, or "

@@ -222,11 +222,6 @@ def load_warm_start(spec: SweepSpec) -> WarmStart:
     return warm
 
 
-# The samplers that model finished trials after drawing their first n_startup_trials at random
-# (search.startup_trials; Optuna's default below). nsga2 learns by generations instead.
-LEARNING_SAMPLERS = ("tpe", "gp")
-OPTUNA_STARTUP_TRIALS = 10
-
 
 def make_searcher(spec: SweepSpec, storage_root: str | None = None,
                   on_event: ProgressFn | None = None) -> BaselineOnceSearch:
@@ -235,7 +230,7 @@ def make_searcher(spec: SweepSpec, storage_root: str | None = None,
     from grpo_ray.sweep.searcher import BaselineOnceSearch
 
     s = spec.search
-    # Optuna samples its first n_startup_trials (OPTUNA_STARTUP_TRIALS) at random: a short sweep needs fewer.
+    # Optuna samples its first n_startup_trials (10 by default) at random: a short sweep needs fewer.
     startup = {"n_startup_trials": s.startup_trials} if s.startup_trials is not None else {}
     samplers = {
         "tpe": lambda: optuna.samplers.TPESampler(seed=s.seed, multivariate=True, **startup),

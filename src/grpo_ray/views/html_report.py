@@ -107,7 +107,8 @@ def load_run(run_dir: str) -> RunData:
         trials.append(TrialView(s.trial_id, state, s.config, s.last, trial_history(run_dir, s), cause))
     return RunData(run_dir=run_dir, search=spec.search if spec else SearchSpec(), spec=spec, trials=trials,
                    best=json.loads(best_text) if best_text else None,
-                   advice=advice(statuses, spec.model.gpu_memory_utilization if spec else None))
+                   advice=advice(statuses, spec.model.gpu_memory_utilization if spec else None,
+                                 search=spec.search if spec else None))
 
 
 # --------------------------------------------------------------------------- plots

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from grpo_ray import storage
+from grpo_ray.config.search import SearchSpec
 from grpo_ray.config.sections import MAX_TRIALS_PER_GPU, share_of
 from grpo_ray.run_dir import ERROR_FILE, FAULT_FILE, is_snapshot
 
@@ -245,12 +246,42 @@ def recompile_advice(use: dict[str, Any] | None, rank_searched: bool = False, ra
             "GRPO_RAY_TRIAL_LOGS=1 (docs/monitoring.md)")
 
 
+def search_advice(trials: list[TrialStatus], search: SearchSpec | None) -> str | None:
+    """A line when the sweep's tpe or gp sampler drew fewer than half of its started trials from
+    finished results because so many ran at once (the sweep said so at its start: driver.search_note);
+    None otherwise, or without the run's search section.
+
+    A trial counts as drawn from finished results when it started after the sampler's first
+    ``startup_trials`` had finished (Optuna models COMPLETE and PRUNED trials, i.e. Tune's
+    TERMINATED, finished or stopped early); its start and a trial's end are the first and last
+    report's ``trial_started_at`` and ``reported_at``.
+    """
+    from grpo_ray.config.search import LEARNING_SAMPLERS, OPTUNA_STARTUP_TRIALS, concurrency_costs_learning
+
+    if search is None or search.sampler not in LEARNING_SAMPLERS or not search.space:
+        return None
+    startup = search.startup_trials or OPTUNA_STARTUP_TRIALS
+    ends = sorted(float(t.last["reported_at"]) for t in trials
+                  if t.status == "TERMINATED" and isinstance(t.last.get("reported_at"), (int, float)))
+    learned_from = ends[startup - 1] if len(ends) >= startup else float("inf")
+    starts = [float(t.last["trial_started_at"]) for t in trials
+              if isinstance(t.last.get("trial_started_at"), (int, float))]
+    informed = sum(1 for t0 in starts if t0 >= learned_from)
+    if not concurrency_costs_learning(len(starts), informed, startup):
+        return None
+    return (f"search: {search.sampler} drew {informed} of {len(starts)} started trials from finished results; the "
+            f"others started before {startup} trials had finished, so they are random draws (search.startup_trials) "
+            "or the baseline; with fewer trials at once (search.max_concurrent_trials, "
+            "resources.max_trials_per_gpu) more of them learn from the rest")
+
+
 def advice(trials: list[TrialStatus], gpu_memory_utilization: float | None = None,
-           use: dict[str, Any] | None = None) -> list[str]:
+           use: dict[str, Any] | None = None, search: SearchSpec | None = None) -> list[str]:
     """One line per problem the reporting trials share (their last windows, averaged), and the fix.
 
     ``gpu_memory_utilization`` (the spec's, when known) lets it also say when to pack trials;
-    ``use``: the trials' utilization when the caller already has it.
+    ``use``: the trials' utilization when the caller already has it; ``search`` (the run's, when
+    known): whether so many trials ran at once that the sampler could not learn (search_advice).
 
     >>> advice([TrialStatus("a", "RUNNING", {}, {"step": 10, "zero_std_groups": 0.7}, 0)])[0][:22]
     'no-grad 70% on average'
@@ -283,23 +314,34 @@ def advice(trials: list[TrialStatus], gpu_memory_utilization: float | None = Non
     padded = any(t.last.get("effective/lora.pad_rank") is True for t in trials)
     recompile = recompile_advice(use, rank_searched=differ("lora.rank"), rank_padded=padded,
                                  groups_searched=differ("grpo.num_generations"))
-    return out + [line for line in (pack, recompile) if line]
+    return out + [line for line in (pack, recompile, search_advice(trials, search)) if line]
 
 
-def memory_share(run_dir: str) -> float | None:
-    """The run's ``model.gpu_memory_utilization`` from its spec.resolved.yaml; None when unreadable."""
+def resolved_settings(run_dir: str) -> tuple[float | None, SearchSpec | None]:
+    """The run's ``model.gpu_memory_utilization`` and ``search`` section from its spec.resolved.yaml,
+    each None when unreadable (an older run, a partial file: the advice goes without their lines)."""
     import yaml
 
     from grpo_ray.run_dir import spec_resolved_path
 
     try:
         spec = yaml.safe_load(storage.read_text(spec_resolved_path(run_dir)))
-        return float(spec["model"]["gpu_memory_utilization"])
-    except Exception:  # an older run, a partial file: the advice goes without the packing line
-        return None
+    except Exception:
+        return None, None
+    share = search = None
+    try:
+        share = float(spec["model"]["gpu_memory_utilization"])
+    except Exception:
+        pass
+    try:
+        search = SearchSpec.model_validate(spec["search"])
+    except Exception:
+        pass
+    return share, search
 
 
-def status_table(trials: list[TrialStatus], gpu_memory_utilization: float | None = None) -> Any:  # a rich Table
+def status_table(trials: list[TrialStatus], gpu_memory_utilization: float | None = None,
+                 search: SearchSpec | None = None) -> Any:  # a rich Table
     """A rich table: one row per trial with its state, progress, objectives and hyperparameters."""
     from rich.table import Table
 
@@ -307,7 +349,7 @@ def status_table(trials: list[TrialStatus], gpu_memory_utilization: float | None
 
     use = utilization((t.last, t.status == "TERMINATED") for t in trials)
     table = Table(title=f"{len(trials)} trials",
-                  caption="\n".join([summary_line(use), *advice(trials, gpu_memory_utilization, use)]))
+                  caption="\n".join([summary_line(use), *advice(trials, gpu_memory_utilization, use, search)]))
     causes = any(t.cause for t in trials)
     # "no-grad": the share of GRPO groups whose rewards were all equal; "cut": completions cut at
     # max_completion_length (trial/run.py GROUP_DIAGNOSTICS), over the last report window.
