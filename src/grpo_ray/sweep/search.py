@@ -222,7 +222,6 @@ def load_warm_start(spec: SweepSpec) -> WarmStart:
     return warm
 
 
-
 def make_searcher(spec: SweepSpec, storage_root: str | None = None,
                   on_event: ProgressFn | None = None) -> BaselineOnceSearch:
     import optuna
