@@ -198,6 +198,18 @@ class SearchSpec(Strict):
                 )
         return v
 
+    def learning_startup(self) -> int | None:
+        """How many trials the sampler draws at random before it models finished ones; None for a
+        sampler that does not learn that way (LEARNING_SAMPLERS) or an empty space (nothing to learn).
+
+        >>> SearchSpec(space={"grpo.learning_rate": {"loguniform": [1e-6, 1e-5]}}).learning_startup()
+        10
+        >>> SearchSpec(sampler="random", space={"grpo.learning_rate": {"loguniform": [1e-6, 1e-5]}}).learning_startup()
+        """
+        if self.sampler not in LEARNING_SAMPLERS or not self.space:
+            return None
+        return self.startup_trials or OPTUNA_STARTUP_TRIALS
+
 
 def domain_values(d: Domain) -> list[Any]:
     """The values of a domain that bound what a trial can get: all choices, or both ends."""

@@ -20,6 +20,7 @@ from grpo_ray import storage
 from grpo_ray.config.errors import SpecError
 from grpo_ray.config.load import SpecLines, dump_spec
 from grpo_ray.config.overrides import apply_overrides
+from grpo_ray.config.search import concurrency_costs_learning, informed_trials
 from grpo_ray.config.spec import SweepSpec
 from grpo_ray.errors import SweepError
 from grpo_ray.run_dir import (
@@ -306,13 +307,10 @@ def search_note(spec: SweepSpec) -> str | None:
     >>> search_note(SweepSpec(name="x", search={"space": space, "max_concurrent_trials": 2, "num_samples": 3})) is None
     True
     """
-    from grpo_ray.config.search import (LEARNING_SAMPLERS, OPTUNA_STARTUP_TRIALS, concurrency_costs_learning,
-                                        informed_trials)
-
     s = spec.search
-    if s.sampler not in LEARNING_SAMPLERS or not s.space or not isinstance(s.max_concurrent_trials, int):
+    startup = s.learning_startup()
+    if startup is None or not isinstance(s.max_concurrent_trials, int):
         return None
-    startup = s.startup_trials or OPTUNA_STARTUP_TRIALS
     informed = informed_trials(s.num_samples, s.max_concurrent_trials, startup)
     if not concurrency_costs_learning(s.num_samples, informed, startup):
         return None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from grpo_ray import storage
-from grpo_ray.config.search import SearchSpec
+from grpo_ray.config.search import SearchSpec, concurrency_costs_learning
 from grpo_ray.config.sections import MAX_TRIALS_PER_GPU, share_of
 from grpo_ray.run_dir import ERROR_FILE, FAULT_FILE, is_snapshot
 
@@ -256,11 +256,9 @@ def search_advice(trials: list[TrialStatus], search: SearchSpec | None) -> str |
     TERMINATED, finished or stopped early); its start and a trial's end are the first and last
     report's ``trial_started_at`` and ``reported_at``.
     """
-    from grpo_ray.config.search import LEARNING_SAMPLERS, OPTUNA_STARTUP_TRIALS, concurrency_costs_learning
-
-    if search is None or search.sampler not in LEARNING_SAMPLERS or not search.space:
+    startup = search.learning_startup() if search else None
+    if startup is None:
         return None
-    startup = search.startup_trials or OPTUNA_STARTUP_TRIALS
     ends = sorted(float(t.last["reported_at"]) for t in trials
                   if t.status == "TERMINATED" and isinstance(t.last.get("reported_at"), (int, float)))
     learned_from = ends[startup - 1] if len(ends) >= startup else float("inf")
