@@ -52,7 +52,9 @@ class ModelSpec(Strict):
         "and the activations). The tutorial's: 2048.")
     gpu_memory_utilization: float = Field(
         0.7, gt=0, le=1, description="vLLM's share of the trial's GPU memory (unsloth backend); with trials packed "
-        "on a GPU (resources.gpu below 1) the share of the trial's slice: 0.7 at gpu 0.5 reserves 35% of the card. "
+        "on a GPU (resources.gpu below 1) the share of the trial's slice: 0.7 at gpu 0.5 reserves up to 35% of the "
+        "card. Unsloth scales it by the card's free share as the engine starts, so later packed engines reserve "
+        "less (eight per H200 at 0.7: 6.1-11.7 GiB each, bench/README.md). "
         "Higher: a larger KV cache (faster generation), less memory left for training. The tutorial's: 0.7.")
     kv_cache_gib: Optional[float] = Field(
         None, gt=0, description="vLLM's KV cache per trial, in GiB (unsloth backend). Unset: vLLM sizes it as its "
