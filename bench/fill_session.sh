@@ -19,7 +19,8 @@
 #      the lease at 5446a99, most of it compilation on a cold machine; after the benchmarks, which
 #      leave the node's compile caches warm);
 #   6. unless MODES=none, bench/warm_sweep.py (WARM_MODEL=qwen3: on the 1.7B shape), MODES (default eager:3,reuse:3,pack4+eager:8) with OVERRIDES (default
-#      20 GRPO steps per trial, a report every 5: bench/warm_summary.py times each window), under CUDA MPS when MPS is set. The lease at 5446a99 ran the
+#      20 GRPO steps per trial, a report every 5: bench/warm_summary.py times each window); a mode
+#      part "+mps" runs that mode under CUDA MPS (auto4+mps:8). The lease at 5446a99 ran the
 #      default until its time ran out in the second mode;
 # ORDER (default "share speed packed gemma_ckpt gemma_phases tests modes") runs the steps in another
 # order or fewer of them, e.g. ORDER="modes decode gemma_ckpt tests": what matters most first; the
@@ -28,6 +29,9 @@
 # with nvidia-smi every 2 s (smi.csv) and the busiest threads every 15 s (top.txt: host-side
 # contention of packed trials).
 set -u
+# MPS= ran every mode under CUDA MPS; a mode's "+mps" part does the same per mode. Refused at once,
+# not after the steps before the modes have spent the lease.
+[ -n "${MPS:-}" ] && { echo "fill_session: MPS= is gone; add +mps to the modes instead (MODES=auto4+mps:8)" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/bench HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 GRPO_RAY_CACHE=/tmp/grpo-cache \
   CUDA_VISIBLE_DEVICES=0 GRPO_RAY_TRIAL_LOGS=1 GRPO_RAY_COMMIT=${1:-unknown}
@@ -89,8 +93,7 @@ fi
 }
 step_modes() {
 [ "${MODES:-}" = none ] && return
-# the whole sweep below under CUDA MPS; a mode of its own under MPS: MODES=auto4:8,auto4+mps:8
-[ -n "${MPS:-}" ] && nvidia-cuda-mps-control -d
+# a mode under CUDA MPS: its "+mps" part (MODES=auto4:8,auto4+mps:8; bench/_common.py under_mps)
 # WARM_MODEL=qwen3: the tutorial's model shape (random Qwen3-1.7B, bench/warm_sweep_qwen3.yaml) instead of gemma
 if [ "${WARM_MODEL:-gemma}" = qwen3 ]; then WARM_ARGS="--model random-qwen3 --spec bench/warm_sweep_qwen3.yaml"
 else WARM_ARGS="--model /tmp/models/gemma-3-270m-q4_k_m.gguf"; fi
@@ -98,7 +101,6 @@ python3 bench/warm_sweep.py $WARM_ARGS --out $R/warm.json \
   --modes "${MODES:-eager:3,reuse:3,pack4+eager:8}" \
   --overrides "${OVERRIDES:-{\"grpo.max_steps\": 20, \"grpo.report_every\": 5\}}" > $R/warm.log 2>&1
 echo "rc=$?" >> $R/warm.log
-[ -n "${MPS:-}" ] && echo quit | nvidia-cuda-mps-control
 }
 # ORDER: which steps run, in that order (a lease can end at any point: put first what matters most)
 for step in ${ORDER:-share speed packed gemma_ckpt gemma_phases tests modes}; do

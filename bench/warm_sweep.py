@@ -6,7 +6,8 @@ as real sweeps through ``grpo_ray.sweep.driver.run_sweep`` (Ray Tune + Optuna), 
     reuse   trial.reuse_model: true, one trial per GPU (the default)
     cold    trial.reuse_model: false: a fresh process, model load and vLLM start per trial
     packed  two trials per GPU (resources.gpu: 0.5), models reused
-    packed-nockpt  the same without gradient checkpointing (lora.gradient_checkpointing: false)
+    packed+nockpt  the same without gradient checkpointing (lora.gradient_checkpointing: false;
+                   "packed-nockpt" in result files before ffe34b9)
     pack4, pack8   four or eight trials per GPU (resources.gpu 0.25 / 0.125; 3 / 2 CPUs each, so
                    that 8 fit a 16-core node): the density benchmark of "Fill the GPU"
     auto    resources.gpu: auto and search.max_concurrent_trials: auto with the spec's defaults (max_trials_per_gpu
@@ -59,9 +60,6 @@ MODES = {
     "reuse": {"trial.reuse_model": True},
     "cold": {"trial.reuse_model": False},
     "packed": {"trial.reuse_model": True, "resources.gpu": 0.5, "search.max_concurrent_trials": 2},
-    # packed, activations kept: what gradient checkpointing costs a small model (lora.gradient_checkpointing)
-    "packed-nockpt": {"trial.reuse_model": True, "resources.gpu": 0.5, "search.max_concurrent_trials": 2,
-                      "lora.gradient_checkpointing": False},
     "pack4": {"trial.reuse_model": True, "resources.gpu": 0.25, "resources.cpu": 3, "search.max_concurrent_trials": 4},
     "pack8": {"trial.reuse_model": True, "resources.gpu": 0.125, "resources.cpu": 2,
               "search.max_concurrent_trials": 8},

@@ -26,3 +26,14 @@ def test_order_runs_known_steps_names_unknown_ones_and_stops_its_samplers(tmp_pa
     for pid in pids:
         stat = Path(f"/proc/{pid}/stat")
         assert not stat.exists() or stat.read_text().split()[2] == "Z", f"sampler {pid} still running"
+
+
+def test_the_retired_session_wide_mps_switch_is_refused_before_any_step(tmp_path):
+    # MPS= and a mode's "+mps" part were two ways to one thing; the switch is refused at once, so a
+    # lease learns of it in its first poll, not after the steps before the modes
+    env = os.environ | {"FILL_RES": str(tmp_path), "ORDER": "modes", "MODES": "none", "MPS": "1"}
+    out = subprocess.run(["bash", str(REPO / "bench" / "fill_session.sh"), "abc1234"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "add +mps to the modes" in out.stderr
+    assert not (tmp_path / "DONE").exists() and not (tmp_path / "smi.csv").exists()
