@@ -143,6 +143,7 @@ def main() -> None:
     from grpo_ray.config.load import dump_spec, load_spec
     from grpo_ray.config.overrides import apply_overrides
     from grpo_ray.sweep.driver import run_sweep
+    from grpo_ray.trial.phases import phase_of
 
     command = "python bench/warm_sweep.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items())
     if args.model == "random-qwen3":
@@ -166,7 +167,13 @@ def main() -> None:
         print(f"== {label}: {n} trials", flush=True)
         run_dir = f"{spec.storage}/{spec.name}"
 
-        def on_event(kind: str, data: dict, mode: str = label, run_dir: str = run_dir) -> None:
+        phases: dict[str, str] = {}
+
+        def on_event(kind: str, data: dict, mode: str = label, run_dir: str = run_dir, phases: dict = phases) -> None:
+            if kind == "phase":  # a trial posts its step every few seconds: log it when its phase changes
+                if phase_of(data["phase"]) == phases.get(data["trial_id"]):
+                    return
+                phases[data["trial_id"]] = phase_of(data["phase"])
             print(f"[{time.time() - t0:7.1f}s] {kind}", {k: v for k, v in data.items() if k != "config"}, flush=True)
             if kind in ("complete", "error"):  # a lease can end mid-sweep: keep what is done so far
                 try:

@@ -8,6 +8,7 @@ prints the command that resumes it.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -80,12 +81,24 @@ def validate(spec: Path = typer.Argument(..., help="The sweep spec (YAML).")) ->
 
 
 class _Display:
-    """Rich progress for a sweep: a bar of finished trials and one line per report."""
+    """Rich progress for a sweep: a bar of finished trials, one line per report, and below the bar
+    one live line per running trial with its phase and how long it has been in it (trial/phases.py)."""
 
     def __init__(self, total: int) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.text import Text
 
-        self.progress = Progress(
+        running: dict[str, tuple[str, float]] = {}  # trial id -> (phase, unix time it began)
+        self.running = running
+
+        class _WithPhases(Progress):
+            def get_renderables(self):  # rich's documented hook: the bar, then the running trials
+                yield self.make_tasks_table(self.tasks)
+                now = time.time()
+                for tid, (phase, since) in sorted(running.items()):
+                    yield Text(f"  {tid}  {phase}  ({_duration(now - since)})", style="dim")
+
+        self.progress = _WithPhases(
             TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
         )
         self.task = self.progress.add_task("trials", total=total)
@@ -99,9 +112,15 @@ class _Display:
             self.progress.console.print(f"resuming: {data['finished']} trial(s) already finished")
             return
         tid = data["trial_id"]
+        if kind == "phase":  # a live line, not a printed one: a trial posts one every few seconds
+            self.running[tid] = (data["phase"], data["since"])
+            return
+        if kind in ("complete", "error"):
+            self.running.pop(tid, None)
         if kind == "start":
             cfg = ", ".join(f"{k}={_fmt(v)}" for k, v in data["config"].items())
             self.progress.console.print(f"[cyan]{tid}[/] started: {cfg}")
+            self.running[tid] = ("starting", time.time())
         elif kind == "result":
             r = data["result"]
             self.progress.console.print(
@@ -135,6 +154,20 @@ def _quietly(cleanup: Any) -> None:
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as a person reads it on a progress line.
+
+    >>> _duration(42.4), _duration(125), _duration(3725)
+    ('42 s', '2 min 5 s', '1 h 2 min')
+    """
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
 
 
 @app.command()

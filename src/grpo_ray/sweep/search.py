@@ -369,7 +369,11 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
     path = experiment_path(spec, storage_root)
     from grpo_ray.sweep.tune_progress import ProgressCallback
 
-    callbacks = [ProgressCallback(on_event)] if on_event else []
+    from grpo_ray.trial.phases import board_name, start_board
+
+    # Each running trial's phase between its reports, for the display (trial/phases.py).
+    board = start_board(spec.name) if on_event else None
+    callbacks = [ProgressCallback(on_event, board_name(spec.name) if board is not None else None)] if on_event else []
     from grpo_ray.tracking import callbacks as tracking_callbacks
 
     callbacks += tracking_callbacks(spec, path)  # MLflow / W&B runs per trial (spec.tracking)
@@ -429,6 +433,11 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
                 grid = tuner.fit()
         except KeyboardInterrupt:  # the second signal
             pass
+        finally:
+            if board is not None:
+                import ray
+
+                ray.kill(board)
     if stop.received:
         raise SweepInterrupted(stop.received[0], path, _finished(path))
     records = []

@@ -44,11 +44,14 @@ def diverged_hint(spec: SweepSpec, phase: str) -> str:
 
 
 class Watchdog:
-    """Ends the trial when :meth:`beat` has not been called for ``timeout_s`` seconds."""
+    """Ends the trial when :meth:`beat` has not been called for ``timeout_s`` seconds.
+
+    ``on_beat`` gets every beat's text too: the trial's phase for the sweep's display (trial/phases.py)."""
 
     def __init__(self, timeout_s: float | None, write_cause: Callable[[str], None] | None = None,
-                 grace_s: float | None = None, poll_s: float | None = None) -> None:
-        self.timeout_s, self.write_cause = timeout_s, write_cause
+                 grace_s: float | None = None, poll_s: float | None = None,
+                 on_beat: Callable[[str], None] | None = None) -> None:
+        self.timeout_s, self.write_cause, self.on_beat = timeout_s, write_cause, on_beat
         # How long a Python-level interrupt may take before the process is ended.
         self.grace_s = grace_s if grace_s is not None else min(10.0, timeout_s or 10.0)
         self.poll_s = poll_s or (min(5.0, timeout_s / 4) if timeout_s else 5.0)
@@ -69,6 +72,8 @@ class Watchdog:
 
     def beat(self, what: str) -> None:
         self._last, self._what = time.monotonic(), what
+        if self.on_beat is not None:
+            self.on_beat(what)
 
     def _watch(self) -> None:
         while not self._done.wait(self.poll_s):
@@ -103,7 +108,7 @@ class TrialGuard(TrainerCallback):
         self.watchdog, self.spec, self.phase = watchdog, spec, phase
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self.watchdog.beat(f"{self.phase} step {state.global_step}")
+        self.watchdog.beat(f"{self.phase} step {state.global_step}/{state.max_steps}")
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
         logs = logs or {}

@@ -201,7 +201,11 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, report: Callable[[dict[st
     from grpo_ray.trial.base import SettingChangedError
     from grpo_ray.trial.guard import TrialHungError, Watchdog
 
-    watchdog = Watchdog(trial_spec.trial.step_timeout_s, write_cause=record_fault)
+    from grpo_ray.trial.phases import PhasePoster
+
+    # Every beat is also the trial's phase on the sweep's live display (nothing outside a sweep).
+    watchdog = Watchdog(trial_spec.trial.step_timeout_s, write_cause=record_fault,
+                        on_beat=PhasePoster.for_this_trial(spec.name))
     try:  # the GPU sampler (NVML, in this process: the driver may have no GPU) stops when the trial does
         with watchdog, GpuSampler() as gpu:
             recipe = TrialRecipe(trial_spec, spec, set(config), report or _tune_report, watchdog, resume_from,
@@ -255,6 +259,7 @@ class TrialRecipe:
         from grpo_ray.trial.common import FirstStep  # after run_trial imported the backend first
 
         # A warm actor's model is reused.
+        self.watchdog.beat("loading the model")  # a cold one may queue for packed neighbours' engine starts
         self.model_dir = resolve_model(self.spec.model.source)
         self.backend, reused = warm.acquire(self.model_dir, self.spec)
         t_loaded = time.time()
@@ -262,7 +267,7 @@ class TrialRecipe:
 
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(self.spec.resources.cpu)))
-        self.watchdog.beat("loading the model")
+        self.watchdog.beat("preparing the data")
         # This attempt's own timings and place; a retry reports its own, not the checkpoint's.
         self.attempt = {"trial_started_at": self.t0, "load_s": t_loaded - self.t0, "model_reused": float(reused),
                         # of load_s, the wait for packed neighbours' engine starts (trial/engine_lock.py)
@@ -324,6 +329,7 @@ class TrialRecipe:
         from grpo_ray.trial.guard import TrialGuard
         from grpo_ray.trial.trl_args import SFT_ARGS
 
+        self.watchdog.beat("SFT: starting (a cold process compiles its first step)")
         t_sft, sft_loop, sft_clock = time.time(), LoopStart(), CompileClock()
         msgs = [template.sft_messages(e.question, e.reasoning or "", e.answer, self.fmt) for e in self.data.sft]
         self.fixed |= self.backend.sft(msgs, self.spec, [TrialGuard(self.watchdog, self.spec, "SFT"), self.busy,
@@ -338,10 +344,11 @@ class TrialRecipe:
         from grpo_ray.task.evaluate import evaluate
 
         self.busy.mark()
+        self.watchdog.beat("held-out evaluation")
         t = time.time()
         ev = evaluate(self.backend, self.data.eval, self.fmt, self.spec.data.eval.max_new_tokens)
         self.phases["eval_seconds"] += time.time() - t
-        self.watchdog.beat("a held-out evaluation")
+        self.watchdog.beat("held-out evaluation done")
         return ev
 
     # -------------------------------------------------------------------------------- GRPO
@@ -371,6 +378,7 @@ class TrialRecipe:
         rows = warm.shared(rows_key, lambda: grpo_rows(self.data, self.backend.tokenizer, grpo_spec), spec)
         callbacks = [TrialGuard(self.watchdog, spec, "GRPO"), StepReporter(reporter.on_step), self.busy,
                      self.grpo_loop, self.effective.callback("GRPO", grpo_kwargs, GRPO_ARGS)]
+        self.watchdog.beat("GRPO: starting (a cold process compiles its first steps)")
         self.t_grpo = time.time()
         self.backend.grpo(rows, self.rewards.funcs, self.rewards.weights, grpo_spec, callbacks)
         reporter.flush(reporter.step)  # a run that ended before max_steps reports its last window too
