@@ -89,6 +89,20 @@ def test_the_display_shows_a_live_line_per_running_trial_until_it_ends():
     assert "a1" not in console.export_text().split("trials")[-1]  # ended: its line is gone
 
 
+def test_piped_the_display_prints_a_line_when_a_trial_enters_a_new_phase():
+    import io
+
+    from grpo_ray.cli import _Display
+
+    sink = io.StringIO()
+    display = _Display(total=1, console=Console(file=sink, force_terminal=False, width=120))
+    display.on_event("start", {"trial_id": "a1", "config": {}})
+    for text in ("SFT: starting", "SFT step 1/75", "SFT step 2/75", "GRPO step 1/50", "GRPO step 2/50"):
+        display.on_event("phase", {"trial_id": "a1", "phase": text, "since": 0.0})
+    lines = [ln for ln in sink.getvalue().splitlines() if ln.startswith("a1 ")]
+    assert lines == ["a1 started: ", "a1 SFT: starting", "a1 GRPO step 1/50"]  # not every step
+
+
 def test_a_real_sweep_forwards_its_trials_phases_and_ends_its_board(tmp_path, tiny_model_dir):
     # The driver in its own process, as `grpo-ray sweep` runs it: a local Ray cluster, one trial.
     out = tmp_path / "events.json"
@@ -125,3 +139,27 @@ def test_a_real_sweep_forwards_its_trials_phases_and_ends_its_board(tmp_path, ti
     assert kinds.index("phase") > kinds.index("start") and max(
         i for i, k in enumerate(kinds) if k == "phase") < kinds.index("complete")  # none after its end
     assert got["board_left"] is False
+    # `grpo-ray status` reads the phases from the run: written while the trial ran, empty once it ended
+    doc = json.loads((tmp_path / "runs" / "phases" / "phases.json").read_text())
+    assert doc["trials"] == {} and doc["written_at"] > 0
+
+
+def test_status_shows_what_running_trials_do_and_ignores_a_broken_phases_file(tmp_path):
+    from grpo_ray.views.status import TrialStatus, read_phases, status_table
+
+    (tmp_path / "phases.json").write_text(json.dumps(
+        {"written_at": 1000.0, "trials": {"a1": {"phase": "GRPO step 12/50", "since": 900.0},
+                                          "b2": {"phase": "loading the model", "since": 990.0}}}))
+    phases = read_phases(str(tmp_path))
+    trials = [TrialStatus("a1", "RUNNING", {}, {"step": 10}, 0), TrialStatus("b2", "INTERRUPTED", {}, {}, 0),
+              TrialStatus("c3", "TERMINATED", {}, {"step": 50}, 0)]
+    console = Console(record=True, width=200)
+    console.print(status_table(trials, phases=phases, now=1025.0))
+    text = console.export_text()
+    assert "now" in text and "GRPO step 12/50 (2 min 5 s)" in text
+    assert "loading the model" not in text  # not running (its driver died): what it did then is not news
+    console = Console(record=True, width=200)
+    console.print(status_table(trials[1:], phases=phases, now=1025.0))
+    assert " now " not in console.export_text()  # no running trial: no column
+    (tmp_path / "phases.json").write_text('{"written_at": 1000.0, "trials": {"a1": {"pha')  # a write in flight
+    assert read_phases(str(tmp_path)) == {} and read_phases(str(tmp_path / "missing")) == {}

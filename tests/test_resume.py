@@ -77,7 +77,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     # The resumed run's display counts the trials finished before the kill and hears the rest.
     resumed = re.search(r"resuming: (\d+) trial\(s\) already finished", r.stdout + r.stderr)
     assert resumed and len(finished) <= int(resumed.group(1)) < 3
-    assert "3/3" in r.stderr and "step 4" in r.stderr
+    assert "3/3" in r.stderr and "step 4: reward" in r.stderr  # a report line, not a phase line
 
 
     # The finished run serves `pull`: a non-empty destination is refused unless --force, which replaces it whole.

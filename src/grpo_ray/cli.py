@@ -84,9 +84,14 @@ class _Display:
     """Rich progress for a sweep: a bar of finished trials, one line per report, and below the bar
     one live line per running trial with its phase and how long it has been in it (trial/phases.py)."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, console: Console | None = None) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.text import Text
+
+        from grpo_ray.trial.phases import phase_of
+        from grpo_ray.views.status import duration_text
+
+        self._phase_of = phase_of
 
         running: dict[str, tuple[str, float]] = {}  # trial id -> (phase, unix time it began)
         self.running = running
@@ -96,10 +101,10 @@ class _Display:
                 yield self.make_tasks_table(self.tasks)
                 now = time.time()
                 for tid, (phase, since) in sorted(running.items()):
-                    yield Text(f"  {tid}  {phase}  ({_duration(now - since)})", style="dim")
+                    yield Text(f"  {tid}  {phase}  ({duration_text(now - since)})", style="dim")
 
         self.progress = _WithPhases(
-            TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+            TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console or err
         )
         self.task = self.progress.add_task("trials", total=total)
 
@@ -113,7 +118,11 @@ class _Display:
             return
         tid = data["trial_id"]
         if kind == "phase":  # a live line, not a printed one: a trial posts one every few seconds
+            before = self.running.get(tid, ("", 0.0))[0]
             self.running[tid] = (data["phase"], data["since"])
+            # Piped (`ray job logs`, a file) nothing is live: a line when a trial enters a new phase
+            if not self.progress.console.is_terminal and self._phase_of(data["phase"]) != self._phase_of(before):
+                self.progress.console.print(f"{tid} {data['phase']}", highlight=False, markup=False)
             return
         if kind in ("complete", "error"):
             self.running.pop(tid, None)
@@ -154,20 +163,6 @@ def _quietly(cleanup: Any) -> None:
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _duration(seconds: float) -> str:
-    """``seconds`` as a person reads it on a progress line.
-
-    >>> _duration(42.4), _duration(125), _duration(3725)
-    ('42 s', '2 min 5 s', '1 h 2 min')
-    """
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60} s"
-    return f"{s // 3600} h {s % 3600 // 60} min"
 
 
 @app.command()
@@ -272,12 +267,12 @@ def status(
 
     from rich.live import Live
 
-    from grpo_ray.views.status import read_status, resolved_settings, status_table
+    from grpo_ray.views.status import read_phases, read_status, resolved_settings, status_table
 
     run = _run_path(run)
     share, search = resolved_settings(run)  # for the packing and search advice
     try:
-        table = status_table(read_status(run), share, search)
+        table = status_table(read_status(run), share, search, read_phases(run))
     except (OSError, ValueError) as e:  # no snapshot yet, or an unreadable one
         _fail(e)
     if watch <= 0:
@@ -287,7 +282,7 @@ def status(
         while True:
             time.sleep(watch)
             try:
-                table = status_table(read_status(run), share, search)
+                table = status_table(read_status(run), share, search, read_phases(run))
             except (OSError, ValueError) as e:  # a snapshot in flux past read_status's retries: keep the last table
                 err.print(f"[yellow]status:[/] {e}", highlight=False)
             live.update(table)

@@ -13,6 +13,8 @@ used by whatever writes it and whatever reads it.
                                 wrote when it could not raise)
       trials.json               every trial's config, last metrics and error (after the search)
       utilization.json          the sweep's GPU use
+      phases.json               what each running trial is doing now (written by the driver while it runs;
+                                trial/phases.py, read by `grpo-ray status`)
       report.html               written by `grpo-ray report`
       best/                     the exported winner: README.md (model card), export.json, lora/,
                                 merged16/, *.gguf, Modelfile, and best.json, written last
@@ -33,6 +35,7 @@ ERROR_FILE = "error.txt"  # written by Tune into a failed trial's directory
 FAULT_FILE = "fault.txt"  # written by a trial into its storage directory when it cannot raise (trial/guard.py)
 TRIALS = "trials.json"
 UTILIZATION = "utilization.json"
+PHASES = "phases.json"
 REPORT_HTML = "report.html"
 BEST_DIR = "best"
 # inside best/
@@ -76,3 +79,7 @@ def is_snapshot(name: str) -> bool:
 def trial_dir_prefix(trial_id: str) -> str:
     """How the directory of the trial ``trial_id`` starts (Tune appends the config and a date)."""
     return f"{TRIAL_DIR_PREFIX}{trial_id}_"
+
+
+def phases_path(run_dir: str) -> str:
+    return storage.join(run_dir, PHASES)

@@ -369,11 +369,12 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
     path = experiment_path(spec, storage_root)
     from grpo_ray.sweep.tune_progress import ProgressCallback
 
+    from grpo_ray.run_dir import phases_path
     from grpo_ray.trial.phases import board_name, start_board
 
-    # Each running trial's phase between its reports, for the display (trial/phases.py).
-    board = start_board(spec.name) if on_event else None
-    callbacks = [ProgressCallback(on_event, board_name(spec.name) if board is not None else None)] if on_event else []
+    # Each running trial's phase between its reports, for the display and `grpo-ray status` (trial/phases.py).
+    board = start_board(spec.name)
+    callbacks = [ProgressCallback(on_event, board_name(spec.name), phases_path(path))]
     from grpo_ray.tracking import callbacks as tracking_callbacks
 
     callbacks += tracking_callbacks(spec, path)  # MLflow / W&B runs per trial (spec.tracking)

@@ -13,6 +13,7 @@ and the class lives at module level so it pickles by reference. A callback resto
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any, Callable
@@ -36,22 +37,27 @@ def set_listener(on_event: ProgressFn | None) -> None:
 
 
 POLL_S = 1.0  # how often the phase board is read, from Tune's loop
+WRITE_S = 10.0  # how often, at most, the phases go to the run's phases.json (a bucket write each time)
 
 
 class ProgressCallback(Callback):
-    def __init__(self, on_event: ProgressFn | None, board: str | None = None) -> None:
+    def __init__(self, on_event: ProgressFn | None, board: str | None = None, phases_file: str | None = None) -> None:
         self.on_event = on_event
         self.board = board  # the phase board's actor name (trial/phases.py), None: no phases
+        self.phases_file = phases_file  # where `grpo-ray status` reads them (run_dir.phases_path), or None
         self._handle: Any = None
         self._seen: dict[str, str] = {}  # trial id -> the phase text last forwarded
         self._ended: set[str] = set()  # a post still in flight when its trial ended must not revive it
         self._polled = 0.0
+        self._phases: dict[str, tuple[str, float]] = {}  # what the board said last, for phases.json
+        self._written: tuple[float, dict | None] = (0.0, None)  # when, and what, phases.json got last
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"on_event": None, "board": self.board}
+        return {"on_event": None, "board": self.board, "phases_file": self.phases_file}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state.get("on_event"), state.get("board"))  # a run pickled before the board: none
+        # a run pickled before the board has neither: no phases
+        self.__init__(state.get("on_event"), state.get("board"), state.get("phases_file"))
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.monotonic()
@@ -74,11 +80,31 @@ class ProgressCallback(Callback):
             elif self._seen.get(trial_id) != text:
                 self._seen[trial_id] = text
                 self._emit("phase", {"trial_id": trial_id, "phase": text, "since": since})
+        self._phases = {t: p for t, p in phases.items() if t not in self._ended}
+        self._write_phases()
+
+    def _write_phases(self, force: bool = False) -> None:
+        """The running trials' phases into phases.json, at most every WRITE_S seconds (or now)."""
+        at, last = self._written
+        if self.phases_file is None or self._phases == last or (not force and time.monotonic() - at < WRITE_S):
+            return
+        from grpo_ray import storage
+
+        doc = {"written_at": time.time(),
+               "trials": {t: {"phase": text, "since": since} for t, (text, since) in sorted(self._phases.items())}}
+        try:
+            storage.write_text(self.phases_file, json.dumps(doc, indent=1))
+            self._written = (time.monotonic(), dict(self._phases))
+        except OSError:  # a display's file: the sweep goes on without it
+            log.warning("could not write %s; `grpo-ray status` shows no phases", self.phases_file, exc_info=True)
+            self.phases_file = None
 
     def _forget(self, trial_id: str) -> None:
         """A trial that ended: off the board, so a stale phase is never shown again."""
         self._seen.pop(trial_id, None)
         self._ended.add(trial_id)
+        if self._phases.pop(trial_id, None) is not None:
+            self._write_phases(force=True)  # status must not show an ended trial's phase for WRITE_S
         if self._handle is not None:
             try:
                 self._handle.drop.remote(trial_id)

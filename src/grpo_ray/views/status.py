@@ -338,9 +338,38 @@ def resolved_settings(run_dir: str) -> tuple[float | None, SearchSpec | None]:
     return share, search
 
 
+def read_phases(run_dir: str) -> dict[str, tuple[str, float]]:
+    """What each running trial was doing when the driver last wrote ``phases.json`` (trial/phases.py):
+    ``{trial_id: (phase, unix time it began)}``; empty when there is none or it cannot be read (a
+    sweep of an older grpo-ray, a write in flight on a bucket): the table then goes without it."""
+    from grpo_ray.run_dir import phases_path
+
+    try:
+        doc = json.loads(storage.read_text(phases_path(run_dir)))
+        return {t: (str(p["phase"]), float(p["since"])) for t, p in doc["trials"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def duration_text(seconds: float) -> str:
+    """``seconds`` as a person reads it on a progress line or in the status table.
+
+    >>> duration_text(42.4), duration_text(125), duration_text(3725)
+    ('42 s', '2 min 5 s', '1 h 2 min')
+    """
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
 def status_table(trials: list[TrialStatus], gpu_memory_utilization: float | None = None,
-                 search: SearchSpec | None = None) -> Any:  # a rich Table
-    """A rich table: one row per trial with its state, progress, objectives and hyperparameters."""
+                 search: SearchSpec | None = None, phases: dict[str, tuple[str, float]] | None = None,
+                 now: float | None = None) -> Any:  # a rich Table
+    """A rich table: one row per trial with its state, progress, objectives and hyperparameters;
+    with ``phases`` (:func:`read_phases`), a "now" column: what each running trial is doing and for how long."""
     from rich.table import Table
 
     from grpo_ray.views.utilization import summary_line, utilization
@@ -349,10 +378,14 @@ def status_table(trials: list[TrialStatus], gpu_memory_utilization: float | None
     table = Table(title=f"{len(trials)} trials",
                   caption="\n".join([summary_line(use), *advice(trials, gpu_memory_utilization, use, search)]))
     causes = any(t.cause for t in trials)
+    now = time.time() if now is None else now
+    # Only a running trial's phase: an interrupted sweep's phases.json is what it was doing when it died.
+    doing = {t.trial_id: f"{phases[t.trial_id][0]} ({duration_text(now - phases[t.trial_id][1])})"
+             for t in trials if t.status == "RUNNING" and t.trial_id in (phases or {})}
     # "no-grad": the share of GRPO groups whose rewards were all equal; "cut": completions cut at
     # max_completion_length (trial/run.py GROUP_DIAGNOSTICS), over the last report window.
-    for col in ["trial", "state", "step", "reward", "eval acc", "format", "no-grad", "cut",
-                "hyperparameters"] + (["cause"] if causes else []):
+    for col in ["trial", "state", *(["now"] if doing else []), "step", "reward", "eval acc", "format", "no-grad",
+                "cut", "hyperparameters"] + (["cause"] if causes else []):
         table.add_column(col, overflow="fold")
 
     def f(v: Any) -> str:
@@ -362,7 +395,8 @@ def status_table(trials: list[TrialStatus], gpu_memory_utilization: float | None
         hp = ", ".join(f"{k}={f(v)}" for k, v in t.config.items())
         state = t.status + (f" ({t.failures} failures)" if t.failures else "")
         state += " (stopped early)" if t.stopped_early else ""
-        table.add_row(t.trial_id, state, f(t.last.get("step")), f(t.last.get("reward")),
+        table.add_row(t.trial_id, state, *([doing.get(t.trial_id, "")] if doing else []),
+                      f(t.last.get("step")), f(t.last.get("reward")),
                       f(t.last.get("eval_accuracy")), f(t.last.get("format_rate")),
                       f(t.last.get("zero_std_groups")), f(t.last.get("truncated_rate")), hp,
                       *([t.cause or ""] if causes else []))
