@@ -435,10 +435,12 @@ def run_search(spec: SweepSpec, storage_root: str, resume: bool = False,
         except KeyboardInterrupt:  # the second signal
             pass
         finally:
-            if board is not None:
+            try:  # the display's actor ends with the search; it must not mask how the search ended
                 import ray
 
                 ray.kill(board)
+            except Exception:  # noqa: BLE001 - already gone with its Ray
+                pass
     if stop.received:
         raise SweepInterrupted(stop.received[0], path, _finished(path))
     records = []
