@@ -244,3 +244,32 @@ def test_with_a_fixed_kv_cache_the_next_trial_starts_during_this_ones_profiling(
     entered_next = got["next"][0]
     assert sized - 0.05 <= entered_next < done - 1.0, (sized, entered_next, done)  # during the profiling pass
     assert got["next"][2] > 0.5  # it waited for the weights' load
+
+
+def test_a_queued_start_is_the_trials_phase_on_the_display(tmp_path):
+    # What a packed trial shows while it waits (trial/phases.py): a neighbour (a real process)
+    # holds the GPU's start lock; this start queues, says so as its phase, then starts.
+    from grpo_ray.trial import phases
+
+    posts = []
+
+    class Board:
+        class post:  # noqa: N801 - the shape of a Ray actor handle's method
+            @staticmethod
+            def remote(trial_id, text, at, new_phase):
+                posts.append(text)
+
+    ctx = mp.get_context("spawn")
+    out, entered = ctx.Queue(), ctx.Event()
+    neighbour = ctx.Process(target=_start, args=(["gpu-x"], tmp_path, 3.0, out, entered))
+    neighbour.start()
+    assert entered.wait(timeout=30)
+    poster = phases.PhasePoster(Board, "t1")
+    poster("loading the model")
+    with phases.posting(poster), one_start_per_gpu(["gpu-x"], lock_dir=tmp_path, say=lambda m: None) as lock:
+        assert lock.waited_s > 0.5
+    neighbour.join(timeout=30)
+    assert posts == ["loading the model", "loading the model: queued behind a packed neighbour's engine start",
+                     "loading the model: starting the engine"]
+    phases.post("outside a trial")  # no poster: nothing, and no error
+    assert len(posts) == 3

@@ -45,6 +45,8 @@ from typing import Any, Callable, ContextManager, Iterator
 
 from filelock import FileLock, Timeout
 
+from grpo_ray.trial import phases
+
 log = logging.getLogger(__name__)
 
 LOCK_DIR = Path(os.environ.get("GRPO_RAY_LOCK_DIR", Path(tempfile.gettempdir()) / "grpo-ray-locks"))
@@ -83,12 +85,15 @@ def one_start_per_gpu(gpus: list[str], timeout_s: float = 1800.0, lock_dir: Path
             except Timeout:  # before OSError: filelock's Timeout is a TimeoutError, an OSError
                 say(f"waiting for another trial on GPU {gpu} to finish starting its vLLM engine "
                     "(two engines profiling one card at once undercount its free memory)")
+                phases.post("loading the model: queued behind a packed neighbour's engine start")
                 left = max(0.0, timeout_s - (time.monotonic() - t0))
                 try:
                     lock.acquire(timeout=left)
                 except Timeout:
                     say(f"GPU {gpu}: still starting after {timeout_s:.0f} s; starting without waiting longer")
                     continue
+                finally:
+                    phases.post("loading the model: starting the engine")
             except OSError as e:
                 say(f"GPU {gpu}: cannot take the start-up lock in {lock_dir} ({e}); starting without it")
                 continue

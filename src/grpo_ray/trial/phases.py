@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +102,13 @@ class PhasePoster:
         except Exception:  # noqa: BLE001 - no board (an old driver, a test without one): no display
             return cls()
 
-    def __call__(self, text: str) -> None:
+    def __call__(self, text: str, force: bool = False) -> None:
+        """Post ``text``; within one phase, at most every MIN_INTERVAL_S seconds unless ``force``."""
         if self.board is None:
             return
         now, phase = self.clock(), phase_of(text)
         new_phase = phase != self._last_phase
-        if not new_phase and now - self._last_at < MIN_INTERVAL_S:
+        if not new_phase and not force and now - self._last_at < MIN_INTERVAL_S:
             return
         self._last_phase, self._last_at = phase, now
         try:
@@ -114,3 +116,23 @@ class PhasePoster:
         except Exception:  # noqa: BLE001 - the board went away (its driver ended): stop posting
             log.debug("phase board gone; no more phase posts", exc_info=True)
             self.board = None
+
+
+_current: list[PhasePoster] = []  # the poster of the trial this process runs now (run_trial)
+
+
+@contextmanager
+def posting(poster: PhasePoster) -> Iterator[PhasePoster]:
+    """For the block (one trial), :func:`post` goes to ``poster``: code below the recipe that has
+    no poster of its own (the engine-start lock) can say what the trial waits for."""
+    _current.append(poster)
+    try:
+        yield poster
+    finally:
+        _current.remove(poster)
+
+
+def post(text: str) -> None:
+    """Post ``text`` as the current trial's phase, at once (nothing outside a trial)."""
+    for poster in _current[-1:]:
+        poster(text, force=True)

@@ -201,13 +201,13 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, report: Callable[[dict[st
     from grpo_ray.trial.base import SettingChangedError
     from grpo_ray.trial.guard import TrialHungError, Watchdog
 
-    from grpo_ray.trial.phases import PhasePoster
+    from grpo_ray.trial.phases import PhasePoster, posting
 
     # Every beat is also the trial's phase on the sweep's live display (nothing outside a sweep).
-    watchdog = Watchdog(trial_spec.trial.step_timeout_s, write_cause=record_fault,
-                        on_beat=PhasePoster.for_this_trial(spec.name))
+    poster = PhasePoster.for_this_trial(spec.name)
+    watchdog = Watchdog(trial_spec.trial.step_timeout_s, write_cause=record_fault, on_beat=poster)
     try:  # the GPU sampler (NVML, in this process: the driver may have no GPU) stops when the trial does
-        with watchdog, GpuSampler() as gpu:
+        with watchdog, GpuSampler() as gpu, posting(poster):
             recipe = TrialRecipe(trial_spec, spec, set(config), report or _tune_report, watchdog, resume_from,
                                  context, gpu)
             recipe.setup()
