@@ -19,6 +19,8 @@ as real sweeps through ``grpo_ray.sweep.driver.run_sweep`` (Ray Tune + Optuna), 
                    lent H200 it should pick what pack4 / pack8 set by hand
     eager   one per GPU with model.compile: false (no torch.compile, no CUDA graphs)
     fixedkv model.kv_cache_gib: 1.0, a fixed KV cache per engine (auto8+fixedkv: eight per GPU)
+    noflex  (a part: auto+noflex) Gemma 3 trained on eager attention, not flex attention
+            (UNSLOTH_ENABLE_FLEX_ATTENTION=0 in the trials' environment, on a Ray started for the mode)
     pad     lora.pad_rank: true, every trial's LoRA the search's largest rank wide, so a warm trial
             of another rank reuses the compiled graphs (auto4:8,auto4+pad:8: its compile_s against none)
     nopad   lora.pad_rank: false, every trial's LoRA its own rank wide: what the default (auto, which
@@ -49,6 +51,7 @@ import argparse
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +91,49 @@ MODES = {
     # a part to add to any mode (auto8+groups8): every trial's group size 8, so no warm trial
     # recompiles for a new one (41-57 s each at 8d5b03e); the search samples the rest (fixed_by_mode)
     "groups8": {"grpo.num_generations": 8},
+    # a part to add to any mode (auto+noflex): Gemma 3's training forward on eager attention instead
+    # of flex attention, whose mask and kernel wrappers were 18 of a cold trial's ~50 recompiles at
+    # ffe34b9 (Unsloth refuses SDPA for Gemma 3); an environment variable of the trial processes (MODE_ENV)
+    "noflex": {},
 }
+# Environment of a mode's trial processes, by mode part. Ray's workers take the environment of the
+# Ray started for the sweep, so a mode with its own runs on a Ray started for it (under_env).
+MODE_ENV = {"noflex": {"UNSLOTH_ENABLE_FLEX_ATTENTION": "0"}}
+
+
+def env_of(mode: str) -> dict[str, str]:
+    """The environment a mode's trials need (MODE_ENV, merged over its parts).
+
+    >>> env_of("auto+noflex"), env_of("auto8")
+    ({'UNSLOTH_ENABLE_FLEX_ATTENTION': '0'}, {})
+    """
+    out: dict[str, str] = {}
+    for part in mode.split("+"):
+        out |= MODE_ENV.get(part, {})
+    return out
+
+
+@contextmanager
+def under_env(env: dict[str, str]):
+    """Run the block (a mode's sweep) with ``env`` set on a Ray of its own: the Ray of the modes
+    before is shut down first, and this one after, so no mode's trials get another's environment."""
+    if not env:
+        yield
+        return
+    import ray
+
+    ray.shutdown()
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def fixed_by_mode(spec: Any, overrides: dict) -> dict:
@@ -183,7 +228,7 @@ def main() -> None:
                 Path(args.out).write_text(json.dumps(result, indent=1, default=str))
 
         try:
-            with under_mps("mps" in mode.split("+")):
+            with under_mps("mps" in mode.split("+")), under_env(env_of(mode)):
                 out = run_sweep(spec, progress=print, on_event=on_event)
         except Exception as e:  # record it and go on to the next mode: the lease is short
             result["modes"][label] = {"error": f"{type(e).__name__}: {e}"[-2000:], "wall_s": time.time() - t0}

@@ -37,6 +37,32 @@ def test_doctests():
     assert doctest.testmod(warm_sweep).failed == 0
 
 
+def test_a_mode_with_its_own_environment_runs_on_a_ray_of_its_own(monkeypatch):
+    # noflex: the trials' environment says so, which Ray's workers take from the Ray started for
+    # the sweep: that Ray is started for the mode, with the variable set, and gone after it
+    import os
+
+    import ray
+    import warm_sweep
+
+    monkeypatch.delenv("UNSLOTH_ENABLE_FLEX_ATTENTION", raising=False)
+    assert warm_sweep.mode_overrides("auto+noflex") == warm_sweep.mode_overrides("auto")  # no spec change
+    ray.init(num_cpus=1, include_dashboard=False)  # the Ray of the modes before
+    try:
+        with warm_sweep.under_env(warm_sweep.env_of("auto+noflex")):
+            assert not ray.is_initialized()  # the sweep starts its own, with the variable set
+            ray.init(num_cpus=1, include_dashboard=False)
+
+            @ray.remote(num_cpus=0)
+            def worker_env() -> str | None:
+                return os.environ.get("UNSLOTH_ENABLE_FLEX_ATTENTION")
+
+            assert ray.get(worker_env.remote()) == "0"  # a trial process sees it
+        assert not ray.is_initialized() and "UNSLOTH_ENABLE_FLEX_ATTENTION" not in os.environ
+    finally:
+        ray.shutdown()
+
+
 def test_mps_mode_runs_its_sweep_between_the_daemons_start_and_quit(tmp_path, monkeypatch):
     # nvidia-cuda-mps-control is a GPU node's binary: a stand-in on PATH records how it was called
     log = tmp_path / "calls"
