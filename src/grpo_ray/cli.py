@@ -17,6 +17,7 @@ from rich.console import Console
 
 from grpo_ray.config.errors import SpecError
 from grpo_ray.config.load import dump_spec, load_spec_lines
+from grpo_ray.trial.phases import phase_of
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
@@ -88,10 +89,7 @@ class _Display:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.text import Text
 
-        from grpo_ray.trial.phases import phase_of
         from grpo_ray.views.status import duration_text
-
-        self._phase_of = phase_of
 
         running: dict[str, tuple[str, float]] = {}  # trial id -> (phase, unix time it began)
         self.running = running
@@ -121,7 +119,7 @@ class _Display:
             before = self.running.get(tid, ("", 0.0))[0]
             self.running[tid] = (data["phase"], data["since"])
             # Piped (`ray job logs`, a file) nothing is live: a line when a trial enters a new phase
-            if not self.progress.console.is_terminal and self._phase_of(data["phase"]) != self._phase_of(before):
+            if not self.progress.console.is_terminal and phase_of(data["phase"]) != phase_of(before):
                 self.progress.console.print(f"{tid} {data['phase']}", highlight=False, markup=False)
             return
         if kind in ("complete", "error"):

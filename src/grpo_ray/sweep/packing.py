@@ -32,11 +32,12 @@ steps over the whole sweep and 80-93% during its warm trials
 (bench/results/warm_sweep_density_h200_920d3f9.json). Side by side in one lease, at the default
 engine share, eight per GPU finished 124.3 trials per GPU-hour after the first and two 51.5
 (warm trials alone: 219.5 against 65.5), and the trials that ran fresh at both densities got the
-same first-step rewards (warm_sweep_density_h200_ffe34b9.json). The 1.7B shape gains only 1.3x from a second trial (above), so
-up to 3% stays at two. Between 1% and 3% (a 1.7B model on a small card, a 0.5B on an L4)
-nothing was measured beyond two. The costs of density: more trials at once, so the search
-learns from fewer finished trials before it samples the next; packed cold starts queue for the
-card (the eighth of a cold wave took its first step 291-385 s after the first began); and each needs ``resources.cpu`` cores (default 2: eight packed gemma-3-270m
+same first-step rewards (warm_sweep_density_h200_ffe34b9.json). The 1.7B shape gains only 1.3x
+from a second trial (above), so up to 3% stays at two. Between 1% and 3% (a 1.7B model on a
+small card, a 0.5B on an L4) nothing was measured beyond two. The costs of density: more trials
+at once, so the search learns from fewer finished trials before it samples the next; packed cold
+starts queue for the card (the eighth of a cold wave took its first step 291-385 s after the
+first began); and each needs ``resources.cpu`` cores (default 2: eight packed gemma-3-270m
 trials kept about 8-9 of the node's 16 cores busy, ``.top.txt.gz`` beside that result).
 
 Each packed trial's vLLM engine reserves ``model.gpu_memory_utilization`` of its *slice*
