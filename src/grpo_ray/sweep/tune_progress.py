@@ -46,10 +46,10 @@ class ProgressCallback(Callback):
         self.board = board  # the phase board's actor name (trial/phases.py), None: no phases
         self.phases_file = phases_file  # where `grpo-ray status` reads them (run_dir.phases_path), or None
         self._handle: Any = None
-        self._seen: dict[str, str] = {}  # trial id -> the phase text last forwarded
         self._ended: set[str] = set()  # a post still in flight when its trial ended must not revive it
         self._polled = 0.0
-        self._phases: dict[str, tuple[str, float]] = {}  # what the board said last, for phases.json
+        # the running trials' phases as last read (and forwarded): {trial id: (text, since)}
+        self._phases: dict[str, tuple[str, float]] = {}
         self._written: tuple[float, dict | None] = (0.0, None)  # when, and what, phases.json got last
 
     def __getstate__(self) -> dict[str, Any]:
@@ -77,8 +77,7 @@ class ProgressCallback(Callback):
         for trial_id, (text, since) in phases.items():
             if trial_id in self._ended:
                 self._forget(trial_id)  # a late post of an ended trial: off the board again
-            elif self._seen.get(trial_id) != text:
-                self._seen[trial_id] = text
+            elif self._phases.get(trial_id, ("",))[0] != text:
                 self._emit("phase", {"trial_id": trial_id, "phase": text, "since": since})
         self._phases = {t: p for t, p in phases.items() if t not in self._ended}
         self._write_phases()
@@ -101,7 +100,6 @@ class ProgressCallback(Callback):
 
     def _forget(self, trial_id: str) -> None:
         """A trial that ended: off the board, so a stale phase is never shown again."""
-        self._seen.pop(trial_id, None)
         self._ended.add(trial_id)
         if self._phases.pop(trial_id, None) is not None:
             self._write_phases(force=True)  # status must not show an ended trial's phase for WRITE_S
