@@ -163,3 +163,15 @@ def test_status_shows_what_running_trials_do_and_ignores_a_broken_phases_file(tm
     assert " now " not in console.export_text()  # no running trial: no column
     (tmp_path / "phases.json").write_text('{"written_at": 1000.0, "trials": {"a1": {"pha')  # a write in flight
     assert read_phases(str(tmp_path)) == {} and read_phases(str(tmp_path / "missing")) == {}
+
+
+def test_a_retried_trial_counts_its_steps_from_where_the_first_attempt_stopped():
+    # a retry trains the remaining steps in a new trainer (trial/run.py): the phase counts the trial's
+    from types import SimpleNamespace
+
+    from grpo_ray.trial.guard import TrialGuard, Watchdog
+
+    beats: list[str] = []
+    guard = TrialGuard(Watchdog(None, on_beat=beats.append), _small(), "GRPO", steps_before=10)
+    guard.on_step_end(None, SimpleNamespace(global_step=3, max_steps=40), None)
+    assert beats == ["GRPO step 13/50"]

@@ -104,11 +104,14 @@ class Watchdog:
 class TrialGuard(TrainerCallback):
     """Beats the watchdog every optimizer step; stops a run whose loss is not finite."""
 
-    def __init__(self, watchdog: Watchdog, spec: SweepSpec, phase: str) -> None:
-        self.watchdog, self.spec, self.phase = watchdog, spec, phase
+    def __init__(self, watchdog: Watchdog, spec: SweepSpec, phase: str, steps_before: int = 0) -> None:
+        # steps_before: steps an earlier attempt of this trial took (a retry from its checkpoint
+        # trains the rest), so a beat counts the trial's steps, not this trainer's
+        self.watchdog, self.spec, self.phase, self.steps_before = watchdog, spec, phase, steps_before
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self.watchdog.beat(f"{self.phase} step {state.global_step}/{state.max_steps}")
+        done, total = self.steps_before + state.global_step, self.steps_before + state.max_steps
+        self.watchdog.beat(f"{self.phase} step {done}/{total}")
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
         logs = logs or {}

@@ -376,7 +376,7 @@ class TrialRecipe:
         rows_key = ("grpo_rows", *self.data_key, self.model_dir, spec.format.model_dump_json(), spec.model.add_bos,
                     spec.grpo.max_prompt_length)
         rows = warm.shared(rows_key, lambda: grpo_rows(self.data, self.backend.tokenizer, grpo_spec), spec)
-        callbacks = [TrialGuard(self.watchdog, spec, "GRPO"), StepReporter(reporter.on_step), self.busy,
+        callbacks = [TrialGuard(self.watchdog, spec, "GRPO", first_step), StepReporter(reporter.on_step), self.busy,
                      self.grpo_loop, self.effective.callback("GRPO", grpo_kwargs, GRPO_ARGS)]
         self.watchdog.beat("GRPO: starting (a cold process compiles its first steps)")
         self.t_grpo = time.time()
